@@ -1,0 +1,1 @@
+"""fedhash client package."""

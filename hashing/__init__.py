@@ -1,0 +1,1 @@
+"""fedhash.hashing: the hash function and everything about codes. Never imports flwr."""

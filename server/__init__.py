@@ -1,0 +1,1 @@
+"""fedhash server package."""
