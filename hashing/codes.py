@@ -41,19 +41,22 @@ def logits_to_codes(logits: np.ndarray) -> np.ndarray:
     return pack(np.asarray(logits) > 0)
 
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
 def hamming(q_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
-    """Brute-force Hamming distances (nq, ndb) between packed codes (NumPy reference)."""
-    q = np.asarray(q_codes, dtype=np.uint8)
-    d = np.asarray(db_codes, dtype=np.uint8)
+    """Brute-force Hamming distances (nq, ndb) between packed codes, int32 (the NumPy reference).
+
+    With s = 2b - 1 in {-1, +1}, d(q, x) = (K - s_q . s_x) / 2: one float32 matrix
+    product, exact for any K below 2**24.
+    """
+    q = np.asarray(q_codes)
+    d = np.asarray(db_codes)
+    if q.dtype != np.uint8 or d.dtype != np.uint8 or q.ndim != 2 or d.ndim != 2:
+        raise CodeLengthError(f"packed codes must be 2-D uint8, got {q.dtype} {q.shape} and {d.dtype} {d.shape}")
     if q.shape[1] != d.shape[1]:
         raise CodeLengthError(f"query codes are {q.shape[1] * 8} bits, database codes {d.shape[1] * 8}")
-    out = np.zeros((q.shape[0], d.shape[0]), dtype=np.int32)
-    for byte in range(q.shape[1]):
-        out += _POPCOUNT[np.bitwise_xor(q[:, byte, None], d[None, :, byte])]
-    return out
+    k = q.shape[1] * 8
+    sq = unpack(q).astype(np.float32) * 2 - 1
+    sd = unpack(d).astype(np.float32) * 2 - 1
+    return np.rint((k - sq @ sd.T) * 0.5).astype(np.int32)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
