@@ -1,0 +1,175 @@
+"""Backbone features of image views, extracted in batches and cached on disk.
+
+The backbone is frozen in probe mode, so its features of a view never change:
+fedhash extracts them once per (data, backbone, weights, input size,
+augmentation seed, number of views) and trains the head on the cache. A cache
+entry is one ``.npy`` (float16, ``(n, d)`` for clean views or ``(n, V, d)`` for
+augmented ones) plus a ``.json`` that records its key and the file's sha256. An
+entry whose metadata, shape or checksum does not match is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import atomic
+from .backbones import data_config, feature_dim, weights_fingerprint
+from .data import ImageSet
+from .views import AUG_VERSION, augment, normalise, resize, to_batch
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEDHASH_CACHE", Path.home() / ".cache" / "fedhash" / "features"))
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    data: str  # ImageSet.fingerprint()
+    indices: str  # sha256 of the image indices
+    backbone: str
+    weights: str  # weights_fingerprint of the backbone
+    size: int
+    views: int  # 0: the clean view, (n, d); V > 0: V augmented views, (n, V, d)
+    seed: int
+    aug: str = AUG_VERSION
+    format: int = CACHE_FORMAT
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _indices_digest(idx: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).data).hexdigest()[:16]
+
+
+def _load_batch(ds: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
+    """Images idx as a float batch in [0, 1]; files of different sizes are brought to ``size`` first."""
+    if ds.images is not None:
+        return to_batch(ds.images[idx])
+    return torch.cat([resize(to_batch([ds.image(int(i))]), size) for i in idx])
+
+
+@torch.inference_mode()
+def extract(
+    backbone: torch.nn.Module,
+    ds: ImageSet,
+    idx: np.ndarray,
+    *,
+    size: int,
+    views: int = 0,
+    seed: int = 0,
+    batch_size: int = 256,
+    out: np.ndarray | None = None,
+    desc: str = "features",
+) -> np.ndarray:
+    """Features of images ``idx``: the clean view (views=0) or ``views`` augmented views.
+
+    Works batch by batch, so memory stays bounded by one batch of images; ``out``
+    may be a memory-mapped array. Augmentations draw from one generator seeded
+    with ``seed``, so the same call gives the same views.
+    """
+    cfg = data_config(backbone)
+    dim = feature_dim(backbone)
+    shape = (len(idx), dim) if views == 0 else (len(idx), views, dim)
+    if out is None:
+        out = np.empty(shape, dtype=np.float16)
+    g = torch.Generator().manual_seed(int(seed))
+    backbone.eval()
+    n_views = max(views, 1)
+    with tqdm(total=len(idx) * n_views, desc=desc, unit="img", leave=False, mininterval=1.0) as bar:
+        for start in range(0, len(idx), batch_size):
+            sel = idx[start : start + batch_size]
+            x = _load_batch(ds, sel, size)
+            for v in range(n_views):
+                xv = resize(x, size) if views == 0 else augment(x, size, g)
+                f = backbone(normalise(xv, cfg["mean"], cfg["std"]).contiguous(memory_format=torch.channels_last))
+                f = f.float().numpy()
+                if not np.isfinite(f).all():
+                    raise FloatingPointError(f"backbone gave non-finite features for images {sel[:3]}...")
+                if views == 0:
+                    out[start : start + len(sel)] = f
+                else:
+                    out[start : start + len(sel), v] = f
+                bar.update(len(sel))
+    return out
+
+
+def cached_features(
+    backbone: torch.nn.Module,
+    backbone_name: str,
+    ds: ImageSet,
+    idx: np.ndarray,
+    *,
+    size: int,
+    views: int = 0,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Features of images ``idx`` from the disk cache, extracting and saving them on a miss.
+
+    Returns a float16 array (memory-mapped read-only from the cache file).
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    key = FeatureKey(
+        data=ds.fingerprint(), indices=_indices_digest(idx), backbone=backbone_name,
+        weights=weights_fingerprint(backbone), size=int(size), views=int(views), seed=int(seed),
+    )
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stem = cache_dir / key.digest()
+    npy, meta = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    cached = _try_load(npy, meta, key, len(idx))
+    if cached is not None:
+        return cached
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dim = feature_dim(backbone)
+    shape = (len(idx), dim) if views == 0 else (len(idx), views, dim)
+    with atomic.atomic_path(npy) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        extract(backbone, ds, idx, size=size, views=views, seed=seed, batch_size=batch_size, out=arr,
+                desc=desc or ("clean view" if views == 0 else f"{views} augmented views"))
+        arr.flush()
+        del arr
+        digest = _sha256_file(tmp)
+    atomic.write_json(meta, {"key": asdict(key), "shape": list(shape), "sha256": digest})
+    return np.load(npy, mmap_mode="r")
+
+
+def _try_load(npy: Path, meta: Path, key: FeatureKey, n: int) -> np.ndarray | None:
+    if not npy.exists() or not meta.exists():
+        return None
+    try:
+        m = json.loads(meta.read_text())
+        if m.get("key") != asdict(key):
+            log.warning("feature cache %s is stale (key differs); rebuilding", npy.name)
+            return None
+        arr = np.load(npy, mmap_mode="r")
+        if list(arr.shape) != m["shape"] or arr.shape[0] != n or arr.dtype != np.float16:
+            raise ValueError(f"shape {arr.shape} does not match {m['shape']}")
+        if _sha256_file(npy) != m["sha256"]:
+            raise ValueError("checksum mismatch")
+        return arr
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        log.warning("feature cache %s is corrupt (%s); rebuilding", npy.name, e)
+        return None
