@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 
 from . import codes as _codes
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, sha256_file, write_json
 from .errors import CodeLengthError, ConfigError, FedhashError, ModelVersionError
 
 FORMAT_VERSION = 1
@@ -86,14 +86,6 @@ def _fmt_ids(ids: np.ndarray, limit: int = 10) -> str:
     shown = ", ".join(str(int(i)) for i in ids[:limit])
     more = f", ... ({len(ids)} in all)" if len(ids) > limit else f" ({len(ids)} in all)"
     return f"[{shown}]{more}"
-
-
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sidecar(path: str | os.PathLike) -> Path:
@@ -416,7 +408,7 @@ class SiloIndex:
         path = Path(path)
         with atomic_path(path) as tmp:
             faiss.write_index_binary(self._index, str(tmp))
-            sha = _sha256_file(tmp)
+            sha = sha256_file(tmp)
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         meta = {**self.meta, "sha256": sha}
         write_json(_sidecar(path), meta)

@@ -17,7 +17,7 @@ from .backbones import DEFAULT_BACKBONE, create_backbone, weights_fingerprint
 from .data import ImageSet, Splits, load_dataset, make_splits
 from .features import cached_features
 
-DEFAULT_SIZE = 64  # see BENCHMARKS.md: backbone throughput and mAP by input size
+DEFAULT_SIZE = 96  # see BENCHMARKS.md: backbone throughput and mAP by input size
 
 
 @dataclass

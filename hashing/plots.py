@@ -53,7 +53,7 @@ def plot_bit_balance(bit_means: np.ndarray, path, title: str = "bit balance (fra
 
 def plot_table_bars(rows: list[dict], metric: str, path, title: str) -> None:
     """Grouped bars: methods x bit lengths for one metric."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"]))
     bits = sorted({r["bits"] for r in rows if r["bits"]})
     fig = _figure(7.0, 3.8)
     ax = fig.add_subplot(1, 1, 1)
@@ -67,6 +67,6 @@ def plot_table_bars(rows: list[dict], metric: str, path, title: str) -> None:
     ax.set_xticks(np.arange(len(methods)) + width * (len(bits) - 1) / 2, methods, rotation=15)
     ax.set_ylabel(metric)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
     _save(fig, path)

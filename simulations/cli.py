@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines say which SIMD build it found
     if getattr(args, "backbone", None) is None and args.command == "train":
         from hashing.backbones import DEFAULT_BACKBONE
 
