@@ -101,8 +101,47 @@ def main(argv=None) -> None:
         else:
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.0f} | {r[7]:.0f} | "
                   f"{r[8]:.0f} |")
+    tuned_section(args, model_cl, {r[0]: r[3] for r in rows if r[2] == "channels_last"})
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (wall-clock rates are only meaningful near "
           f"{args.threads} or below; 'images per CPU-second' x threads is the uncontended ceiling)")
+
+
+def tuned_section(args, model_cl, untuned: dict) -> None:
+    """fedhash's own path, timed after the rows above in the same process (the malloc tuning cannot be undone)."""
+    import numpy as np
+
+    from hashing.data import load_dataset
+    from hashing.features import extract, micro_batch, tune_malloc
+
+    tune_malloc()
+    ds = load_dataset("fashion-mnist")
+    n = 512
+    print("\n### fedhash's extraction path: `tune_malloc()` + micro-batches (same process, after the rows above)\n")
+    print("| size | micro-batch | backbone images/s (median) | vs channels_last batch above | "
+          "`extract` clean view, Fashion-MNIST img/s | `extract` augmented view img/s | peak RSS so far MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for size in args.sizes:
+        mb = micro_batch(size)
+        x = torch.randn(mb, 3, size, size).contiguous(memory_format=torch.channels_last)
+        times = []
+        with torch.inference_mode():
+            for _ in range(args.warmup):
+                model_cl(x)
+            for _ in range(max(args.repeats, 5)):
+                t = time.perf_counter()
+                model_cl(x)
+                times.append(time.perf_counter() - t)
+        rate = mb / statistics.median(times)
+        idx = np.arange(n if size < 224 else n // 4)
+        extract(model_cl, ds, idx[:64], size=size)  # warm-up
+        t = time.perf_counter()
+        extract(model_cl, ds, idx, size=size)
+        clean = len(idx) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        extract(model_cl, ds, idx, size=size, views=1, seed=0)
+        aug = len(idx) / (time.perf_counter() - t)
+        print(f"| {size} | {mb} | {rate:.1f} | {rate / untuned[size]:.2f}x | {clean:.1f} | {aug:.1f} | "
+              f"{peak_rss_mib():.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,13 @@ def test_augment_shapes_determinism_and_identity_crop():
     assert a.min() >= 0 and a.max() <= 1
     rgb = augment(torch.rand(8, 3, 40, 40), 32, torch.Generator().manual_seed(0))
     assert rgb.shape == (8, 3, 32, 32) and rgb.min() >= 0 and rgb.max() <= 1
-    # the crop-resize primitive on a full-image box is a plain resize (up to interpolation details)
-    full = roi_align(x, torch.tensor([[0, 0, 0, 28, 28]], dtype=torch.float32), (28, 28), 1.0, 2, True)
-    torch.testing.assert_close(full[0], x[0], atol=0.08, rtol=0)
+    # the crop-resize primitive on a full-image box averages bilinear samples at +-1/4 pixel: exact on a linear
+    # ramp away from the borders, so the crop is placed where the box says
+    ramp = (torch.arange(28.0)[None, :] * 0.02 + torch.arange(28.0)[:, None] * 0.01).expand(1, 1, 28, 28).contiguous()
+    full = roi_align(ramp, torch.tensor([[0, 0, 0, 28, 28]], dtype=torch.float32), (28, 28), 1.0, 2, True)
+    torch.testing.assert_close(full[0, 0, 1:-1, 1:-1], ramp[0, 0, 1:-1, 1:-1], atol=1e-5, rtol=0)
+    half = roi_align(ramp, torch.tensor([[0, 14, 0, 28, 28]], dtype=torch.float32), (28, 14), 1.0, 2, True)
+    torch.testing.assert_close(half[0, 0, 1:-1, 1:-1], ramp[0, 0, 1:-1, 15:-1], atol=1e-5, rtol=0)
 
 
 def test_clean_view_and_normalise():
