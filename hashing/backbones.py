@@ -128,19 +128,14 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
-def _check_and_load(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    target = model.state_dict()
-    # With num_classes=0 the classifier is gone: drop its keys from the file.
-    prefixes = _classifier_prefixes(model)
-    sd = OrderedDict(
-        (k, v) for k, v in sd.items() if k in target or not k.startswith(prefixes)
-    )
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
+def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> list[str]:
+    """How ``given`` (name -> array) fails to fit ``expected``: missing, unexpected and wrong-shape names; [] if it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
     wrong = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}"
-        for k in target
-        if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)
+        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
     ]
     problems = []
     if missing:
@@ -149,6 +144,17 @@ def _check_and_load(model: nn.Module, sd: Mapping[str, torch.Tensor], source: st
         problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
     if wrong:
         problems.append(f"{len(wrong)} of wrong shape (e.g. {'; '.join(wrong[:3])})")
+    return problems
+
+
+def _check_and_load(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    target = model.state_dict()
+    # With num_classes=0 the classifier is gone: drop its keys from the file.
+    prefixes = _classifier_prefixes(model)
+    sd = OrderedDict(
+        (k, v) for k, v in sd.items() if k in target or not k.startswith(prefixes)
+    )
+    problems = state_mismatch(target, sd)
     if problems:
         raise WeightsError(
             f"weights {source} do not fit timm model {_model_name(model)!r}: "

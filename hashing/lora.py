@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, WeightsError
+from .backbones import state_mismatch
 
 __all__ = [
     "lora_targets",
@@ -60,7 +61,7 @@ def _children(stage: nn.Module) -> Iterable[nn.Module]:
     return stage.children() if isinstance(stage, nn.Sequential) else [stage]
 
 
-def lora_targets(model: nn.Module, name: str | None = None, *, stages: int = 1,
+def lora_targets(model: nn.Module, name: str | None = None, *, stages: int = 2,
                  include_head: bool = True) -> list[str]:
     """Full module names to adapt in ``model`` (a timm model, before wrapping).
 
@@ -240,25 +241,8 @@ def load_trainable_state(module: nn.Module, state: Mapping[str, Any]) -> None:
     loaded then).
     """
     live = _live_trainable(module)
-    missing = [k for k in live if k not in state]
-    unexpected = [k for k in state if k not in live]
-    tensors = {}
-    wrong = []
-    for k, target in live.items():
-        if k not in state:
-            continue
-        v = state[k]
-        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
-        if tuple(t.shape) != tuple(target.shape):
-            wrong.append(f"{k} {tuple(t.shape)} vs {tuple(target.shape)}")
-        tensors[k] = t
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-    if wrong:
-        problems.append(f"{len(wrong)} of wrong shape (e.g. {'; '.join(wrong[:3])})")
+    tensors = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in state.items()}
+    problems = state_mismatch(live, tensors)
     if problems:
         raise WeightsError(
             "trainable state does not fit this model: " + ", ".join(problems)

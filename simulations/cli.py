@@ -55,24 +55,24 @@ def read_run(run: Path) -> dict:
         raise FedhashError(f"{cfg} is not valid JSON ({e}); re-run fedhash train") from e
 
 
+def _from_dict(cls, d: dict, what: str):
+    """A config dataclass from a run's config.json section, refusing keys it does not know."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise FedhashError(f"run config has unknown {what} keys {sorted(unknown)}; was it written by another fedhash version?")
+    return cls(**d)
+
+
 def _data_cfg(d: dict):
     from hashing.pipeline import DataConfig
 
-    names = {f.name for f in fields(DataConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise FedhashError(f"run config has unknown data keys {sorted(unknown)}; was it written by another fedhash version?")
-    return DataConfig(**d)
+    return _from_dict(DataConfig, d, "data")
 
 
 def _train_cfg(d: dict):
     from hashing.train import TrainConfig
 
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise FedhashError(f"run config has unknown train keys {sorted(unknown)}; was it written by another fedhash version?")
-    return TrainConfig(**d)
+    return _from_dict(TrainConfig, d, "train")
 
 
 def _check_splits(run: Path, prep) -> None:

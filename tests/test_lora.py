@@ -25,12 +25,13 @@ def frozen_snapshot(model):
     return {k: v.clone() for k, v in model[0].state_dict().items() if "lora_" not in k}
 
 
-def test_efficientnet_targets_are_1x1_convs_of_last_stage():
+def test_efficientnet_targets_are_1x1_convs_of_last_blocks():
     backbone, _ = create_backbone()
-    targets = lora_targets(backbone)
-    assert targets == ["blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
-    wider = lora_targets(backbone, stages=2)
-    assert len(wider) == 2 * (4 + 1) + 1 and all(backbone.get_submodule(t).kernel_size == (1, 1) for t in wider)
+    targets = lora_targets(backbone)  # default: the last two stages (4 blocks + 1 in Lite0) and conv_head
+    assert targets[:2] == ["blocks.5.0.conv_pw", "blocks.5.0.conv_pwl"] and targets[-3:] == [
+        "blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
+    assert len(targets) == 2 * (4 + 1) + 1 and all(backbone.get_submodule(t).kernel_size == (1, 1) for t in targets)
+    assert lora_targets(backbone, stages=1) == ["blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
     assert "conv_head" not in lora_targets(backbone, include_head=False)
 
 
@@ -42,7 +43,7 @@ def test_only_lora_params_trainable_and_output_unchanged():
     assert is_lora_wrapped(backbone) and not backbone.training
     trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
-    assert len(trainable) == 2 * 3  # A and B for each of the 3 targets
+    assert len(trainable) == 2 * 11  # A and B for each of the 11 targets
     with torch.no_grad():
         after = backbone(X)
     assert torch.equal(before, after)  # lora_B starts at zero
@@ -83,7 +84,8 @@ def test_state_holds_only_lora_and_head_and_is_small():
     assert all(not v.requires_grad and v.device.type == "cpu" for v in state.values())
     assert names == list(trainable_state(model))  # deterministic order
     backbone_bytes = sum(p.numel() * p.element_size() for n, p in model[0].named_parameters() if "lora_" not in n)
-    assert state_nbytes(state) < 0.05 * backbone_bytes
+    # r=16 on the last two stages: 226,048 LoRA numbers (6.7% of the backbone) plus the head
+    assert state_nbytes(state) < 0.10 * backbone_bytes
     # the state is a copy: changing it leaves the model alone
     state["1.0.weight"].add_(1.0)
     assert not torch.equal(state["1.0.weight"], model[1][0].weight)
