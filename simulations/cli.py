@@ -102,6 +102,7 @@ def _library_versions() -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from hashing import plots
     from hashing.codes import logits_to_codes, unpack
+    from hashing.index import SiloIndex
     from hashing.metrics import retrieval_metrics
     from hashing.model import save_model
     from hashing.pipeline import DataConfig, prepare
@@ -145,6 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "step_loss": hist.step_loss, "bit_balance": balance.tolist(), "seconds": seconds,
         "skipped_images": [list(s) for s in prep.ds.skipped],
     })
+    index = SiloIndex(tcfg.bits, version, backbone=prep.backbone)
+    index.add(db_codes, db)
+    index.save(run / "index.faiss")
     steps_per_epoch = len(hist.step_loss) // max(tcfg.epochs, 1)
     plots.plot_loss(hist.step_loss, steps_per_epoch, run / "loss.png")
     plots.plot_bit_balance(balance, run / "bit_balance.png")
@@ -154,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  mAP@1000 {sym['mAP@1000']:.4f} (Hamming)  {asym['mAP@1000']:.4f} (asymmetric)   "
           f"P@100 {sym['P@100']:.4f}   bits balanced {balance.min():.2f}..{balance.max():.2f}")
     print(f"  time: features {seconds['features']:.1f}s, training {seconds['train']:.1f}s, total {seconds['total']:.1f}s")
-    print(f"  model version {version}")
+    print(f"  model version {version}; database index: {run / 'index.faiss'} ({len(index)} codes)")
     print(f"run folder: {run}")
     return 0
 

@@ -19,7 +19,7 @@ def run(tmp_path_factory, cache_dir):
 
 
 def test_train_writes_run_folder(run):
-    for f in ("config.json", "model.pt", "metrics.json", "splits.npz", "loss.png", "bit_balance.png"):
+    for f in ("config.json", "model.pt", "metrics.json", "splits.npz", "loss.png", "bit_balance.png", "index.faiss"):
         assert (run / f).exists(), f
     cfg = json.loads((run / "config.json").read_text())
     m = json.loads((run / "metrics.json").read_text())
@@ -57,6 +57,18 @@ def test_export_codes_is_consistent(run, cache_dir, tmp_path):
     d = hamming(z["query_codes"], z["db_codes"])
     m = json.loads((run / "metrics.json").read_text())
     assert map_at_k(d, z["query_labels"], z["db_labels"], 1000) == pytest.approx(m["symmetric"]["mAP@1000"], abs=1e-9)
+    # the run's silo index holds the database codes under the database image ids, stamped with the model version
+    from hashing.errors import ModelVersionError
+    from hashing.index import SiloIndex
+
+    index = SiloIndex.load(run / "index.faiss")
+    assert len(index) == 1618 and index.model_version == m["model_version"] and index.bits == 16
+    dist, ids = index.search(z["query_codes"], 10, model_version=m["model_version"])
+    assert set(ids.ravel()) <= set(splits["database"].tolist())
+    row = {int(i): r for r, i in enumerate(splits["database"])}
+    assert np.array_equal(dist, np.take_along_axis(d, np.vectorize(row.get)(ids), axis=1))
+    with pytest.raises(ModelVersionError):
+        index.search(z["query_codes"], 10, model_version="another-model")
     # asymmetric distances recomputed in float64; a tiny index tie-break makes the ranking tie-free, where
     # scikit-learn's AP (which groups ties) and the stable-sort AP must agree
     logits = z["query_logits"].astype(np.float64)
@@ -101,3 +113,27 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--bits", "12"])
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_train_on_image_folder_with_a_corrupt_file(tmp_path, cache_dir, capsys):
+    """A user's folder of class/*.png: the unreadable file is listed, skipped and counted; --strict stops on it."""
+    from hashing.data import load_digits
+    from tests.conftest import write_png
+
+    d = load_digits()
+    for i in range(120):
+        write_png(tmp_path / "imgs" / f"digit{d.labels[i]}" / f"{i}.png", d.images[i])
+    (tmp_path / "imgs" / "digit0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = ["train", "--data", str(tmp_path / "imgs"), "--bits", "8", "--size", "32", "--views", "2",
+            "--epochs", "1", "--batch-size", "32", "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(cache_dir)]
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image" in err and "broken.png" in err
+    (run,) = list((tmp_path / "runs").iterdir())
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["n_images"] == 120 and cfg["n_skipped"] == 1
+    assert json.loads((run / "metrics.json").read_text())["skipped_images"][0][0].endswith("broken.png")
+    assert main(args + ["--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "broken.png" in err and "--strict" in err
