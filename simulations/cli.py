@@ -75,6 +75,30 @@ def _train_cfg(d: dict):
     return _from_dict(TrainConfig, d, "train")
 
 
+def _open_run(args: argparse.Namespace):
+    """An existing run folder with its data prepared as at training time: (run, config, prepared data)."""
+    from hashing.pipeline import prepare
+
+    run = Path(args.run)
+    rc = read_run(run)
+    dcfg = _data_cfg(rc["data"])
+    if args.cache_dir:
+        dcfg.cache_dir = args.cache_dir
+    prep = prepare(dcfg)
+    _check_splits(run, prep)
+    return run, rc, prep
+
+
+def _load_run_model(path: Path, prep):
+    """A model of the run, refused if it was trained on other backbone weights or input size than ``prep``'s."""
+    from hashing.model import load_model
+
+    coder, rec = load_model(path)
+    if rec["config"]["weights"] != prep.weights_id or rec["config"]["size"] != prep.cfg.size:
+        raise FedhashError(f"{path} was trained on other backbone weights or input size; retrain it")
+    return coder, rec
+
+
 def _check_splits(run: Path, prep) -> None:
     """The run's recorded splits must be the ones the data gives now (same data, same seed)."""
     f = run / "splits.npz"
@@ -177,15 +201,15 @@ def _load_or_train(run: Path, prep, tcfg, supervised: bool, bits: int):
     """The run's own model when (mode, bits) match, else a companion trained once on the same features and kept."""
     from dataclasses import replace
 
-    from hashing.model import load_model, save_model
+    from hashing.model import save_model
     from hashing.train import train_head
 
     if tcfg.supervised == supervised and tcfg.bits == bits:
-        coder, rec = load_model(run / "model.pt")
+        coder, rec = _load_run_model(run / "model.pt", prep)
         return coder, rec["model_version"], "run model"
     path = run / "companions" / f"{'sup' if supervised else 'unsup'}-{bits}.pt"
     if path.exists():
-        coder, rec = load_model(path)
+        coder, rec = _load_run_model(path, prep)
         return coder, rec["model_version"], "companion (cached)"
     cfg = replace(tcfg, supervised=supervised, bits=bits)
     labels = prep.labels(prep.splits.train) if supervised else None
@@ -200,17 +224,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hashing.baselines import fit_baseline
     from hashing.codes import logits_to_codes
     from hashing.metrics import float_retrieval_metrics, plot_pr_curves, retrieval_metrics
-    from hashing.pipeline import prepare
     from hashing.train import encode
 
-    run = Path(args.run)
-    rc = read_run(run)
-    dcfg, tcfg = _data_cfg(rc["data"]), _train_cfg(rc["train"])
-    if args.cache_dir:
-        dcfg.cache_dir = args.cache_dir
     bits_list = [int(b) for b in args.bits.split(",")]
-    prep = prepare(dcfg)
-    _check_splits(run, prep)
+    run, rc, prep = _open_run(args)
+    dcfg, tcfg = prep.cfg, _train_cfg(rc["train"])
     q, db = prep.splits.query, prep.splits.database
     ql, dl = prep.labels(q), prep.labels(db)
     qf, dbf = np.asarray(prep.clean[q], dtype=np.float32), np.asarray(prep.clean[db], dtype=np.float32)
@@ -280,20 +298,10 @@ def _markdown(rows: list[dict], k: int, run: Path) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from hashing.codes import logits_to_codes
-    from hashing.model import load_model
-    from hashing.pipeline import prepare
     from hashing.train import encode
 
-    run = Path(args.run)
-    rc = read_run(run)
-    dcfg = _data_cfg(rc["data"])
-    if args.cache_dir:
-        dcfg.cache_dir = args.cache_dir
-    coder, rec = load_model(run / "model.pt")
-    prep = prepare(dcfg)
-    _check_splits(run, prep)
-    if rec["config"]["weights"] != prep.weights_id or rec["config"]["size"] != dcfg.size:
-        raise FedhashError(f"{run}'s model was trained on other backbone weights or input size; retrain it")
+    run, _, prep = _open_run(args)
+    coder, rec = _load_run_model(run / "model.pt", prep)
     q, db = prep.splits.query, prep.splits.database
     q_logits = encode(coder, prep.clean[q])
     arrays = {

@@ -103,6 +103,26 @@ def test_eval_table(run, cache_dir, capsys):
     assert (run / "companions" / "sup-32.pt").exists()
 
 
+def test_eval_and_export_refuse_a_model_of_other_backbone_weights(run, cache_dir, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    rec = torch.load(other / "model.pt", weights_only=True)
+    rec["config"]["weights"] = "0000000000000000"
+    from hashing.model import model_version
+
+    rec["model_version"] = model_version(rec["state"], rec["config"])
+    torch.save(rec, other / "model.pt")
+    for cmd in (["eval", "--run", str(other), "--bits", "16"],
+                ["export-codes", "--run", str(other), "--out", str(tmp_path / "x.npz")]):
+        assert main(cmd + ["--cache-dir", str(cache_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "other backbone weights or input size" in err
+
+
 def test_bad_input_one_line_errors(tmp_path, capsys):
     assert main(["export-codes", "--run", str(tmp_path), "--out", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err.strip()
