@@ -16,7 +16,7 @@ from hashing.train import TrainConfig, encode, train_head
 
 
 def main() -> None:
-    prep = prepare(DataConfig(), progress=False)
+    prep = prepare(DataConfig())
     y, q, db, tr = prep.ds.labels, prep.splits.query, prep.splits.database, prep.splits.train
     qf, dbf = np.asarray(prep.clean[q], np.float32), np.asarray(prep.clean[db], np.float32)
     classes = np.unique(y)

@@ -84,6 +84,10 @@ def micro_batch(size: int) -> int:
     return max(4, 4096 * 64 // (size * size))
 
 
+def _out_shape(n: int, views: int, dim: int) -> tuple[int, ...]:
+    return (n, dim) if views == 0 else (n, views, dim)
+
+
 def _load_batch(ds: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
     """Images idx as a float batch in [0, 1]; files of different sizes are brought to ``size`` first."""
     if ds.images is not None:
@@ -111,10 +115,8 @@ def extract(
     with ``seed``, so the same call gives the same views.
     """
     cfg = data_config(backbone)
-    dim = feature_dim(backbone)
-    shape = (len(idx), dim) if views == 0 else (len(idx), views, dim)
     if out is None:
-        out = np.empty(shape, dtype=np.float16)
+        out = np.empty(_out_shape(len(idx), views, feature_dim(backbone)), dtype=np.float16)
     g = torch.Generator().manual_seed(int(seed))
     tune_malloc()
     mb = micro_batch(size)
@@ -168,8 +170,7 @@ def cached_features(
         return cached
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    dim = feature_dim(backbone)
-    shape = (len(idx), dim) if views == 0 else (len(idx), views, dim)
+    shape = _out_shape(len(idx), views, feature_dim(backbone))
     with atomic.atomic_path(npy) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         extract(backbone, ds, idx, size=size, views=views, seed=seed, batch_size=batch_size, out=arr,

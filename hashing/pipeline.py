@@ -58,7 +58,7 @@ class Prepared:
         return self.ds.labels[idx]
 
 
-def prepare(cfg: DataConfig, *, progress: bool = True) -> Prepared:
+def prepare(cfg: DataConfig) -> Prepared:
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data, strict=cfg.strict, limit=cfg.limit)
     n_query = None if cfg.n_query is None else min(cfg.n_query, max(1, len(ds) // 10))

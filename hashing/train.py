@@ -6,7 +6,6 @@ both, and minimises the CroVCA loss. AdamW, cosine learning rate to ``lr_min``.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -123,8 +122,3 @@ def encode(coder: HashCoder, features: np.ndarray, batch_size: int = 8192) -> np
     if not np.isfinite(out).all():
         raise TrainingError("the head produced non-finite logits; the model is broken, retrain it")
     return out
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """The cosine schedule, for plots."""
-    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / max(total, 1)))
