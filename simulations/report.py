@@ -1,0 +1,565 @@
+"""The run folder of a federated simulation: tables, per-round CSV/JSON, plots and ``report.md``.
+
+The runner builds one plain, JSON-able ``summary`` dict and calls ``write_report(run_dir, summary)``:
+
+    summary = {
+        "run_id": ..., "scenario": {...}, "bits": 64, "mode": "probe", "supervised": True, "strategy": "fedavg",
+        "silos":  [{"id": 0, "name": "silo-0", "n_train": .., "n_query": .., "n_db": .., "label_hist": [..], "domain": ..}],
+        "rounds": [{"round": 1, "train_loss": .., "bit_balance": .., "seconds": .., "bytes_down": .., "bytes_up": ..,
+                    "clients_ok": .., "clients_failed": .., "map": {"silo-0": ..}, "mean_map": ..}, ...],
+        "final":  {"federated": {"per_silo": {"silo-0": ..}, "mean": .., "bit_balance": .., "seconds": ..},
+                   "local-only": {...}, "centralized": {...}, "itq": {...}, ...any other method...},
+        "references_note": "...", "timings": {"features": .., "total": ..},
+        "artifacts": {"checkpoints": "checkpoints/", "indexes": [...]}, "partition_plot": "partition.png",
+    }
+
+Every key but ``final`` is optional (and ``final`` may be empty). Every file is written atomically.
+``format_table`` is the plain-text table the CLI prints; ``table.md`` is the same table in Markdown.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from hashing import atomic
+from hashing.errors import FedhashError
+
+log = logging.getLogger("fedhash")
+
+K = 1000  # mAP@K of the final table
+ROUND_COLUMNS = ("round", "mean_map", "train_loss", "bit_balance", "seconds", "bytes_down", "bytes_up",
+                 "clients_ok", "clients_failed")
+REFERENCE_ORDER = ("local-only", "centralized", "itq")
+REFERENCE_NOTES = {
+    "federated": "the hash function learnt by the federation: silos share model updates only, never images; "
+                 "each silo encodes and searches its own query/database split with the global model.",
+    "local-only": "each silo trains alone on its own data and is scored on its own query/database split "
+                  "(what a silo gets without the federation).",
+    "centralized": "all silos' training data pooled in one place and trained on together (the upper bound a "
+                   "federation aims at), scored per silo on the same query/database splits.",
+    "itq": "ITQ (iterative quantization, PCA + rotation) fitted on the same backbone features, scored per silo "
+           "(a classical unsupervised baseline: no network is trained).",
+}
+PLOT_TITLES = {
+    "map_rounds": "mean mAP by round",
+    "map_silos": "mAP per silo and method",
+    "bit_balance": "bit balance by round",
+    "loss": "training loss by round",
+    "comm": "communication per round",
+    "partition": "data partition across silos",
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _num(v: Any) -> float | None:
+    """A finite float, or None for anything missing, non-numeric or NaN/inf."""
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _f4(v: Any, missing: str = "-") -> str:
+    f = _num(v)
+    return missing if f is None else f"{f:.4f}"
+
+
+def _secs(v: Any, missing: str = "-") -> str:
+    f = _num(v)
+    return missing if f is None else f"{f:.1f}"
+
+
+def _bytes(v: Any) -> str:
+    f = _num(v)
+    if f is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(f) < 1024 or unit == "GiB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return "-"
+
+
+def _cell(v: Any) -> str:
+    """A value as one Markdown table cell (dicts/lists as compact JSON, pipes escaped)."""
+    if isinstance(v, (dict, list, tuple)):
+        s = json.dumps(v, default=str, separators=(", ", ": "))
+    elif isinstance(v, float):
+        s = f"{v:g}"
+    else:
+        s = str(v)
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def silo_name(silo: Mapping[str, Any] | str | int) -> str:
+    """The name a silo goes by in ``map``/``per_silo`` dicts: its ``name``, else ``silo-<id>``."""
+    if isinstance(silo, Mapping):
+        if silo.get("name") is not None:
+            return str(silo["name"])
+        if silo.get("id") is not None:
+            return f"silo-{silo['id']}"
+        return "silo"
+    return str(silo)
+
+
+def _silo_names(silos: Sequence[Any] | None, final: Mapping | None = None, rounds: Sequence | None = None) -> list[str]:
+    """Silo names in the order of ``silos``, then any others the results name, in first-seen order."""
+    names = [silo_name(s) for s in silos or ()]
+    for row in (final or {}).values():
+        if isinstance(row, Mapping):
+            names += [str(n) for n in (row.get("per_silo") or {})]
+    for r in rounds or ():
+        if isinstance(r, Mapping):
+            names += [str(n) for n in (r.get("map") or {})]
+    return list(dict.fromkeys(names))
+
+
+def method_order(final: Mapping[str, Any]) -> list[str]:
+    """Federated rows first, then local-only, centralized, itq, then any other method (alphabetically).
+
+    A fixed order, because summary.json is written with sorted keys and the table must read the same after
+    ``load_summary``.
+    """
+    keys = [str(m) for m in final]
+    fed = sorted((m for m in keys if m.startswith("federated")), key=lambda m: (m != "federated", m))
+    refs = [m for m in REFERENCE_ORDER if m in keys]
+    rest = sorted(m for m in keys if m not in fed and m not in refs)
+    return fed + refs + rest
+
+
+def _row(final: Mapping[str, Any], method: str) -> Mapping[str, Any]:
+    row = final.get(method)
+    return row if isinstance(row, Mapping) else {}
+
+
+def method_mean(row: Mapping[str, Any]) -> float | None:
+    """The row's ``mean``, else the mean of its finite per-silo values, else None."""
+    m = _num(row.get("mean"))
+    if m is not None:
+        return m
+    vals = [v for v in (_num(x) for x in (row.get("per_silo") or {}).values()) if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def ratios(final: Mapping[str, Any], reference: str = "centralized") -> list[tuple[str, float]]:
+    """(method, mean / reference mean) for every federated row, when the reference row exists with a mean > 0."""
+    ref = method_mean(_row(final, reference)) if reference in final else None
+    if ref is None or ref <= 0:
+        return []
+    out = []
+    for m in method_order(final):
+        if m.startswith("federated"):
+            v = method_mean(_row(final, m))
+            if v is not None:
+                out.append((m, v / ref))
+    return out
+
+
+def ratio_lines(final: Mapping[str, Any], reference: str = "centralized") -> list[str]:
+    """["federated / centralized = 0.97x", ...]."""
+    return [f"{m} / {reference} = {r:.2f}x" for m, r in ratios(final, reference)]
+
+
+# --------------------------------------------------------------------------- the final table
+
+
+def format_table(final: Mapping[str, Any], silos: Sequence[Any] | None = None, *, markdown: bool = False,
+                 with_ratios: bool = True) -> str:
+    """The final table: one row per method, a column per silo, the mean, and bit balance/seconds when present.
+
+    mAP@1000 to 4 decimals; ``-`` where a method has no value. ``silos`` is the summary's silo list (dicts) or a
+    list of names; silos that only the results name are appended. Below the table, unless ``with_ratios`` is
+    false, one line "federated / centralized = 0.97x" per federated row. ``markdown=True`` gives the
+    Markdown form written to table.md; otherwise an aligned plain-text table for a terminal.
+    """
+    final = final or {}
+    methods = method_order(final)
+    names = _silo_names(silos, final)
+    has_bb = any(_num(_row(final, m).get("bit_balance")) is not None for m in methods)
+    has_s = any(_num(_row(final, m).get("seconds")) is not None for m in methods)
+    header = ["method", *names, "mean"] + (["bit balance"] if has_bb else []) + (["seconds"] if has_s else [])
+    rows = []
+    for m in methods:
+        r = _row(final, m)
+        per = r.get("per_silo") or {}
+        cells = [m, *(_f4(per.get(n)) for n in names), _f4(method_mean(r))]
+        if has_bb:
+            cells.append(_f4(r.get("bit_balance")))
+        if has_s:
+            cells.append(_secs(r.get("seconds")))
+        rows.append(cells)
+    rl = ratio_lines(final) if with_ratios else []
+    if markdown:
+        text = _md_table(header, [[_cell(c) for c in r] for r in rows]) if rows else "_no final results_"
+        if rl:
+            text += "\n\n" + "\n".join(f"- {line}" for line in rl)
+        return text + "\n"
+    if not rows:
+        return "no final results\n"
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    lines = [fmt(header), "-" * len(fmt(header)), *(fmt(r) for r in rows)]
+    if rl:
+        lines += ["", *rl]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- per-round data
+
+
+def rounds_csv(rounds: Sequence[Mapping[str, Any]], silos: Sequence[Any] | None = None) -> str:
+    """One row per round: the standard columns, any other scalar keys, then ``map_<silo>`` per silo."""
+    rounds = [r for r in rounds or () if isinstance(r, Mapping)]
+    names = _silo_names(silos, rounds=rounds)
+    extra = [k for r in rounds for k, v in r.items()
+             if k not in ROUND_COLUMNS and k != "map" and not isinstance(v, (dict, list, tuple))]
+    cols = list(ROUND_COLUMNS) + list(dict.fromkeys(extra)) + [f"map_{n}" for n in names]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rounds:
+        per = r.get("map") or {}
+        row = {**r, **{f"map_{n}": per.get(n) for n in names}}
+        w.writerow(["" if row.get(c) is None else row.get(c) for c in cols])
+    return buf.getvalue()
+
+
+def _round_no(r: Mapping[str, Any], i: int) -> float:
+    n = _num(r.get("round"))
+    return float(i + 1) if n is None else n
+
+
+def _series(rounds: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(round numbers, values) for rounds that hold a finite ``key``."""
+    xs, ys = [], []
+    for i, r in enumerate(rounds):
+        v = _num(r.get(key))
+        if v is not None:
+            xs.append(_round_no(r, i))
+            ys.append(v)
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def _mean_map_series(rounds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean mAP per round: ``mean_map``, else the mean of the round's per-silo mAPs."""
+    xs, ys = [], []
+    for i, r in enumerate(rounds):
+        v = _num(r.get("mean_map"))
+        if v is None:
+            v = method_mean({"per_silo": r.get("map") or {}})
+        if v is not None:
+            xs.append(_round_no(r, i))
+            ys.append(v)
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(w: float = 6.0, h: float = 3.5):
+    from hashing.plots import _figure as figure
+
+    return figure(w, h)
+
+
+def _save(fig, path: Path) -> None:
+    from hashing.plots import _save as save
+
+    save(fig, path)
+
+
+def _integer_rounds(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_map_rounds(rounds: Sequence[Mapping[str, Any]], final: Mapping[str, Any], silos: Sequence[Any] | None,
+                    path: Path, title: str = "mAP@1000 by round") -> bool:
+    """Mean mAP per round (thick), each silo's mAP (thin), dashed lines at the references' final means."""
+    x, y = _mean_map_series(rounds)
+    names = _silo_names(silos, rounds=rounds)
+    per = {n: _series([{"round": r.get("round"), "v": (r.get("map") or {}).get(n)} for r in rounds], "v")
+           for n in names}
+    if not len(x) and not any(len(v[0]) for v in per.values()):
+        return False
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for n, (sx, sy) in per.items():
+        if len(sx):
+            ax.plot(sx, sy, linewidth=0.8, alpha=0.6, label=n)
+    if len(x):
+        ax.plot(x, y, "o-", color="k", linewidth=2.0, markersize=4, label="federated, mean")
+    styles = {"local-only": ("0.55", (0, (2, 2))), "centralized": ("k", (0, (6, 3))), "itq": ("0.55", (0, (6, 2, 1, 2)))}
+    for m in REFERENCE_ORDER:
+        v = method_mean(_row(final, m)) if m in (final or {}) else None
+        if v is not None:
+            color, dash = styles[m]
+            ax.axhline(v, color=color, linestyle=dash, linewidth=1.2, label=f"{m} mean ({v:.3f})")
+    _integer_rounds(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mAP@1000")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)
+    return True
+
+
+def plot_map_silos(final: Mapping[str, Any], silos: Sequence[Any] | None, path: Path,
+                   title: str = "final mAP@1000 per silo") -> bool:
+    """Grouped bars: silos on x, one bar per method; a last group for the mean."""
+    methods = [m for m in method_order(final or {}) if _row(final, m)]
+    names = _silo_names(silos, final)
+    if not methods or not names:
+        return False
+    groups = names + ["mean"]
+    fig = _figure(max(6.0, 1.1 * len(groups) + 2.0), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        r = _row(final, m)
+        per = r.get("per_silo") or {}
+        vals = [_num(per.get(n)) for n in names] + [method_mean(r)]
+        ax.bar(np.arange(len(groups)) + j * width, [np.nan if v is None else v for v in vals], width, label=m)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2, groups, rotation=15)
+    ax.set_ylabel("mAP@1000")
+    ax.set_ylim(0, 1.0)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(True, axis="y", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def plot_round_metric(rounds: Sequence[Mapping[str, Any]], key: str, path: Path, ylabel: str, title: str) -> bool:
+    """One per-round scalar against round; nothing written (False) when no round holds it."""
+    x, y = _series(rounds, key)
+    if not len(x):
+        return False
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(x, y, "o-", markersize=4)
+    _integer_rounds(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def plot_comm(rounds: Sequence[Mapping[str, Any]], path: Path, title: str = "communication per round") -> bool:
+    """Bytes sent down (server to clients) and up per round, in MiB; False when no round reports bytes."""
+    down, up = _series(rounds, "bytes_down"), _series(rounds, "bytes_up")
+    if not len(down[0]) and not len(up[0]):
+        return False
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    if len(down[0]):
+        ax.plot(down[0], down[1] / 2**20, "o-", markersize=4, label="down (server to clients)")
+    if len(up[0]):
+        ax.plot(up[0], up[1] / 2**20, "s--", markersize=4, label="up (clients to server)")
+    _integer_rounds(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def _label_summary(hist: Any) -> str:
+    counts = [c for c in (_num(x) for x in hist or ()) if c is not None] if isinstance(hist, (list, tuple)) else []
+    total = sum(counts)
+    if not counts or total <= 0:
+        return "-"
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])[:3]
+    top = ", ".join(f"c{i} {100 * counts[i] / total:.0f}%" for i in order if counts[i] > 0)
+    present = sum(c > 0 for c in counts)
+    return f"{present}/{len(counts)} classes; top: {top}"
+
+
+def _silos_section(silos: Sequence[Any]) -> list[str]:
+    rows = []
+    for s in silos:
+        s = s if isinstance(s, Mapping) else {"name": s}
+        n = lambda k: "-" if _num(s.get(k)) is None else f"{int(_num(s.get(k)))}"  # noqa: E731
+        rows.append([_cell(silo_name(s)), n("n_train"), n("n_query"), n("n_db"), _cell(s.get("domain", "-")),
+                     _label_summary(s.get("label_hist"))])
+    return [_md_table(["silo", "train", "query", "database", "domain", "labels"], rows)]
+
+
+def _rounds_section(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    rows = []
+    for i, r in enumerate(rounds):
+        mm = _mean_map_series([r])[1]
+        ok, failed = r.get("clients_ok"), r.get("clients_failed")
+        clients = "-" if ok is None and failed is None else f"{ok if ok is not None else '-'} ok" + (
+            f", {failed} failed" if failed else "")
+        rows.append([_cell(r.get("round", i + 1)), _f4(mm[0] if len(mm) else None), _f4(r.get("train_loss")),
+                     _f4(r.get("bit_balance")), _secs(r.get("seconds")),
+                     f"{_bytes(r.get('bytes_down'))} / {_bytes(r.get('bytes_up'))}", clients])
+    return [_md_table(["round", "mean mAP", "train loss", "bit balance", "seconds", "bytes down / up", "clients"],
+                      rows)]
+
+
+def _artifact_lines(artifacts: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for k, v in artifacts.items():
+        if isinstance(v, (list, tuple)):
+            lines.append(f"- {k}: " + (", ".join(f"`{x}`" for x in v) if v else "none"))
+        elif isinstance(v, Mapping):
+            lines.append(f"- {k}: " + ", ".join(f"{a} `{b}`" for a, b in v.items()))
+        else:
+            lines.append(f"- {k}: `{v}`")
+    return lines
+
+
+def render_report(summary: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+    """report.md's text. ``plots`` maps a plot key (map_rounds, map_silos, ...) to its file name in the run folder."""
+    plots = plots or {}
+    final = summary.get("final") or {}
+    silos = summary.get("silos") or []
+    rounds = [r for r in summary.get("rounds") or () if isinstance(r, Mapping)]
+    run_id = summary.get("run_id") or "federated run"
+    out = [f"# fedhash federated run {run_id}", ""]
+    facts = [f"{summary['bits']} bits" if summary.get("bits") is not None else None,
+             f"mode {summary['mode']}" if summary.get("mode") else None,
+             ("supervised" if summary["supervised"] else "unsupervised") if "supervised" in summary else None,
+             f"strategy {summary['strategy']}" if summary.get("strategy") else None,
+             f"{len(silos)} silos" if silos else None,
+             f"{len(rounds)} rounds" if rounds else None]
+    facts = [f for f in facts if f]
+    if facts:
+        out += [", ".join(facts) + ".", ""]
+
+    scenario = summary.get("scenario")
+    if isinstance(scenario, Mapping) and scenario:
+        out += ["## Scenario", "", _md_table(["key", "value"], [[_cell(k), _cell(v)] for k, v in scenario.items()]), ""]
+
+    if silos:
+        out += ["## Silos", "", *_silos_section(silos), ""]
+        if "partition" in plots:
+            out += [f"![{PLOT_TITLES['partition']}]({plots['partition']})", ""]
+
+    out += [f"## Results: mAP@{K} per silo", "",
+            "Each silo is scored on its own query and database split; the mean is over silos.", "",
+            format_table(final, silos, markdown=True).rstrip(), ""]
+
+    figs = [k for k in ("map_rounds", "map_silos", "bit_balance", "loss", "comm") if k in plots]
+    if figs:
+        out += ["## Plots", ""]
+        out += [line for k in figs for line in (f"![{PLOT_TITLES[k]}]({plots[k]})", "")]
+
+    if rounds:
+        out += ["## Rounds", "", *_rounds_section(rounds), "", "Every round's numbers: `rounds.csv`, `rounds.json`.", ""]
+
+    timings = summary.get("timings")
+    if isinstance(timings, Mapping) and timings:
+        out += ["## Timings", "", _md_table(["stage", "seconds"], [[_cell(k), _secs(v)] for k, v in timings.items()]),
+                ""]
+
+    artifacts = summary.get("artifacts")
+    if isinstance(artifacts, Mapping) and artifacts:
+        out += ["## Artifacts", "", "Paths relative to this folder.", "", *_artifact_lines(artifacts), ""]
+
+    out += ["## What the rows mean", ""]
+    known = [m for m in ("federated", *REFERENCE_ORDER) if m in final] or ["federated", *REFERENCE_ORDER]
+    out += [f"- **{m}**: {REFERENCE_NOTES[m]}" for m in known]
+    if any(m.startswith("federated") for m in final) and "centralized" in final:
+        out += ["- **federated / centralized**: the federated mean over the centralized mean; 1.00x means the "
+                "federation lost nothing to keeping the data apart."]
+    note = summary.get("references_note")
+    if note:
+        out += ["", str(note).strip()]
+    out += ["", "The whole summary: `summary.json`; the table alone: `table.md`.", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> dict[str, Path]:
+    """Write a federated run's folder (atomically, file by file) and return {key: path} of what was written.
+
+    Keys: ``summary`` (summary.json), ``rounds_csv``, ``rounds_json``, ``table`` (table.md), ``report``
+    (report.md), and the plots that had data: ``map_rounds``, ``map_silos``, ``bit_balance``, ``loss``, ``comm``.
+    The data files come first, so a failing plot (logged, then left out of report.md) loses no numbers.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = summary.get("final") or {}
+    silos = summary.get("silos") or []
+    rounds = [r for r in summary.get("rounds") or () if isinstance(r, Mapping)]
+    paths: dict[str, Path] = {}
+
+    def write(key: str, name: str, fn, *args) -> None:
+        p = run_dir / name
+        fn(p, *args)
+        paths[key] = p
+
+    write("summary", "summary.json", atomic.write_json, dict(summary))
+    write("rounds_json", "rounds.json", atomic.write_json, rounds)
+    write("rounds_csv", "rounds.csv", atomic.write_text, rounds_csv(rounds, silos))
+    write("table", "table.md", atomic.write_text,
+          f"# mAP@{K} per silo: {summary.get('run_id') or run_dir.name}\n\n" + format_table(final, silos, markdown=True))
+
+    jobs = {
+        "map_rounds": lambda p: plot_map_rounds(rounds, final, silos, p),
+        "map_silos": lambda p: plot_map_silos(final, silos, p),
+        "bit_balance": lambda p: plot_round_metric(rounds, "bit_balance", p, "bit balance",
+                                                   "bit balance of the global codes by round"),
+        "loss": lambda p: plot_round_metric(rounds, "train_loss", p, "train loss", "training loss by round"),
+        "comm": lambda p: plot_comm(rounds, p),
+    }
+    plots: dict[str, str] = {}
+    for key, job in jobs.items():
+        p = run_dir / f"{key}.png"
+        try:
+            if job(p):
+                paths[key] = p
+                plots[key] = p.name
+        except Exception as e:  # a plot is a view of numbers already on disk: never lose the report for one
+            log.warning("report: could not draw %s (%s: %s)", p.name, type(e).__name__, e)
+    part = summary.get("partition_plot")
+    if part and (run_dir / str(part)).is_file():
+        plots["partition"] = str(part)
+
+    write("report", "report.md", atomic.write_text, render_report(summary, plots))
+    return paths
+
+
+def load_summary(run_dir: str | os.PathLike) -> dict:
+    """The summary dict a run folder's summary.json holds (as write_report wrote it)."""
+    p = Path(run_dir) / "summary.json"
+    if not p.is_file():
+        raise FedhashError(f"{run_dir} holds no summary.json; pass the folder of a finished federated run")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise FedhashError(f"{p} is not valid JSON ({e}); re-run the simulation or write_report again") from e
