@@ -88,7 +88,7 @@ def _out_shape(n: int, views: int, dim: int) -> tuple[int, ...]:
     return (n, dim) if views == 0 else (n, views, dim)
 
 
-def _load_batch(ds: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
+def load_batch(ds: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
     """Images idx as a float batch in [0, 1]; files of different sizes are brought to ``size`` first."""
     if ds.images is not None:
         return to_batch(ds.images[idx])
@@ -125,7 +125,7 @@ def extract(
     with tqdm(total=len(idx) * n_views, desc=desc, unit="img", leave=False, mininterval=1.0) as bar:
         for start in range(0, len(idx), batch_size):
             sel = idx[start : start + batch_size]
-            x = _load_batch(ds, sel, size)
+            x = load_batch(ds, sel, size)
             for v in range(n_views):
                 xv = resize(x, size) if views == 0 else augment(x, size, g)
                 xv = normalise(xv, cfg["mean"], cfg["std"]).contiguous(memory_format=torch.channels_last)

@@ -56,8 +56,16 @@ def train_head(
     *,
     coder: HashCoder | None = None,
     progress: bool = True,
+    prototypes: np.ndarray | None = None,
+    prox_mu: float = 0.0,
 ) -> tuple[HashCoder, History]:
-    """Train a HashCoder with CroVCA on cached features ``(n, V, d)``; labels given means supervised."""
+    """Train a HashCoder with CroVCA on cached features ``(n, V, d)``; labels given means supervised.
+
+    Federated use: ``prototypes`` (C, K) are global class prototypes (pooled by
+    the server) that replace the batch-local ones in supervised mode;
+    ``prox_mu`` > 0 adds FedProx's mu/2 * ||w - w_start||^2 to the loss, w_start
+    being the head's weights when the call begins.
+    """
     if features.ndim != 3:
         raise ConfigError(f"training features must be (n, views, dim), got shape {features.shape}")
     n, v, d = features.shape
@@ -78,6 +86,8 @@ def train_head(
     opt = torch.optim.AdamW(coder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=cfg.lr_min)
     lab_t = torch.as_tensor(np.asarray(labels)) if labels is not None else None
+    protos = torch.as_tensor(np.asarray(prototypes, dtype=np.float32)) if prototypes is not None and cfg.supervised else None
+    anchor = [p.detach().clone() for p in coder.parameters()] if prox_mu > 0 else None
     hist = History()
     t0 = time.perf_counter()
     coder.train()
@@ -94,7 +104,9 @@ def train_head(
             x2 = torch.from_numpy(batch[np.arange(len(idx)), b].astype(np.float32))
             views = [coder(x1), coder(x2)]
             y = lab_t[idx] if cfg.supervised else None
-            loss, parts = crovca_loss(views, y, lam=cfg.lam, eps=cfg.eps, step=step)
+            loss, parts = crovca_loss(views, y, protos, lam=cfg.lam, eps=cfg.eps, step=step)
+            if anchor is not None:
+                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(coder.parameters(), anchor))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,113 @@
+"""The fedhash ClientApp: one silo's side of every round, on Flower's Message API.
+
+- ``train``: load the global state, run the local epochs of CroVCA, reply with the
+  trainable state and metrics (loss, examples, bit balance, seconds, bytes).
+- ``query.stats``: count / sum / sum of squares of the head's pre-BatchNorm
+  activations and per-class sums under the new global model (exact pooled
+  BatchNorm statistics and global prototypes on the server).
+- ``evaluate``: mAP@1000 of the silo's query split against its own database.
+- ``query.index``: encode the database with the global function and save the
+  silo's SiloIndex, stamped with the model version.
+
+The silo's data comes from the node config: ``partition-id`` in simulation,
+``data`` (a folder or manifest) and ``silo`` at a real site.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from hashing import fedmodel
+from hashing.errors import FedhashError
+from hashing.fedconfig import FedConfig
+
+from . import task
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context):
+    cfg = FedConfig.from_json(str(msg.content["config"]["fedconfig"]))
+    node = context.node_config
+    if "cache-dir" in node:
+        cfg = dataclasses.replace(cfg, cache_dir=str(node["cache-dir"]))
+    data = task.silo_data(cfg, node)
+    task.check_silo(data)
+    model = fedmodel.build_model(cfg, data.feature_dim)
+    params = msg.content["arrays"].to_torch_state_dict()
+    glob = msg.content["globals"].to_torch_state_dict() if "globals" in msg.content.array_records else {}
+    fedmodel.load_state(model, params, glob)
+    down = fedmodel.state_nbytes(params) + fedmodel.state_nbytes(glob)
+    protos = glob.get(fedmodel.PROTOTYPES)
+    return cfg, data, model, None if protos is None else protos.numpy(), down
+
+
+def _silo_record(data) -> ConfigRecord:
+    return ConfigRecord({"name": data.name, "ids": data.silo.ids_fingerprint(), "domain": data.silo.domain})
+
+
+def _maybe_fail(data, server_round: int) -> None:
+    """Fault injection for tests: FEDHASH_FAIL="<silo name>@<round>[,...]" makes that silo raise."""
+    for item in os.environ.get("FEDHASH_FAIL", "").split(","):
+        if "@" in item:
+            name, rnd = item.rsplit("@", 1)
+            if name == data.name and int(rnd) == server_round:
+                raise RuntimeError(f"injected failure of {data.name} in round {server_round} (FEDHASH_FAIL)")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, data, model, prototypes, down = _setup(msg, context)
+    rnd = int(msg.content["config"]["server-round"])
+    _maybe_fail(data, rnd)
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    t0 = time.perf_counter()
+    m = task.local_train(cfg, data, model, rnd, prototypes=prototypes, prox_mu=mu)
+    params, _ = fedmodel.split_state(model)
+    up = fedmodel.state_nbytes(params)
+    metrics = MetricRecord({"num-examples": int(len(data.silo.splits.train)), "train-loss": m["train-loss"],
+                            "bit-balance": m["bit-balance"], "seconds": time.perf_counter() - t0,
+                            "bytes-down": down, "bytes-up": up})
+    return Message(RecordDict({"arrays": ArrayRecord(params), "metrics": metrics, "silo": _silo_record(data)}),
+                   reply_to=msg)
+
+
+@app.query("stats")
+def stats(msg: Message, context: Context) -> Message:
+    cfg, data, model, _, down = _setup(msg, context)
+    s = {k: torch.from_numpy(v) for k, v in task.local_stats(cfg, data, model).items()}
+    metrics = MetricRecord({"num-examples": int(len(data.silo.splits.train)), "bytes-down": down,
+                            "bytes-up": fedmodel.state_nbytes(s)})
+    return Message(RecordDict({"stats": ArrayRecord(s), "metrics": metrics, "silo": _silo_record(data)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, data, model, _, _ = _setup(msg, context)
+    m = task.local_evaluate(cfg, data, model)
+    metrics = MetricRecord({"num-examples": m["n-query"], "map": m["map"], "bit-balance": m["bit-balance"],
+                            "n-db": m["n-db"]})
+    return Message(RecordDict({"metrics": metrics, "silo": _silo_record(data)}), reply_to=msg)
+
+
+@app.query("index")
+def index(msg: Message, context: Context) -> Message:
+    cfg, data, model, _, _ = _setup(msg, context)
+    version = str(msg.content["config"]["model-version"])
+    out = task.node_out_dir(cfg, context.node_config)
+    try:
+        path, n = task.build_index(cfg, data, model, version, out)
+    except OSError as e:
+        raise FedhashError(f"silo {data.name}: cannot write its index under {out} ({e}); "
+                           "set the node's out-dir to a writable folder") from e
+    ev = task.local_evaluate(cfg, data, model)
+    rec = _silo_record(data)
+    rec["index"] = str(path)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "map": ev["map"]}), "silo": rec}),
+                   reply_to=msg)

@@ -1,0 +1,223 @@
+"""What one silo does with its own data: load it, cache its features, train locally,
+evaluate, and build its index. Flower-free except for the names of node-config keys;
+``client_app.py`` wires these functions to Flower messages.
+"""
+from __future__ import annotations
+
+import logging
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hashing import fedstats
+from hashing.codes import logits_to_codes
+from hashing.data import ImageSet, load_dataset
+from hashing.errors import ConfigError, DataError
+from hashing.fedconfig import FedConfig
+from hashing.features import cached_features
+from hashing.fedmodel import backbone_for, head_of
+from hashing.finetune import LoraHasher, backbone_features, train_lora
+from hashing.index import SiloIndex
+from hashing.metrics import retrieval_metrics
+from hashing.train import TrainConfig, encode, train_head
+
+from .partitions import PartitionSpec, Silo, local_silo, make_silo
+
+log = logging.getLogger("fedhash.client")
+_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- silos
+
+
+def partition_spec(cfg: FedConfig, num_silos: int) -> PartitionSpec:
+    domains = tuple(d.strip() for d in cfg.domains.split(",") if d.strip())
+    return PartitionSpec(kind=cfg.partitioner, num_silos=int(num_silos), alpha=cfg.alpha,
+                         classes_per_silo=cfg.classes_per_silo, quantity_power=cfg.quantity_power,
+                         domains=domains, min_size=cfg.min_size, query_frac=cfg.query_frac, seed=cfg.seed)
+
+
+def load_source(cfg: FedConfig, data: str | None = None) -> ImageSet:
+    spec = data or cfg.data
+    limit = cfg.n_images if (data is None and cfg.n_images > 0) else None
+    return load_dataset(spec, limit=limit)
+
+
+def silo_from_node(cfg: FedConfig, node_config: Mapping[str, Any]) -> Silo:
+    """The silo a node holds: a partition in simulation, its own data at a real site."""
+    if "data" in node_config:  # a real site: node config data="<folder or manifest>" silo="<name>"
+        ds = load_dataset(str(node_config["data"]))
+        name = str(node_config.get("silo", Path(str(node_config["data"])).name))
+        return local_silo(ds, name, seed=cfg.seed, query_frac=cfg.query_frac)
+    if "partition-id" in node_config:
+        n = int(node_config.get("num-partitions", cfg.num_silos))
+        return make_silo(load_source(cfg), partition_spec(cfg, n), int(node_config["partition-id"]))
+    raise ConfigError("node config has neither 'data' (a real site: --node-config 'data=\"/path/to/images\"') "
+                      "nor 'partition-id' (simulation); give the SuperNode one of them")
+
+
+@dataclass
+class SiloData:
+    """A silo's data as training needs it (probe: cached features; lora: images)."""
+
+    silo: Silo
+    labels: np.ndarray
+    num_classes: int
+    weights_id: str
+    feature_dim: int
+    clean: np.ndarray | None = None        # probe: (n, d) clean features of every silo image
+    train_views: np.ndarray | None = None  # probe: (n_train, V, d)
+
+    @property
+    def name(self) -> str:
+        return self.silo.name
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.labels[self.silo.splits.train]
+
+
+def silo_features(cfg: FedConfig, silo: Silo, *, progress: bool = True) -> SiloData:
+    """Load (or extract once into the feature cache) the silo's features."""
+    ds = silo.ds
+    num_classes = ds.labels.shape[1] if ds.labels.ndim == 2 else len(ds.classes)
+    model, wid, dim = backbone_for(cfg)
+    if cfg.mode == "lora":
+        return SiloData(silo, ds.labels, num_classes, wid, dim)
+    common = dict(size=cfg.size, cache_dir=cfg.cache_dir or None)
+    if not progress:
+        common["desc"] = None
+    clean = cached_features(model, cfg.backbone, ds, np.arange(len(ds)), views=0, seed=0, **common)
+    views = cached_features(model, cfg.backbone, ds, silo.splits.train, views=cfg.views, seed=cfg.seed, **common)
+    return SiloData(silo, ds.labels, num_classes, wid, dim, clean=clean, train_views=views)
+
+
+_silos: "OrderedDict[tuple, SiloData]" = OrderedDict()
+
+
+def silo_data(cfg: FedConfig, node_config: Mapping[str, Any]) -> SiloData:
+    """Memoized per process: a SuperNode (or simulation actor) loads its silo once per run."""
+    key = (cfg.digest(), tuple(sorted((str(k), str(v)) for k, v in node_config.items())))
+    with _lock:
+        hit = _silos.get(key)
+    if hit is not None:
+        return hit
+    silo = silo_from_node(cfg, node_config)
+    data = silo_features(cfg, silo, progress=False)
+    with _lock:
+        _silos[key] = data
+        while len(_silos) > 8:
+            _silos.popitem(last=False)
+    return data
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_config(cfg: FedConfig, server_round: int, supervised: bool | None = None) -> TrainConfig:
+    """This round's slice of one cosine schedule over all rounds."""
+    import math
+
+    def lr_at(t: float) -> float:
+        return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))
+
+    r, total = int(server_round), cfg.num_server_rounds
+    return TrainConfig(bits=cfg.bits, supervised=cfg.supervised if supervised is None else supervised,
+                       epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=lr_at((r - 1) / total),
+                       lr_min=lr_at(r / total), weight_decay=cfg.weight_decay, lam=cfg.lam, eps=cfg.eps,
+                       variant=cfg.variant, seed=cfg.seed * 100003 + r)
+
+
+# --------------------------------------------------------------------------- the silo's jobs
+
+
+def local_train(cfg: FedConfig, data: SiloData, model: torch.nn.Module, server_round: int, *,
+                prototypes: np.ndarray | None, prox_mu: float = 0.0, progress: bool = False) -> dict[str, float]:
+    tcfg = train_config(cfg, server_round)
+    sup = tcfg.supervised
+    t0 = time.perf_counter()
+    if isinstance(model, LoraHasher):
+        hist = train_lora(model, data.silo.ds, data.silo.splits.train, tcfg, size=cfg.size,
+                          prototypes=prototypes if sup else None, prox_mu=prox_mu, progress=progress)
+    else:
+        _, hist = train_head(data.train_views, data.train_labels if sup else None, tcfg, coder=model,
+                             progress=progress, prototypes=prototypes if sup else None, prox_mu=prox_mu)
+    last = hist.epoch[-1]
+    return {"train-loss": float(last["loss"]), "bit-balance": float(last["bit_balance"]),
+            "train-seconds": time.perf_counter() - t0}
+
+
+def local_stats(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """count / sum / sumsq of the pre-BatchNorm activations of the silo's training views and
+    per-class counts and sums (supervised), under ``model``."""
+    head = head_of(model)
+    if isinstance(model, LoraHasher):
+        feats = backbone_features(model, data.silo.ds, data.silo.splits.train, size=cfg.size)
+    else:
+        feats = data.train_views
+    labels = data.train_labels if cfg.supervised else None
+    return fedstats.head_stats(head, feats, labels, data.num_classes if cfg.supervised else 0)
+
+
+def encode_silo(cfg: FedConfig, data: SiloData, model: torch.nn.Module, idx: np.ndarray) -> np.ndarray:
+    """Logits of the clean view of silo images ``idx`` under the global model."""
+    if isinstance(model, LoraHasher):
+        return encode(model.head, backbone_features(model, data.silo.ds, idx, size=cfg.size))
+    return encode(model, data.clean[idx])
+
+
+def local_evaluate(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> dict[str, float]:
+    """mAP@1000 (Hamming) of the silo's query split against its own database."""
+    sp = data.silo.splits
+    q = encode_silo(cfg, data, model, sp.query)
+    db = encode_silo(cfg, data, model, sp.database)
+    res = retrieval_metrics(q, _pack(db), data.labels[sp.query], data.labels[sp.database],
+                            asymmetric=False, k=1000, p_at=None, radius=None, pr=False)
+    bits = (db > 0).mean(0)
+    return {"map": float(res["mAP@1000"]), "bit-balance": float(1 - np.abs(2 * bits - 1).mean()),
+            "n-query": int(len(sp.query)), "n-db": int(len(sp.database))}
+
+
+def _pack(logits: np.ndarray) -> np.ndarray:
+    return logits_to_codes(logits)
+
+
+def site_dir(out_dir: str, silo_name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in silo_name)
+    return Path(out_dir) / "silos" / safe
+
+
+def build_index(cfg: FedConfig, data: SiloData, model: torch.nn.Module, model_version: str,
+                out_dir: str) -> tuple[Path, int]:
+    """Encode the silo's database with the global function and save its SiloIndex (atomic)."""
+    sp = data.silo.splits
+    codes = _pack(encode_silo(cfg, data, model, sp.database))
+    index = SiloIndex(cfg.bits, model_version, backbone=cfg.backbone)
+    index.add(codes, sp.database.astype(np.int64), model_version=model_version)
+    path = site_dir(out_dir, data.name) / "index.faiss"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index.save(path)
+    return path, len(sp.database)
+
+
+def node_out_dir(cfg: FedConfig, node_config: Mapping[str, Any]) -> str:
+    """Where a node writes its index: the site's own out-dir at a real site, the run's in simulation."""
+    return str(node_config.get("out-dir", cfg.out_dir))
+
+
+def check_silo(data: SiloData) -> None:
+    if len(data.silo.splits.train) < 2:
+        raise DataError(f"silo '{data.name}' has {len(data.silo.splits.train)} training images; "
+                        "it needs at least 2: give it more data or fewer silos")
+
+
+
+

@@ -1,0 +1,189 @@
+"""The knobs of a federated run, one flat dataclass shared by the server, the clients and the runner.
+
+Keys are written kebab-case in TOML (``[tool.flwr.app.config]``, scenario files,
+``flwr run --run-config``) and snake_case here. :func:`FedConfig.from_dict`
+checks every key and type and names the offending key in a one-line error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .backbones import DEFAULT_BACKBONE
+from .errors import ConfigError
+
+MODES = ("probe", "lora")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity", "domain")
+# Flower message types of the fedhash protocol beyond train / evaluate
+MSG_STATS = "query.stats"
+MSG_INDEX = "query.index"
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    # data and silos
+    data: str = "fashion-mnist"
+    n_images: int = 10000           # simulation: the first n images of `data` are partitioned (0 = all)
+    partitioner: str = "dirichlet"
+    num_silos: int = 5              # simulation; Flower's num-partitions wins inside a Flower run
+    alpha: float = 0.3
+    classes_per_silo: int = 2
+    quantity_power: float = 1.0
+    domains: str = ""               # domain skew: comma-separated transforms per silo, cycled
+    min_size: int = 10
+    query_frac: float = 0.1
+    seed: int = 0
+    # the hash function
+    bits: int = 64
+    mode: str = "probe"
+    supervised: bool = True
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = ""               # weights file for backbones that do not ship with fedhash
+    size: int = 96
+    views: int = 4
+    variant: str = "small"
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    # local training
+    local_epochs: int = 1
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_min: float = 1e-6
+    weight_decay: float = 1e-2
+    lam: float = 0.1
+    eps: float = 0.05
+    # server
+    strategy: str = "fedavg"
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    round_timeout: float = 600.0
+    proximal_mu: float = 0.01
+    server_lr: float = 0.1          # FedAdam / FedYogi / FedAdagrad: eta
+    server_tau: float = 1e-3
+    trimmed_beta: float = 0.2
+    krum_malicious: int = 0
+    eval_every: int = 1
+    out_dir: str = "runs/flwr"
+    cache_dir: str = ""
+    resume: bool = False
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config", base: "FedConfig | None" = None) -> "FedConfig":
+        """Build from a flat mapping (kebab- or snake-case keys); unknown keys and bad types are errors."""
+        types = {f.name: f.type for f in fields(cls)}
+        out = asdict(base) if base is not None else {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in types:
+                raise ConfigError(f"{source}: unknown key '{raw_key}'; known keys: {', '.join(cls.keys())}")
+            out[key] = _coerce(value, types[key], raw_key, source)
+        cfg = cls(**out)
+        cfg.check(source)
+        return cfg
+
+    def check(self, source: str = "config") -> None:
+        def bad(key: str, why: str):
+            raise ConfigError(f"{source}: '{key.replace('_', '-')}' {why}")
+        if self.mode not in MODES:
+            bad("mode", f"is {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.strategy not in STRATEGIES:
+            bad("strategy", f"is {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.partitioner not in PARTITIONERS:
+            bad("partitioner", f"is {self.partitioner!r}; use one of {', '.join(PARTITIONERS)}")
+        if self.bits <= 0 or self.bits % 8:
+            bad("bits", f"is {self.bits}; the code length must be a positive multiple of 8 (FAISS binary indexes)")
+        for key in ("num_server_rounds", "local_epochs", "batch_size", "size", "num_silos", "eval_every"):
+            if getattr(self, key) < 1:
+                bad(key, f"is {getattr(self, key)}; it must be at least 1")
+        if self.views < 2 and not self.supervised:
+            bad("views", "must be at least 2 for unsupervised CroVCA (two views per image)")
+        if not 0.0 < self.fraction_train <= 1.0:
+            bad("fraction_train", f"is {self.fraction_train}; use a fraction in (0, 1]")
+        if self.min_train_nodes < 1:
+            bad("min_train_nodes", "must be at least 1")
+        if self.alpha <= 0:
+            bad("alpha", f"is {self.alpha}; the Dirichlet concentration must be > 0")
+        if not 0.0 < self.query_frac < 1.0:
+            bad("query_frac", f"is {self.query_frac}; use a fraction in (0, 1)")
+        if self.lr <= 0:
+            bad("lr", "must be > 0")
+
+    def to_dict(self, kebab: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        return {k.replace("_", "-"): v for k, v in d.items()} if kebab else d
+
+    def replace(self, **changes: Any) -> "FedConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.check()
+        return cfg
+
+    def function_config(self) -> dict[str, Any]:
+        """What defines the hash function (must match on --resume)."""
+        d = {k: getattr(self, k) for k in ("backbone", "weights", "size", "bits", "mode", "variant")}
+        if self.mode == "lora":
+            d |= {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}
+        return d
+
+    def data_config(self) -> dict[str, Any]:
+        """What defines the silos (their data and splits)."""
+        keys = ("data", "n_images", "partitioner", "alpha", "classes_per_silo", "quantity_power", "domains",
+                "min_size", "query_frac", "seed", "views")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "the server's run config") -> "FedConfig":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source} is not valid JSON ({e}); client and server must run the same fedhash") from e
+        return cls.from_dict(values, source=source)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if name == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if name == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if name == "str":
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{source}: '{key}' = {value!r} is not {'an' if name == 'int' else 'a'} {name}; write e.g. {key} = {_example(name)}")
+
+
+def _example(name: str) -> str:
+    return {"bool": "true", "int": "10", "float": "0.5", "str": '"text"'}.get(name, "...")

@@ -1,0 +1,111 @@
+"""Statistics that silos pool exactly: the HashCoder's BatchNorm and the global class prototypes.
+
+Under non-IID data, averaging each silo's BatchNorm running mean and variance is
+not the statistic of the union. Each silo instead reports, for the pre-BatchNorm
+activations h of its training views under the *current global* head, the count,
+the sum and the sum of squares (float64); the pooled mean and (unbiased) variance
+follow exactly. The same reply carries, per class, the number of images and the
+sum of their view-averaged h: since the BatchNorm output z is affine in h per bit,
+the pooled class means of z (the supervised CroVCA prototypes) follow exactly too.
+
+These sums are computed from private data; the DP work must account for them.
+No Flower here: the server and the clients call these functions.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .coder import HashCoder
+from .errors import CodeLengthError, DataError
+
+STAT_KEYS = ("count", "sum", "sumsq", "class_count", "class_sum")
+
+
+def _pre_bn(coder: HashCoder, x: torch.Tensor) -> torch.Tensor:
+    return coder.net[:-1](x)
+
+
+@torch.inference_mode()
+def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None = None,
+               num_classes: int = 0, batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Sufficient statistics of one silo for the pooled BatchNorm and prototypes.
+
+    ``features``: (n, V, d) training views, or (n, d). Returns float64 arrays:
+    ``count`` (1,) = n*V, ``sum``/``sumsq`` (K,) over all views, ``class_count``
+    (C,) images per class and ``class_sum`` (C, K) sums of the view-averaged h
+    (C = ``num_classes``; 0 gives empty arrays, e.g. unsupervised).
+    """
+    f = features if features.ndim == 3 else features[:, None, :]
+    n, v, d = f.shape
+    if d != coder.in_dim:
+        raise CodeLengthError(f"features are {d}-d but the head expects {coder.in_dim}-d; use the same backbone")
+    k = coder.bits
+    coder.eval()
+    s = np.zeros(k, np.float64)
+    ss = np.zeros(k, np.float64)
+    c = int(num_classes) if labels is not None else 0
+    cc = np.zeros(c, np.float64)
+    cs = np.zeros((c, k), np.float64)
+    for start in range(0, n, max(1, batch_size // v)):
+        blk = torch.from_numpy(np.asarray(f[start : start + max(1, batch_size // v)], dtype=np.float32))
+        m = blk.shape[0]
+        h = _pre_bn(coder, blk.reshape(m * v, d)).double().reshape(m, v, k)
+        s += h.sum((0, 1)).numpy()
+        ss += (h * h).sum((0, 1)).numpy()
+        if c:
+            y = np.asarray(labels[start : start + m])
+            onehot = np.eye(c)[y] if y.ndim == 1 else (y > 0).astype(np.float64)
+            cc += onehot.sum(0)
+            cs += onehot.T @ h.mean(1).numpy()
+    return {"count": np.array([n * v], np.float64), "sum": s, "sumsq": ss, "class_count": cc, "class_sum": cs}
+
+
+def pool(stats: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Sum the silos' statistics key by key (shapes must agree)."""
+    stats = list(stats)
+    if not stats:
+        raise DataError("no silo reported statistics; at least one silo must answer")
+    out = {}
+    for key in STAT_KEYS:
+        arrs = [np.asarray(s[key], np.float64) for s in stats]
+        if any(a.shape != arrs[0].shape for a in arrs):
+            raise CodeLengthError(f"silos report {key} of different shapes {[a.shape for a in arrs]}; "
+                                  "every silo must run the same head and class list")
+        out[key] = np.sum(arrs, axis=0)
+    return out
+
+
+def pooled_moments(pooled: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean and unbiased variance (PyTorch's running_var convention) of the union."""
+    n = float(pooled["count"][0])
+    if n < 2:
+        raise DataError(f"pooled BatchNorm statistics need at least 2 samples, got {n:.0f}")
+    mean = pooled["sum"] / n
+    var = (pooled["sumsq"] - n * mean * mean) / (n - 1)
+    return mean, np.maximum(var, 0.0)
+
+
+def set_bn_stats(coder: HashCoder, mean: np.ndarray, var: np.ndarray) -> None:
+    """Write pooled statistics into the head's BatchNorm (the last layer)."""
+    bn = coder.net[-1]
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+        bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
+
+
+def global_prototypes(coder: HashCoder, pooled: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(C, K) class means of the logits z over the union, under the head's BatchNorm
+    (set the pooled statistics first). Classes no silo holds get NaN rows."""
+    bn = coder.net[-1]
+    cc = pooled["class_count"]
+    if cc.size == 0:
+        return np.zeros((0, coder.bits), np.float32)
+    hbar = pooled["class_sum"] / np.maximum(cc, 1.0)[:, None]
+    mean = bn.running_mean.double().numpy()
+    std = np.sqrt(bn.running_var.double().numpy() + bn.eps)
+    z = (hbar - mean) / std * bn.weight.detach().double().numpy() + bn.bias.detach().double().numpy()
+    z[cc <= 0] = np.nan
+    return z.astype(np.float32)

@@ -1,0 +1,263 @@
+"""The server's round loop: strategy aggregation, exact pooled BatchNorm statistics and global
+prototypes, checkpoints with provenance, failure handling, per-silo evaluation and the final
+per-silo indexes.
+
+Each round:
+1. ``train``: the strategy samples silos and sends the global parameters, plus the
+   BatchNorm statistics and (supervised) the global class prototypes in ``globals``;
+   the strategy aggregates the replies (the clients' trainable parameters).
+2. ``query.stats``: every silo reports count / sum / sum of squares of the head's
+   pre-BatchNorm activations and per-class sums under the new parameters; the server
+   pools them into the exact BatchNorm statistics of the union and the prototypes.
+3. checkpoint (atomic), then ``evaluate`` (each silo's query split against its own
+   database) every ``eval-every`` rounds and after the last.
+After the last round, ``query.index``: each silo saves its SiloIndex under the model version.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from hashing import atomic, fedmodel, fedstats
+from hashing.errors import TrainingError
+from hashing.fedconfig import MSG_INDEX, MSG_STATS, FedConfig
+
+from . import checkpoint as ckpt
+from .strategies import make_strategy, restore_strategy_state, strategy_state
+
+log = logging.getLogger("fedhash.server")
+
+RoundHook = Callable[[dict], None]
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    t0 = time.time()
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= n:
+            return ids
+        if time.time() - t0 > timeout:
+            raise TrainingError(f"only {len(ids)} of the {n} silos needed (min-train-nodes) connected within "
+                                f"{timeout:.0f} s; start more SuperNodes or lower min-train-nodes")
+        time.sleep(1.0)
+
+
+def _silo(msg: Message) -> dict[str, str]:
+    rec = msg.content.config_records.get("silo")
+    return {k: str(v) for k, v in rec.items()} if rec is not None else {"name": f"node-{msg.metadata.src_node_id}"}
+
+
+class Federation:
+    """State of one federated run on the server."""
+
+    def __init__(self, grid: Grid, cfg: FedConfig, *, scenario: Mapping[str, Any] | None = None,
+                 on_round: RoundHook | None = None):
+        self.grid, self.cfg, self.scenario = grid, cfg, dict(scenario or {})
+        self.on_round = on_round
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _, self.weights_id, dim = fedmodel.backbone_for(cfg)
+        model = fedmodel.build_model(cfg, dim)
+        self.head = fedmodel.head_of(model)  # the server's copy, for pooled statistics and prototypes
+        self.model = model
+        self.params, self.buffers = fedmodel.split_state(model)
+        self.prototypes: torch.Tensor | None = None
+        self.strategy = make_strategy(cfg)
+        self.history: list[dict] = []
+        self.silos: dict[str, str] = {}
+        self.start_round = 1
+        self.failures: list[dict] = []
+        if cfg.resume:
+            self._resume()
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _config(self, server_round: int, **extra: Any) -> ConfigRecord:
+        return ConfigRecord({"fedconfig": self.cfg.to_json(), "server-round": int(server_round), **extra})
+
+    def _globals(self) -> ArrayRecord:
+        g = OrderedDict(self.buffers)
+        if self.prototypes is not None:
+            g[fedmodel.PROTOTYPES] = self.prototypes
+        return ArrayRecord(g)
+
+    def _messages(self, node_ids: Iterable[int], message_type: str, server_round: int, **extra: Any) -> list[Message]:
+        out = []
+        for nid in node_ids:
+            content = RecordDict({"arrays": ArrayRecord(self.params), "globals": self._globals(),
+                                  "config": self._config(server_round, **extra)})
+            out.append(Message(content=content, message_type=message_type, dst_node_id=nid))
+        return out
+
+    def _send(self, messages: list[Message], what: str, server_round: int) -> list[Message]:
+        """Send, wait up to round-timeout, log every failure and timeout; return the good replies."""
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        ok = [m for m in replies if not m.has_error()]
+        answered = {m.metadata.src_node_id for m in replies}
+        for m in replies:
+            if m.has_error():
+                self._failure(server_round, what, m.metadata.src_node_id, m.error.reason)
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                self._failure(server_round, what, msg.metadata.dst_node_id,
+                              f"no reply within round-timeout={self.cfg.round_timeout:.0f} s")
+        return ok
+
+    def _failure(self, server_round: int, what: str, node: int, reason: str) -> None:
+        reason = " ".join(str(reason).split())
+        log.warning("round %d %s: node %s failed: %s", server_round, what, node, reason[-500:])
+        self.failures.append({"round": server_round, "phase": what, "node": int(node), "reason": reason[-2000:]})
+
+    def _enough(self, ok: list[Message], sent: int, server_round: int, what: str) -> None:
+        need = self.cfg.min_train_nodes
+        if len(ok) < need:
+            last = ckpt.latest_checkpoint(self.out)
+            kept = f"the last checkpoint ({last}) is kept; fix the silos and rerun with resume=true" if last else \
+                "no checkpoint was written yet"
+            raise TrainingError(f"round {server_round} {what}: only {len(ok)} of {sent} silos replied, "
+                                f"fewer than min-train-nodes={need}; the run stops here: {kept}")
+
+    # ---------------------------------------------------------------- phases
+
+    def pool_statistics(self, server_round: int, node_ids: list[int]) -> dict[str, Any]:
+        """query.stats: exact pooled BatchNorm statistics and global prototypes under self.params."""
+        msgs = self._messages(node_ids, MSG_STATS, server_round)
+        ok = self._send(msgs, "stats", server_round)
+        self._enough(ok, len(msgs), server_round, "statistics")
+        stats = [{k: v.numpy() for k, v in m.content["stats"].to_torch_state_dict().items()} for m in ok]
+        pooled = fedstats.pool(stats)
+        mean, var = fedstats.pooled_moments(pooled)
+        fedmodel.load_state(self.model, self.params, self.buffers)
+        fedstats.set_bn_stats(self.head, mean, var)
+        _, self.buffers = fedmodel.split_state(self.model)
+        if self.cfg.supervised and pooled["class_count"].size:
+            self.prototypes = torch.from_numpy(fedstats.global_prototypes(self.head, pooled))
+        for m in ok:
+            s = _silo(m)
+            self.silos[s["name"]] = s.get("ids", "")
+        up = sum(int(m.content["metrics"]["bytes-up"]) for m in ok)
+        return {"stats_silos": len(ok), "stats_bytes_up": up, "pooled_count": float(pooled["count"][0])}
+
+    def train_round(self, server_round: int) -> dict[str, Any]:
+        cfg = self.cfg
+        arrays = ArrayRecord(self.params)
+        msgs = list(self.strategy.configure_train(server_round, arrays, self._config(server_round), self.grid))
+        for m in msgs:
+            m.content["globals"] = self._globals()
+            m.content["config"]["fedconfig"] = cfg.to_json()
+        ok = self._send(msgs, "train", server_round)
+        self._enough(ok, len(msgs), server_round, "training")
+        silos = [_silo(m) for m in ok]
+        mets = [m.content["metrics"] for m in ok]
+        agg, _ = self.strategy.aggregate_train(server_round, ok)
+        if agg is None:
+            raise TrainingError(f"round {server_round}: the {cfg.strategy} strategy returned no model; "
+                                "see the log for the replies it rejected")
+        new = agg.to_torch_state_dict()
+        self.params = OrderedDict((k, new[k].to(v.dtype)) for k, v in self.params.items())
+        n = np.array([float(m["num-examples"]) for m in mets])
+        return {
+            "clients_sent": len(msgs), "clients_ok": len(ok), "clients_failed": len(msgs) - len(ok),
+            "train_loss": float(np.average([float(m["train-loss"]) for m in mets], weights=n)),
+            "train_bit_balance": float(np.average([float(m["bit-balance"]) for m in mets], weights=n)),
+            "client_seconds_max": float(max(float(m["seconds"]) for m in mets)),
+            "bytes_down": int(sum(int(m["bytes-down"]) for m in mets)),
+            "bytes_up": int(sum(int(m["bytes-up"]) for m in mets)),
+            "trained": [s["name"] for s in silos],
+        }
+
+    def evaluate(self, server_round: int, node_ids: list[int]) -> dict[str, Any]:
+        msgs = self._messages(node_ids, MessageType.EVALUATE, server_round)
+        ok = self._send(msgs, "evaluate", server_round)
+        per = {_silo(m)["name"]: float(m.content["metrics"]["map"]) for m in ok}
+        bal = {_silo(m)["name"]: float(m.content["metrics"]["bit-balance"]) for m in ok}
+        out: dict[str, Any] = {"map": dict(sorted(per.items()))}
+        if per:
+            out["mean_map"] = float(np.mean(list(per.values())))
+            out["bit_balance"] = float(np.mean(list(bal.values())))
+        return out
+
+    def build_indexes(self, node_ids: list[int]) -> dict[str, Any]:
+        version = self.model_version()
+        msgs = self._messages(node_ids, MSG_INDEX, self.cfg.num_server_rounds, **{"model-version": version})
+        ok = self._send(msgs, "index", self.cfg.num_server_rounds)
+        return {_silo(m)["name"]: {"index": str(m.content["silo"]["index"]),
+                                   "n": int(m.content["metrics"]["num-examples"]),
+                                   "map": float(m.content["metrics"]["map"])} for m in ok}
+
+    def model_version(self) -> str:
+        return fedmodel.version_of(self.params, self.buffers, self.cfg, self.weights_id)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save(self, server_round: int) -> Path:
+        return ckpt.save_checkpoint(
+            self.out, server_round=server_round, params={k: v.numpy() for k, v in self.params.items()},
+            globals_={k: v.numpy() for k, v in self._globals().to_torch_state_dict().items()},
+            strategy_state=strategy_state(self.strategy), model_version=self.model_version(), cfg=self.cfg,
+            weights_id=self.weights_id, silos=self.silos, history=self.history, scenario=self.scenario)
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            log.warning("resume=true but %s holds no checkpoint; starting at round 1", ckpt.checkpoint_dir(self.out))
+            return
+        rec = ckpt.load_checkpoint(path)
+        ckpt.check_resume(rec, self.cfg, self.weights_id, path)
+        self.params = OrderedDict((k, torch.from_numpy(rec["params"][k]).to(v.dtype)) for k, v in self.params.items())
+        g = rec["globals"]
+        self.buffers = OrderedDict((k, torch.from_numpy(g[k]).to(v.dtype)) for k, v in self.buffers.items())
+        self.prototypes = torch.from_numpy(g[fedmodel.PROTOTYPES]) if fedmodel.PROTOTYPES in g else None
+        restore_strategy_state(self.strategy, rec["strategy_state"])
+        self.history = list(rec["history"])
+        self.silos = dict(rec["silos"])
+        self.start_round = int(rec["round"]) + 1
+        fedmodel.load_state(self.model, self.params, self.buffers)
+        log.info("resuming from %s: round %d of %d", path, self.start_round, self.cfg.num_server_rounds)
+
+    def _write_progress(self, status: str, **extra: Any) -> None:
+        atomic.write_json(self.out / "federation.json", {
+            "status": status, "config": self.cfg.to_dict(), "scenario": self.scenario, "rounds": self.history,
+            "silos": self.silos, "failures": self.failures, "model_version": self.model_version(), **extra})
+
+    # ---------------------------------------------------------------- the run
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_run = time.perf_counter()
+        node_ids = _wait_for_nodes(self.grid, cfg.min_train_nodes, cfg.round_timeout)
+        try:
+            if self.start_round == 1:
+                self.pool_statistics(0, node_ids)
+            for r in range(self.start_round, cfg.num_server_rounds + 1):
+                t0 = time.perf_counter()
+                node_ids = sorted(self.grid.get_node_ids())
+                rec: dict[str, Any] = {"round": r}
+                rec |= self.train_round(r)
+                rec |= self.pool_statistics(r, node_ids)
+                rec["model_version"] = self.model_version()
+                if r % cfg.eval_every == 0 or r == cfg.num_server_rounds:
+                    rec |= self.evaluate(r, node_ids)
+                rec["seconds"] = time.perf_counter() - t0
+                self.history.append(rec)
+                self._save(r)
+                self._write_progress("running")
+                if self.on_round:
+                    self.on_round(rec)
+            indexes = self.build_indexes(sorted(self.grid.get_node_ids()))
+        except Exception as e:
+            self._write_progress("failed", error=f"{type(e).__name__}: {e}")
+            raise
+        result = {"model_version": self.model_version(), "indexes": indexes,
+                  "seconds": time.perf_counter() - t_run}
+        self._write_progress("done", **result)
+        return result

@@ -1,0 +1,33 @@
+"""The fedhash ServerApp. Its knobs come from the run config (``[tool.flwr.app.config]``,
+``flwr run --run-config``), or from a scenario when ``fedhash simulate`` builds it."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from hashing.fedconfig import FedConfig
+
+from .federation import Federation, RoundHook
+
+
+def make_server_app(cfg: FedConfig | None = None, *, scenario: Mapping[str, Any] | None = None,
+                    on_round: RoundHook | None = None, result: dict | None = None) -> ServerApp:
+    """A ServerApp for ``cfg``; without one, the run config of the Flower run is read."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        logging.getLogger("fedhash").setLevel(logging.INFO)
+        run_cfg = cfg if cfg is not None else FedConfig.from_dict(dict(context.run_config), source="run config")
+        out = Federation(grid, run_cfg, scenario=scenario, on_round=on_round).run()
+        if result is not None:
+            result.update(out)
+
+    return app
+
+
+app = make_server_app()

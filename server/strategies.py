@@ -1,0 +1,54 @@
+"""The aggregation rule, from the run config, out of Flower's own strategies."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.serverapp import strategy as fl
+
+from hashing.errors import ConfigError
+from hashing.fedconfig import STRATEGIES, FedConfig
+
+OPT_STATE = ("m_t", "v_t")  # server-side optimiser moments of FedAdam / FedYogi / FedAdagrad
+
+
+def make_strategy(cfg: FedConfig) -> fl.Strategy:
+    """FedAvg (default), FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg or Krum.
+
+    Flower's evaluate path is not used (fedhash runs its own per-silo evaluation),
+    so ``fraction_evaluate`` is 0 for all of them.
+    """
+    common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
+                                  min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=0,
+                                  min_available_nodes=cfg.min_train_nodes)
+    name = cfg.strategy
+    if name == "fedavg":
+        return fl.FedAvg(**common)
+    if name == "fedprox":
+        return fl.FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if name in ("fedadam", "fedyogi", "fedadagrad"):
+        cls = {"fedadam": fl.FedAdam, "fedyogi": fl.FedYogi, "fedadagrad": fl.FedAdagrad}[name]
+        return cls(**common, eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau)
+    if name == "fedmedian":
+        return fl.FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return fl.FedTrimmedAvg(**common, beta=cfg.trimmed_beta)
+    if name == "krum":
+        return fl.Krum(**common, num_malicious_nodes=cfg.krum_malicious)
+    raise ConfigError(f"strategy '{name}' is unknown; use one of {', '.join(STRATEGIES)}")
+
+
+def strategy_state(strategy: fl.Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """What a strategy carries between rounds (the server optimiser's moments), for checkpoints."""
+    out = {}
+    for attr in OPT_STATE:
+        value = getattr(strategy, attr, None)
+        if isinstance(value, dict):
+            out[attr] = {k: np.asarray(v) for k, v in value.items()}
+    return out
+
+
+def restore_strategy_state(strategy: fl.Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    for attr, value in state.items():
+        if attr in OPT_STATE:
+            setattr(strategy, attr, {k: np.asarray(v) for k, v in value.items()})
