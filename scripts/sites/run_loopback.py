@@ -1,0 +1,529 @@
+#!/usr/bin/env python3
+"""Real fedhash sites (two or more) on this machine's loopback, with TLS and SuperNode authentication.
+
+    python scripts/sites/run_loopback.py WORK_DIR --site site-a=/data/a --site site-b=/data/b \
+        [--run-config "num-server-rounds=2 bits=16 ..."] [--timeout 1200] [--no-intruder]
+
+What it does, with the commands a real deployment types (see README, "Running across sites"):
+
+1. `make_certs.py`: a test CA, a SuperLink certificate for 127.0.0.1/localhost, one ECDSA P-384 key
+   pair per site and one for an "intruder" that is never registered.
+2. `flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
+   --enable-supernode-auth --disable-runtime-dependency-installation --host 127.0.0.1 --port P` (one
+   HTTPS port serves the Fleet, Control and Runtime APIs in Flower 1.41).
+3. `flwr supernode register keys/<site>.pub sites` for each site: the connection `sites` lives in
+   `$FLWR_HOME/config.toml` (address 127.0.0.1:P, root-certificates ca.crt).
+4. `flower-supernode --superlink 127.0.0.1:P --root-certificates ca.crt --auth-supernode-private-key
+   keys/<site> --port Q --node-config 'data="..." silo="<site>" out-dir="<WORK>/sites/<site>"'`.
+5. The intruder: the same command with the unregistered key. The SuperLink answers its ActivateNode
+   with HTTP 412 / API error 2004 ("No SuperNode found with the given public key"), and the SuperNode
+   logs "Exit Code: 305" (SUPERNODE_CONNECTION_ERROR) with "[code: 2004] Failed to activate SuperNode."
+   and exits with status 1 (Flower maps every error code to process status 1).
+6. `flwr run <app> sites --run-config "..." --format json`, then `flwr ls sites --run-id ID --format
+   json` until the run is finished, and `flwr log ID sites --show` into `logs/run.log`.
+7. Stops every process it started, by PID, and every process those started (SuperExec, ServerApp,
+   ClientApp): SIGTERM, then SIGKILL after a grace period; on success, on failure, on Ctrl-C
+   (try/finally, atexit, SIGTERM handler).
+
+The summary (JSON, also `WORK_DIR/summary.json`) names the run id and status, the sites' out-dirs,
+the server's out-dir, how the intruder was refused and every PID started, with those still alive
+after the stop (none, or it is a bug). Exit code 0 when the run completed and the intruder was
+refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import make_certs  # noqa: E402
+
+CONNECTION = "sites"
+REFUSAL_EXIT_CODE = 305  # flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR, logged as "Exit Code: 305"
+REFUSAL_SUPERNODE_LINE = "Failed to activate SuperNode"
+REFUSAL_SUPERLINK_LINE = "No SuperNode found with the given public key"
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time) of a process, None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    """True while `pid` runs (zombies are dead) and, if given, is still the process that started at `start`."""
+    st = _proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X") and (start is None or st[2] == start)
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            st = _proc_stat(int(d))
+            if st is not None:
+                kids.setdefault(st[1], []).append(int(d))
+    return kids
+
+
+@dataclass
+class Procs:
+    """Every process this script starts (or adopts), and their descendants; stopped by PID only."""
+
+    log_dir: Path
+    env: dict
+    started: dict = field(default_factory=dict)  # name -> Popen
+    known: dict = field(default_factory=dict)  # pid -> (name, start time): roots and descendants
+    roots: list = field(default_factory=list)  # the pids signalled first
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=self.env, cwd=self.log_dir, start_new_session=True)
+        self.started[name] = p
+        self.adopt(p.pid, name)
+        return p
+
+    def adopt(self, pid: int, name: str) -> None:
+        """Take charge of a process this script caused to start (e.g. the SuperLink `flwr run` leaves)."""
+        if pid not in self.known:
+            st = _proc_stat(pid)
+            self.known[pid] = (name, st[2] if st else -1)  # -1: already gone, never signalled
+            self.roots.append(pid)
+
+    def track_descendants(self) -> None:
+        """Remember the live descendants of every known process (SuperExec, ServerApp, ClientApp, Ray...)."""
+        kids = _children_map()
+        todo = [pid for pid in self.known if _alive(pid, self.known[pid][1])]
+        while todo:
+            pid = todo.pop()
+            for kid in kids.get(pid, []):
+                if kid not in self.known:
+                    st = _proc_stat(kid)
+                    if st is not None:
+                        self.known[kid] = (f"{self.known[pid][0]}/child", st[2])
+                        todo.append(kid)
+
+    def _signal(self, pid: int, sig: int) -> None:
+        if _alive(pid, self.known[pid][1]):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _wait(self, pids: list[int], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(_alive(pid, self.known[pid][1]) for pid in pids):
+            for p in self.started.values():
+                p.poll()  # reap our own children
+            time.sleep(0.2)
+
+    def stop(self, grace: float = 10.0) -> list[int]:
+        """SIGTERM the roots, then every descendant; SIGKILL what outlives `grace`. Returns pids still alive."""
+        self.track_descendants()
+        for pid in self.roots:
+            self._signal(pid, signal.SIGTERM)
+        self._wait(self.roots, grace)
+        self.track_descendants()  # children started while stopping
+        for pid in self.known:
+            self._signal(pid, signal.SIGTERM)
+        self._wait(list(self.known), min(grace, 5.0))
+        for pid in self.known:
+            self._signal(pid, signal.SIGKILL)
+        self._wait(list(self.known), 2.0)
+        return [pid for pid, (_, start) in self.known.items() if _alive(pid, start)]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(flwr_home: Path, base: dict | None = None) -> dict:
+    """The environment every Flower process here runs in: own FLWR_HOME, no telemetry, no installs."""
+    env = dict(os.environ if base is None else base)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) -> None:
+    """A SuperLink connection in Flower's config file ($FLWR_HOME/config.toml)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n'
+        f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{ca_cert}"\n'
+    )
+
+
+def flwr(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def flwr_json(env: dict, *args: str, timeout: float = 120) -> dict:
+    r = flwr(env, *args, "--format", "json", timeout=timeout)
+    out = r.stdout
+    try:
+        return json.loads(out[out.index("{"):])
+    except ValueError:
+        raise RuntimeError(f"flwr {' '.join(args)} (rc {r.returncode}): {out}\n{r.stderr}") from None
+
+
+def wait_https(port: int, ca_cert: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca_cert))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode} before serving")
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=ctx, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"flower-superlink not serving on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def node_config(data: str, silo: str, out_dir: Path, cache_dir: str | None = None) -> str:
+    cfg = f'data="{data}" silo="{silo}" out-dir="{out_dir}"'
+    return cfg + (f' cache-dir="{cache_dir}"' if cache_dir else "")
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return ""
+
+
+# ---------------------------------------------------------------- the federation
+
+
+def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: Path = REPO,
+                 timeout: float = 1200.0, intruder: bool = True, cache_dir: str | None = None,
+                 env: dict | None = None, grace: float = 10.0) -> dict:
+    """Start a SuperLink, register and start one SuperNode per site, run the app, stop everything.
+
+    `sites` maps a silo name to its data (a folder of class_name/*.png, a CSV manifest, or
+    "fashion-mnist"). Each site's out-dir is `work/sites/<name>`; the server's is `work/server`
+    (appended to `run_config` as `out-dir`). Returns the summary (see the module docstring).
+    """
+    work = Path(work).resolve()
+    logs, home = work / "logs", work / "flwr-home"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = flwr_env(home, env)
+    procs = Procs(logs, env)
+    summary: dict = {"work": str(work), "sites": {}, "server_out_dir": str(work / "server"), "ok": False}
+
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            summary["alive_after_stop"] = procs.stop(grace)
+            summary["pids"] = {str(pid): name for pid, (name, _) in procs.known.items()}
+
+    atexit.register(stop)
+    t0 = time.monotonic()
+    try:
+        creds = make_certs.make_all(work / "certs", ["127.0.0.1", "localhost"], [*sites, "intruder"])
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        write_connection(home, CONNECTION, address, creds["ca_cert"])
+
+        superlink = procs.start("superlink", [
+            "flower-superlink",
+            "--ssl-ca-certfile", str(creds["ca_cert"]),
+            "--ssl-certfile", str(creds["server_cert"]),
+            "--ssl-keyfile", str(creds["server_key"]),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",  # the sites' Python already holds fedhash
+            "--host", "127.0.0.1", "--port", str(port),
+            "--database", str(home / "superlink-state.db"),
+        ])
+        wait_https(port, creds["ca_cert"], superlink)
+        summary["superlink"] = {"address": address, "pid": superlink.pid}
+
+        for name in sites:
+            res = flwr_json(env, "supernode", "register", str(creds["nodes"][name][1]), CONNECTION, "--name", name)
+            if not res.get("success"):
+                raise RuntimeError(f"registering {name} failed: {res}")
+            summary["sites"][name] = {"node_id": str(res["node-id"])}
+
+        for name, data in sites.items():
+            out = work / "sites" / name
+            out.mkdir(parents=True, exist_ok=True)
+            p = procs.start(f"supernode-{name}", [
+                "flower-supernode",
+                "--superlink", address,
+                "--root-certificates", str(creds["ca_cert"]),
+                "--auth-supernode-private-key", str(creds["nodes"][name][0]),
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", node_config(data, name, out, cache_dir),
+            ])
+            summary["sites"][name].update({"pid": p.pid, "data": data, "out_dir": str(out)})
+
+        if intruder:
+            p = procs.start("supernode-intruder", [
+                "flower-supernode",
+                "--superlink", address,
+                "--root-certificates", str(creds["ca_cert"]),
+                "--auth-supernode-private-key", str(creds["nodes"]["intruder"][0]),
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--max-retries", "2", "--max-wait-time", "30",
+                "--node-config", node_config(next(iter(sites.values())), "intruder", work / "sites" / "intruder"),
+            ])
+            summary["intruder"] = {"pid": p.pid}
+
+        # Both registered SuperNodes online
+        deadline = time.monotonic() + 90
+        while True:
+            nodes = flwr_json(env, "supernode", "ls", CONNECTION)["nodes"]
+            online = {str(n["node-id"]) for n in nodes if n["status"] == "online"}
+            if all(s["node_id"] in online for s in summary["sites"].values()):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"SuperNodes not online after 90 s: {nodes}")
+            for name in sites:
+                if procs.started[f"supernode-{name}"].poll() is not None:
+                    raise RuntimeError(f"supernode {name} exited: {_tail(logs / f'supernode-{name}.log')}")
+            time.sleep(1)
+
+        if intruder:
+            p = procs.started["supernode-intruder"]
+            try:
+                p.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+            procs.track_descendants()
+            log = (logs / "supernode-intruder.log").read_text(errors="replace")
+            link_log = (logs / "superlink.log").read_text(errors="replace")
+            nodes = flwr_json(env, "supernode", "ls", CONNECTION)["nodes"]
+            flower_code = next((int(m[1]) for m in re.finditer(r"Exit Code: (\d+)", log)), None)
+            summary["intruder"].update({
+                "exit_status": p.returncode,  # the process's status: 1 for every Flower error exit
+                "flower_exit_code": flower_code,  # Flower's own code, from the log line "Exit Code: N"
+                "supernode_log_line": next((ln.strip() for ln in log.splitlines() if REFUSAL_SUPERNODE_LINE in ln), None),
+                "superlink_log_line": next((ln.strip() for ln in link_log.splitlines() if REFUSAL_SUPERLINK_LINE in ln), None),
+                "nodes_known_to_superlink": len(nodes),
+            })
+            summary["intruder"]["refused"] = (
+                p.returncode not in (None, 0) and flower_code == REFUSAL_EXIT_CODE
+                and summary["intruder"]["supernode_log_line"] is not None
+                and len(nodes) == len(sites))
+
+        cfg = f"{run_config} out-dir=\"{work / 'server'}\"".strip()
+        summary["run_config"] = cfg
+        res = flwr_json(env, "run", str(app), CONNECTION, "--run-config", cfg)
+        if not res.get("success"):
+            raise RuntimeError(f"flwr run failed: {res}")
+        run_id = int(res["run-id"])
+        summary["run_id"] = run_id
+        t_run = time.monotonic()
+        status = "pending"
+        while not status.startswith("finished"):
+            if time.monotonic() - t_run > timeout:
+                flwr(env, "stop", str(run_id), CONNECTION)
+                raise RuntimeError(f"run {run_id} not finished after {timeout:.0f} s (status {status})")
+            procs.track_descendants()
+            time.sleep(3)
+            runs = flwr_json(env, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+            status = runs[0]["status"] if runs else status
+            for name in sites:
+                if procs.started[f"supernode-{name}"].poll() is not None:
+                    raise RuntimeError(f"supernode {name} exited during the run: "
+                                       f"{_tail(logs / f'supernode-{name}.log')}")
+        summary["run_status"] = status
+        summary["run_seconds"] = round(time.monotonic() - t_run, 1)
+        try:
+            r = flwr(env, "log", str(run_id), CONNECTION, "--show", timeout=60)
+            (logs / "run.log").write_text(r.stdout + r.stderr)
+        except subprocess.TimeoutExpired:
+            pass
+        summary["ok"] = status == "finished:completed" and (not intruder or summary["intruder"]["refused"])
+    except Exception as e:  # noqa: BLE001 — reported in the summary, processes stopped below
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        stop()
+        atexit.unregister(stop)
+        summary["seconds"] = round(time.monotonic() - t0, 1)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ---------------------------------------------------------------- `flwr run .` on a local simulation
+
+
+def local_superlink_pids(flwr_home: Path) -> list[int]:
+    """The background `flower-superlink` that `flwr run` starts for FLWR_HOME=flwr_home, found by its log file.
+
+    `flwr run . local` (connection address ":local:") starts `flower-superlink --insecure --simulation
+    ... --log-file $FLWR_HOME/local-superlink/superlink.log` detached, and leaves it running.
+    """
+    marker = str(Path(flwr_home).resolve() / "local-superlink" / "superlink.log")
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"flower-superlink") for a in argv[:2]) and marker.encode() in argv \
+                    and _alive(int(d)):
+                pids.append(int(d))
+    return pids
+
+
+def run_local_simulation(work: Path, run_config: str = "", app: Path = REPO, num_supernodes: int = 2,
+                         timeout: float = 1200.0, env: dict | None = None, grace: float = 10.0) -> dict:
+    """`flwr run <app> local` as a user types it, on a simulation, then stop the SuperLink it left behind.
+
+    Flower's home (`work/flwr-home`) and the local SuperLink's ports are this call's own
+    (FLWR_LOCAL_SUPERLINK_HTTP_API_PORT / FLWR_LOCAL_CONTROL_API_PORT), so a SuperLink started by
+    someone else on the default port 39091 is neither used nor stopped. The server's out-dir is
+    `work/server`, appended to `run_config`.
+    """
+    work = Path(work).resolve()
+    home, logs = work / "flwr-home", work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    env = flwr_env(home, env)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    procs = Procs(logs, env)
+    summary: dict = {"work": str(work), "server_out_dir": str(work / "server"), "ok": False}
+    cfg = f"{run_config} out-dir=\"{work / 'server'}\"".strip()
+    summary["run_config"] = cfg
+
+    def adopt() -> None:
+        for pid in local_superlink_pids(home):
+            procs.adopt(pid, "local-superlink")
+        procs.track_descendants()
+
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            adopt()
+            summary["alive_after_stop"] = procs.stop(grace)
+            summary["pids"] = {str(pid): name for pid, (name, _) in procs.known.items()}
+
+    atexit.register(stop)
+    t0 = time.monotonic()
+    try:
+        for attempt in range(2):  # flwr gives the SuperLink 15 s to start: not always enough on a busy machine
+            r = flwr(env, "run", str(app), "local", "--run-config", cfg,
+                     "--federation-config", f"num-supernodes={num_supernodes}", "--format", "json", timeout=180)
+            adopt()
+            out = r.stdout
+            if "{" in out and json.loads(out[out.index("{"):]).get("success"):
+                res = json.loads(out[out.index("{"):])
+                break
+            if attempt == 1 or "Failed to start local SuperLink" not in out + r.stderr:
+                raise RuntimeError(f"flwr run (rc {r.returncode}): {out}\n{r.stderr}")
+            procs.stop(grace)
+        run_id = int(res["run-id"])
+        summary["run_id"] = run_id
+        summary["superlink_pids"] = local_superlink_pids(home)
+        status = "pending"
+        while not status.startswith("finished"):
+            if time.monotonic() - t0 > timeout:
+                flwr(env, "stop", str(run_id), "local")
+                raise RuntimeError(f"run {run_id} not finished after {timeout:.0f} s (status {status})")
+            adopt()
+            time.sleep(3)
+            runs = flwr_json(env, "ls", "local", "--run-id", str(run_id)).get("runs", [])
+            status = runs[0]["status"] if runs else status
+        summary["run_status"] = status
+        try:
+            r = flwr(env, "log", str(run_id), "local", "--show", timeout=60)
+            (logs / "run.log").write_text(r.stdout + r.stderr)
+        except subprocess.TimeoutExpired:
+            pass
+        summary["ok"] = status == "finished:completed"
+    except Exception as e:  # noqa: BLE001
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        stop()
+        atexit.unregister(stop)
+        summary["seconds"] = round(time.monotonic() - t0, 1)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("work", type=Path, help="working folder: certs, Flower home, logs, site and server out-dirs")
+    p.add_argument("--site", action="append", metavar="NAME=DATA", default=[],
+                   help="a site and its data: a folder of class_name/*.png|jpg, a CSV manifest, or fashion-mnist "
+                        "(repeat; two or more; ignored with --local)")
+    p.add_argument("--run-config", default="num-server-rounds=2", help="passed to `flwr run --run-config`")
+    p.add_argument("--app", type=Path, default=REPO, help="the Flower app folder (default: this repository)")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds the run may take")
+    p.add_argument("--cache-dir", help="the sites' feature cache (node config cache-dir)")
+    p.add_argument("--no-intruder", action="store_true", help="skip the unregistered-SuperNode check")
+    p.add_argument("--local", type=int, metavar="N", help="instead: `flwr run <app> local` on a local simulation "
+                   "of N SuperNodes, then stop the SuperLink it leaves behind (--site is ignored)")
+    args = p.parse_args(argv)
+    if not args.local and (len(args.site) < 2 or not all("=" in s for s in args.site)):
+        p.error("give two or more --site NAME=DATA (or --local N for a simulation)")
+    sites = dict(s.split("=", 1) for s in args.site)
+
+    def on_term(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        if args.local:
+            summary = run_local_simulation(args.work, args.run_config, args.app, args.local, args.timeout)
+        else:
+            summary = run_loopback(args.work, sites, args.run_config, args.app, args.timeout,
+                                   intruder=not args.no_intruder, cache_dir=args.cache_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"run_loopback: {e}\nlogs: {args.work / 'logs'}", file=sys.stderr)
+        summary = json.loads((args.work / "summary.json").read_text())
+    print(json.dumps(summary, indent=2))
+    return 0 if summary.get("ok") and not summary.get("alive_after_stop") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""fedhash with the Flower CLI: `flwr run .` on a local simulation, and real sites on loopback
+(TLS, SuperNode authentication, an unregistered SuperNode refused). scripts/sites/ does the work;
+these tests drive it and check what it leaves: files, and no process still running."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = REPO / "scripts" / "sites"
+
+
+def _load(name: str):
+    """A script of scripts/sites/ as a module (they are scripts, not a package)."""
+    if f"sites_{name}" in sys.modules:
+        return sys.modules[f"sites_{name}"]
+    spec = importlib.util.spec_from_file_location(f"sites_{name}", SITES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    sys.path.insert(0, str(SITES))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SITES))
+    return mod
+
+
+make_certs = _load("make_certs")
+
+
+def _dead(pids) -> bool:
+    def alive(pid: int) -> bool:
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return raw[raw.rindex(")") + 2] not in "ZX"
+
+    return not [p for p in map(int, pids) if alive(p)]
+
+
+# ---------------------------------------------------------------- fast: credentials
+
+
+def test_make_certs_writes_what_flower_reads(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key  # what `flwr supernode register` runs
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
+
+    paths = make_certs.make_all(tmp_path, ["127.0.0.1", "localhost"], ["site-a", "intruder"])
+
+    ca = x509.load_pem_x509_certificate(paths["ca_cert"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    key = load_pem_private_key(paths["server_key"].read_bytes(), None)
+    assert key.public_key() == server.public_key()
+    assert paths["server_key"].stat().st_mode & 0o077 == 0
+
+    for name in ("site-a", "intruder"):
+        priv_path, pub_path = paths["nodes"][name]
+        # flower-supernode --auth-supernode-private-key: an OpenSSH EC private key, no passphrase
+        priv = load_ssh_private_key(priv_path.read_bytes(), None)
+        assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
+        assert priv_path.stat().st_mode & 0o077 == 0
+        # flwr supernode register: an OpenSSH public key on a NIST curve
+        pub = bytes_to_public_key(try_load_public_key(pub_path))
+        assert public_key_to_bytes(pub) == public_key_to_bytes(priv.public_key())
+    assert paths["nodes"]["site-a"][1].read_bytes() != paths["nodes"]["intruder"][1].read_bytes()
+
+
+def test_make_certs_command_line(tmp_path):
+    r = subprocess.run([sys.executable, str(SITES / "make_certs.py"), str(tmp_path), "--node", "hospital-a"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"ca.crt", "ca.key", "server.pem", "server.key", "keys"}
+    assert {p.name for p in (tmp_path / "keys").iterdir()} == {"hospital-a", "hospital-a.pub"}
+    if Path("/usr/bin/openssl").exists():
+        v = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
+                           capture_output=True, text=True, timeout=30)
+        assert v.returncode == 0, v.stdout + v.stderr
+
+
+# ---------------------------------------------------------------- slow: Flower CLI end to end
+
+
+def _image_folder(root: Path, digits, classes=(0, 1), per_class: int = 30, offset: int = 0) -> Path:
+    """class_name/*.png from scikit-learn's digits, 8x8 grayscale scaled to 0..255."""
+    from PIL import Image
+
+    for c in classes:
+        (root / f"digit-{c}").mkdir(parents=True, exist_ok=True)
+        idx = np.flatnonzero(digits.labels == c)[offset:offset + per_class]
+        for i in idx:
+            img = np.asarray(digits.images[i], dtype=np.float32)
+            img = (255 * img / max(img.max(), 1)).astype(np.uint8)
+            Image.fromarray(img.squeeze()).save(root / f"digit-{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def flower_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDHASH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDHASH_CLIENT_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.mark.slow
+def test_flwr_run_local_simulation(tmp_path, flower_env):
+    lb = _load("run_loopback")
+    s = lb.run_local_simulation(
+        tmp_path / "sim", 'num-server-rounds=1 n-images=600 bits=16 size=32 views=2 batch-size=64 partitioner="iid"',
+        app=REPO, num_supernodes=2, timeout=480)
+    assert s["ok"], s
+    assert s["run_status"] == "finished:completed"
+    server = Path(s["server_out_dir"])
+    assert sorted(p.name for p in (server / "checkpoints").glob("round-*.pt")) == ["round-0001.pt"]
+    # `flwr run` left a background SuperLink; it was found (by its log file under our FLWR_HOME) and stopped
+    assert s["superlink_pids"] and set(map(str, s["superlink_pids"])) <= set(s["pids"])
+    assert s["alive_after_stop"] == []
+    assert _dead(s["pids"])
+    assert lb.local_superlink_pids(tmp_path / "sim" / "flwr-home") == []
+
+
+@pytest.mark.slow
+def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env, digits):
+    lb = _load("run_loopback")
+    sites = {"site-a": str(_image_folder(tmp_path / "data-a", digits, offset=0)),
+             "site-b": str(_image_folder(tmp_path / "data-b", digits, offset=30))}
+    s = lb.run_loopback(tmp_path / "fed", sites,
+                        "num-server-rounds=2 bits=16 size=32 views=2 batch-size=32 local-epochs=1",
+                        app=REPO, timeout=480)
+    assert s["run_status"] == "finished:completed", s
+    assert s["ok"], s
+
+    for name in sites:  # each site's index under its own out-dir (node config out-dir)
+        out = Path(s["sites"][name]["out_dir"])
+        assert out == tmp_path / "fed" / "sites" / name
+        assert list(out.rglob("index.faiss")), f"no index under {out}"
+    server = Path(s["server_out_dir"])
+    assert sorted(p.name for p in (server / "checkpoints").glob("round-*.pt")) == ["round-0001.pt", "round-0002.pt"]
+
+    # the unregistered SuperNode was refused: Flower exit code 305, "Failed to activate SuperNode"
+    intruder = s["intruder"]
+    assert intruder["refused"], intruder
+    assert intruder["flower_exit_code"] == 305 and intruder["exit_status"] == 1
+    assert "Failed to activate SuperNode" in intruder["supernode_log_line"]
+    assert "No SuperNode found with the given public key" in intruder["superlink_log_line"]
+    assert intruder["nodes_known_to_superlink"] == 2
+    assert not list((tmp_path / "fed" / "sites" / "intruder").rglob("index.faiss"))
+
+    assert s["alive_after_stop"] == []
+    assert len(s["pids"]) >= 4  # superlink, two supernodes, the intruder (and their SuperExecs, apps)
+    assert _dead(s["pids"])
