@@ -33,6 +33,9 @@ app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
+    threads = os.environ.get("FEDHASH_CLIENT_THREADS")  # set by fedhash simulate: one core per simulated silo
+    if threads and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
     cfg = FedConfig.from_json(str(msg.content["config"]["fedconfig"]))
     node = context.node_config
     if "cache-dir" in node:

@@ -174,16 +174,22 @@ def encode_silo(cfg: FedConfig, data: SiloData, model: torch.nn.Module, idx: np.
     return encode(model, data.clean[idx])
 
 
+def silo_map(data: SiloData, query: np.ndarray, db_codes: np.ndarray) -> dict[str, float]:
+    """mAP@1000 (Hamming) of query codes or logits against packed database codes, on the silo's labels."""
+    sp = data.silo.splits
+    res = retrieval_metrics(query, db_codes, data.labels[sp.query], data.labels[sp.database],
+                            asymmetric=False, k=1000, p_at=None, radius=None, pr=False)
+    bits = np.unpackbits(db_codes, axis=1, bitorder="little").mean(0)
+    return {"map": float(res["mAP@1000"]), "bit-balance": float(1 - np.abs(2 * bits - 1).mean()),
+            "n-query": int(len(sp.query)), "n-db": int(len(sp.database))}
+
+
 def local_evaluate(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> dict[str, float]:
     """mAP@1000 (Hamming) of the silo's query split against its own database."""
     sp = data.silo.splits
     q = encode_silo(cfg, data, model, sp.query)
     db = encode_silo(cfg, data, model, sp.database)
-    res = retrieval_metrics(q, _pack(db), data.labels[sp.query], data.labels[sp.database],
-                            asymmetric=False, k=1000, p_at=None, radius=None, pr=False)
-    bits = (db > 0).mean(0)
-    return {"map": float(res["mAP@1000"]), "bit-balance": float(1 - np.abs(2 * bits - 1).mean()),
-            "n-query": int(len(sp.query)), "n-db": int(len(sp.database))}
+    return silo_map(data, q, _pack(db))
 
 
 def _pack(logits: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@
     fedhash train --data fashion-mnist --bits 64        centralized CroVCA on cached features (probe mode)
     fedhash eval --run runs/<id>                         CroVCA vs ITQ, PCA, LSH and float cosine at 16/32/64 bits
     fedhash export-codes --run runs/<id> --out codes.npz codes of the run's query and database splits
+    fedhash simulate simulations/scenarios/<name>.toml   a federated scenario on Flower's simulation engine
+    fedhash demo                                         the default scenario: 5 simulated hospitals, end to end
 """
 from __future__ import annotations
 
@@ -334,6 +336,32 @@ def _bits(s: str) -> int:
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _overrides(items: list[str]) -> dict:
+    """--set key=value pairs (TOML values: numbers, true/false, "strings"; bare words are strings)."""
+    import tomllib
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise FedhashError(f"--set {item!r}: write key=value, e.g. --set num-server-rounds=3")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = tomllib.loads(f"v = {v}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .runner import print_summary, simulate
+    from .scenario import load_scenario
+
+    scn = load_scenario(args.scenario, overrides=_overrides(args.set))
+    run_dir, summary = simulate(scn, runs_dir=args.runs_dir, resume=args.resume, verbose=args.verbose)
+    print_summary(run_dir, summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhash", description="Federated image hashing with CroVCA.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -375,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--cache-dir", default=None)
     x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("simulate", help="run a federated scenario (TOML) on Flower's simulation engine")
+    s.add_argument("scenario", help="a scenario .toml, or the name of one in simulations/scenarios/")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a crashed run in RUN_DIR from its last checkpoint")
+    s.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("demo", help="the default scenario: 5 simulated hospitals (Dirichlet 0.3, Fashion-MNIST, 64 bits)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
+    d.add_argument("--runs-dir", default="runs")
+    d.set_defaults(func=cmd_simulate, scenario="demo", resume=None)
     return p
 
 

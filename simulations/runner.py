@@ -1,0 +1,267 @@
+"""Run a scenario: silos, Flower simulation, the references beside it, and the report.
+
+1. Partition the data into silos (client.partitions) and extract each silo's
+   features into the cache once, here, with a progress bar; the simulated
+   ClientApps then find them in the cache.
+2. Run the federation on Flower's simulation engine (Ray), once per CroVCA mode
+   asked for. The ServerApp writes checkpoints, per-round metrics and each silo's
+   index under ``runs/<id>/federated[-unsupervised]/``.
+3. Train the references on the same silos and splits: local-only (each silo
+   alone, scored on its own data), centralized (all silos' training data pooled,
+   the upper bound), and ITQ fitted on the pooled features.
+4. Write ``runs/<id>/`` (simulations.report): rounds.csv/json, table.md, plots, report.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from client import task
+from client.partitions import label_histogram, make_silos, plot_partition
+from hashing import atomic
+from hashing.baselines import fit_baseline
+from hashing.codes import logits_to_codes
+from hashing.errors import ConfigError, FedhashError, TrainingError
+from hashing.fedconfig import FedConfig
+from hashing.train import encode, train_head
+
+from .report import format_table, write_report
+from .scenario import Scenario
+
+log = logging.getLogger("fedhash.simulate")
+
+
+def new_run_dir(runs_dir: str | Path, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        d = Path(runs_dir) / (f"{stamp}-{name}" if i == 0 else f"{stamp}-{name}-{i}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            continue
+    raise FedhashError(f"cannot create a run folder under {runs_dir}")
+
+
+@contextlib.contextmanager
+def _quiet_flower(verbose: bool):
+    """Flower and Ray log every message at INFO; keep the terminal to our progress bars."""
+    names = ("flwr", "ray")
+    old = {n: logging.getLogger(n).level for n in names}
+    if not verbose:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for n, lvl in old.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
+def run_federated(cfg: FedConfig, scenario: dict[str, Any], *, label: str, progress: bool = True,
+                  verbose: bool = False) -> dict[str, Any]:
+    """One Flower simulation of ``cfg``; returns federation.json (rounds, silos, indexes)."""
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+
+    bar = tqdm(total=cfg.num_server_rounds, desc=f"federated ({label})", unit="round", disable=not progress)
+
+    def on_round(rec: dict) -> None:
+        bar.n = rec["round"]
+        bar.set_postfix({"loss": f"{rec['train_loss']:.3f}",
+                         "mAP": f"{rec['mean_map']:.3f}" if "mean_map" in rec else "-",
+                         "silos": f"{rec['clients_ok']}/{rec['clients_sent']}"})
+        bar.refresh()
+
+    result: dict[str, Any] = {}
+    cpus = max(1, os.cpu_count() or 1)
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}}
+    os.environ.setdefault("FEDHASH_CLIENT_THREADS", "1")
+    try:
+        with _quiet_flower(verbose):
+            run_simulation(make_server_app(cfg, scenario=scenario, on_round=on_round, result=result), client_app,
+                           num_supernodes=cfg.num_silos, backend_config=backend, verbose_logging=verbose)
+    except RuntimeError as e:
+        status = _read_status(cfg.out_dir)
+        raise TrainingError(status.get("error") or f"the Flower simulation failed: {e}") from e
+    finally:
+        bar.close()
+    status = _read_status(cfg.out_dir)
+    if status.get("status") != "done":
+        raise TrainingError(status.get("error") or f"the federated run did not finish; see {cfg.out_dir}/federation.json")
+    return status
+
+
+def _read_status(out_dir: str) -> dict[str, Any]:
+    p = Path(out_dir) / "federation.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _total_epochs(cfg: FedConfig) -> int:
+    return cfg.num_server_rounds * cfg.local_epochs
+
+
+def _eval_model(cfg: FedConfig, data: task.SiloData, coder) -> dict[str, float]:
+    return task.local_evaluate(cfg, data, coder)
+
+
+def local_only(cfg: FedConfig, silos: list[task.SiloData], progress: bool) -> dict[str, Any]:
+    """Each silo trains alone for as many epochs as the federation ran, scored on its own data."""
+    per, bal, t0 = {}, [], time.perf_counter()
+    for d in tqdm(silos, desc="local-only", unit="silo", disable=not progress):
+        tcfg = dataclasses.replace(task.train_config(cfg, 1), epochs=_total_epochs(cfg), lr=cfg.lr, lr_min=cfg.lr_min)
+        coder, _ = train_head(d.train_views, d.train_labels if cfg.supervised else None, tcfg, progress=False)
+        m = _eval_model(cfg, d, coder)
+        per[d.name], _ = m["map"], bal.append(m["bit-balance"])
+    return {"per_silo": per, "mean": float(np.mean(list(per.values()))), "bit_balance": float(np.mean(bal)),
+            "seconds": time.perf_counter() - t0}
+
+
+def centralized(cfg: FedConfig, silos: list[task.SiloData], progress: bool) -> dict[str, Any]:
+    """All silos' training views pooled (the upper bound), scored per silo."""
+    t0 = time.perf_counter()
+    feats = np.concatenate([np.asarray(d.train_views) for d in silos])
+    labels = np.concatenate([d.train_labels for d in silos]) if cfg.supervised else None
+    tcfg = dataclasses.replace(task.train_config(cfg, 1), epochs=_total_epochs(cfg), lr=cfg.lr, lr_min=cfg.lr_min)
+    coder, _ = train_head(feats, labels, tcfg, progress=progress)
+    per, bal = {}, []
+    for d in silos:
+        m = _eval_model(cfg, d, coder)
+        per[d.name] = m["map"]
+        bal.append(m["bit-balance"])
+    return {"per_silo": per, "mean": float(np.mean(list(per.values()))), "bit_balance": float(np.mean(bal)),
+            "seconds": time.perf_counter() - t0}
+
+
+def itq(cfg: FedConfig, silos: list[task.SiloData]) -> dict[str, Any]:
+    """ITQ fitted on the pooled clean features of every silo's training split."""
+    t0 = time.perf_counter()
+    train = np.concatenate([np.asarray(d.clean[d.silo.splits.train], dtype=np.float32) for d in silos])
+    model = fit_baseline("itq", train, cfg.bits, seed=cfg.seed)
+    per, bal = {}, []
+    for d in silos:
+        sp = d.silo.splits
+        q = model.encode(np.asarray(d.clean[sp.query], np.float32))
+        db = model.encode(np.asarray(d.clean[sp.database], np.float32))
+        m = task.silo_map(d, q, db)
+        per[d.name] = m["map"]
+        bal.append(m["bit-balance"])
+    return {"per_silo": per, "mean": float(np.mean(list(per.values()))), "bit_balance": float(np.mean(bal)),
+            "seconds": time.perf_counter() - t0}
+
+
+def _federated_row(status: dict[str, Any]) -> dict[str, Any]:
+    last = status["rounds"][-1]
+    return {"per_silo": dict(last.get("map", {})), "mean": float(last.get("mean_map", float("nan"))),
+            "bit_balance": float(last.get("bit_balance", float("nan"))), "seconds": float(status.get("seconds", 0.0))}
+
+
+# --------------------------------------------------------------------------- the scenario
+
+
+def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path | None = None,
+             progress: bool = True, verbose: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Run ``scn`` end to end; returns (run folder, summary)."""
+    t_start = time.perf_counter()
+    cfg = scn.cfg
+    if cfg.mode == "lora" and any(r in scn.references for r in ("local-only", "centralized", "itq")):
+        log.info("LoRA mode: the references train on cached features (probe mode) for comparison")
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "scenario.json").exists():
+            raise ConfigError(f"--resume {run_dir}: not a fedhash simulate run folder (no scenario.json)")
+    else:
+        run_dir = new_run_dir(runs_dir, scn.name)
+    atomic.write_json(run_dir / "scenario.json", scn.to_dict())
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    ds = task.load_source(cfg)
+    silos = make_silos(ds, task.partition_spec(cfg, cfg.num_silos))
+    plot_partition(silos, run_dir / "partition.png")
+    feat_cfg = cfg if cfg.mode == "probe" else dataclasses.replace(cfg, mode="probe")
+    data = []
+    for s in tqdm(silos, desc="silo features", unit="silo", disable=not progress):
+        data.append(task.silo_features(feat_cfg, s, progress=progress))
+    timings["features"] = time.perf_counter() - t0
+
+    modes = [cfg.supervised] + ([not cfg.supervised] if scn.also_unsupervised else [])
+    final: dict[str, Any] = {}
+    rounds_by_mode: dict[str, list] = {}
+    artifacts: dict[str, Any] = {}
+    for sup in modes:
+        tag = "supervised" if sup else "unsupervised"
+        suffix = "" if sup == cfg.supervised else f" ({tag})"
+        sub = "federated" if sup == cfg.supervised else f"federated-{tag}"
+        fcfg = dataclasses.replace(cfg, supervised=sup, out_dir=str(run_dir / sub), resume=bool(resume))
+        fcfg.check()
+        t0 = time.perf_counter()
+        status = run_federated(fcfg, scn.to_dict(), label=tag, progress=progress, verbose=verbose)
+        timings[f"federated{suffix}"] = time.perf_counter() - t0
+        final[f"federated{suffix}"] = _federated_row(status)
+        rounds_by_mode[tag] = status["rounds"]
+        artifacts[sub] = {"checkpoints": f"{sub}/checkpoints/", "model_version": status.get("model_version"),
+                          "indexes": {k: os.path.relpath(v["index"], run_dir) for k, v in status.get("indexes", {}).items()},
+                          "failures": status.get("failures", [])}
+        ref_cfg = dataclasses.replace(feat_cfg, supervised=sup)
+        if "local-only" in scn.references:
+            t0 = time.perf_counter()
+            final[f"local-only{suffix}"] = local_only(ref_cfg, data, progress)
+            timings[f"local-only{suffix}"] = time.perf_counter() - t0
+        if "centralized" in scn.references:
+            t0 = time.perf_counter()
+            final[f"centralized{suffix}"] = centralized(ref_cfg, data, progress)
+            timings[f"centralized{suffix}"] = time.perf_counter() - t0
+    if "itq" in scn.references:
+        t0 = time.perf_counter()
+        final["itq"] = itq(feat_cfg, data)
+        timings["itq"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    head = "supervised" if cfg.supervised else "unsupervised"
+    hist = label_histogram(silos)
+    summary = {
+        "run_id": run_dir.name, "scenario": scn.to_dict(), "bits": cfg.bits, "mode": cfg.mode,
+        "supervised": cfg.supervised, "strategy": cfg.strategy,
+        "silos": [{"id": s.id, "name": s.name, "n_train": int(len(s.splits.train)), "n_query": int(len(s.splits.query)),
+                   "n_db": int(len(s.splits.database)), "label_hist": hist[i].tolist(), "domain": s.domain,
+                   "ids_fingerprint": s.ids_fingerprint()} for i, s in enumerate(silos)],
+        "rounds": rounds_by_mode[head], "rounds_by_mode": rounds_by_mode, "final": final, "timings": timings,
+        "artifacts": artifacts, "partition_plot": "partition.png",
+        "references_note": (f"Rows without a suffix are {head} CroVCA; '(unsupervised)'/'(supervised)' rows are the "
+                            "other mode on the same silos. Every row trains for the same number of epochs "
+                            f"({_total_epochs(cfg)}) on the same cached features."),
+    }
+    write_report(run_dir, summary)
+    return run_dir, summary
+
+
+def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    print()
+    print(f"mAP@1000 per silo ({summary['bits']} bits, {summary['mode']} mode, {summary['strategy']}):")
+    print(format_table(summary["final"], summary["silos"]))
+    for sub, art in summary.get("artifacts", {}).items():
+        idx = art.get("indexes", {})
+        print(f"{sub}: model {art.get('model_version')}, {len(idx)} silo indexes under {run_dir / sub / 'silos'}")
+        for f in art.get("failures", []):
+            print(f"  failure: round {f['round']} {f['phase']} node {f['node']}: {f['reason'][:160]}")
+    print(f"report: {run_dir / 'report.md'}")
