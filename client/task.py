@@ -105,7 +105,8 @@ _silos: "OrderedDict[tuple, SiloData]" = OrderedDict()
 
 def silo_data(cfg: FedConfig, node_config: Mapping[str, Any]) -> SiloData:
     """Memoized per process: a SuperNode (or simulation actor) loads its silo once per run."""
-    key = (cfg.digest(), tuple(sorted((str(k), str(v)) for k, v in node_config.items())))
+    what = cfg.data_config() | {k: getattr(cfg, k) for k in ("backbone", "weights", "size", "mode", "cache_dir")}
+    key = (tuple(sorted(what.items())), tuple(sorted((str(k), str(v)) for k, v in node_config.items())))
     with _lock:
         hit = _silos.get(key)
     if hit is not None:

@@ -252,7 +252,7 @@ class Federation:
                 self._save(r)
                 self._write_progress("running")
                 if self.on_round:
-                    self.on_round(rec)
+                    self.on_round(rec | {"out_dir": str(self.out)})
             indexes = self.build_indexes(sorted(self.grid.get_node_ids()))
         except Exception as e:
             self._write_progress("failed", error=f"{type(e).__name__}: {e}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flwr.app import Context
@@ -14,18 +14,27 @@ from hashing.fedconfig import FedConfig
 from .federation import Federation, RoundHook
 
 
-def make_server_app(cfg: FedConfig | None = None, *, scenario: Mapping[str, Any] | None = None,
+def make_server_app(cfg: FedConfig | Sequence[FedConfig] | None = None, *, scenario: Mapping[str, Any] | None = None,
                     on_round: RoundHook | None = None, result: dict | None = None) -> ServerApp:
-    """A ServerApp for ``cfg``; without one, the run config of the Flower run is read."""
+    """A ServerApp for ``cfg``; without one, the run config of the Flower run is read.
+
+    Several configs run one after the other on the same SuperNodes (``fedhash
+    simulate`` runs both CroVCA modes in one simulation); ``result`` then maps each
+    config's out-dir to its outcome.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedhash").setLevel(logging.INFO)
-        run_cfg = cfg if cfg is not None else FedConfig.from_dict(dict(context.run_config), source="run config")
-        out = Federation(grid, run_cfg, scenario=scenario, on_round=on_round).run()
-        if result is not None:
-            result.update(out)
+        if cfg is None:
+            cfgs = [FedConfig.from_dict(dict(context.run_config), source="run config")]
+        else:
+            cfgs = [cfg] if isinstance(cfg, FedConfig) else list(cfg)
+        for c in cfgs:
+            out = Federation(grid, c, scenario=scenario, on_round=on_round).run()
+            if result is not None:
+                result[c.out_dir] = out
 
     return app
 

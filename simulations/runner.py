@@ -70,39 +70,52 @@ def _quiet_flower(verbose: bool):
 
 def run_federated(cfg: FedConfig, scenario: dict[str, Any], *, label: str, progress: bool = True,
                   verbose: bool = False) -> dict[str, Any]:
-    """One Flower simulation of ``cfg``; returns federation.json (rounds, silos, indexes)."""
+    """One Flower simulation of ``cfg``; returns its federation.json (rounds, silos, indexes, failures)."""
+    return run_federations([cfg], scenario, labels=[label], progress=progress, verbose=verbose)[0]
+
+
+def run_federations(cfgs: list[FedConfig], scenario: dict[str, Any], *, labels: list[str], progress: bool = True,
+                    verbose: bool = False) -> list[dict[str, Any]]:
+    """One Flower simulation that runs each of ``cfgs`` in turn on the same simulated silos
+    (one Ray start, SuperNodes that load their silo once); returns each run's federation.json."""
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
     from server.server_app import make_server_app
 
-    bar = tqdm(total=cfg.num_server_rounds, desc=f"federated ({label})", unit="round", disable=not progress)
+    bars = {c.out_dir: tqdm(total=c.num_server_rounds, desc=f"federated ({lab})", unit="round", disable=not progress,
+                            position=i) for i, (c, lab) in enumerate(zip(cfgs, labels))}
 
     def on_round(rec: dict) -> None:
+        bar = bars[rec["out_dir"]]
         bar.n = rec["round"]
         bar.set_postfix({"loss": f"{rec['train_loss']:.3f}",
                          "mAP": f"{rec['mean_map']:.3f}" if "mean_map" in rec else "-",
                          "silos": f"{rec['clients_ok']}/{rec['clients_sent']}"})
         bar.refresh()
 
-    result: dict[str, Any] = {}
     cpus = max(1, os.cpu_count() or 1)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}}
     os.environ.setdefault("FEDHASH_CLIENT_THREADS", "1")
+    num_silos = cfgs[0].num_silos
     try:
         with _quiet_flower(verbose):
-            run_simulation(make_server_app(cfg, scenario=scenario, on_round=on_round, result=result), client_app,
-                           num_supernodes=cfg.num_silos, backend_config=backend, verbose_logging=verbose)
+            run_simulation(make_server_app(cfgs, scenario=scenario, on_round=on_round), client_app,
+                           num_supernodes=num_silos, backend_config=backend, verbose_logging=verbose)
     except RuntimeError as e:
-        status = _read_status(cfg.out_dir)
-        raise TrainingError(status.get("error") or f"the Flower simulation failed: {e}") from e
+        errors = [s.get("error") for s in map(_read_status, (c.out_dir for c in cfgs)) if s.get("error")]
+        raise TrainingError(errors[0] if errors else f"the Flower simulation failed: {e}") from e
     finally:
-        bar.close()
-    status = _read_status(cfg.out_dir)
-    if status.get("status") != "done":
-        raise TrainingError(status.get("error") or f"the federated run did not finish; see {cfg.out_dir}/federation.json")
-    return status
+        for bar in bars.values():
+            bar.close()
+    out = []
+    for c in cfgs:
+        status = _read_status(c.out_dir)
+        if status.get("status") != "done":
+            raise TrainingError(status.get("error") or f"the federated run did not finish; see {c.out_dir}/federation.json")
+        out.append(status)
+    return out
 
 
 def _read_status(out_dir: str) -> dict[str, Any]:
@@ -142,7 +155,7 @@ def centralized(cfg: FedConfig, silos: list[task.SiloData], progress: bool) -> d
     feats = np.concatenate([np.asarray(d.train_views) for d in silos])
     labels = np.concatenate([d.train_labels for d in silos]) if cfg.supervised else None
     tcfg = dataclasses.replace(task.train_config(cfg, 1), epochs=_total_epochs(cfg), lr=cfg.lr, lr_min=cfg.lr_min)
-    coder, _ = train_head(feats, labels, tcfg, progress=progress)
+    coder, _ = train_head(feats, labels, tcfg, progress=False)
     per, bal = {}, []
     for d in silos:
         m = _eval_model(cfg, d, coder)
@@ -205,19 +218,22 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     timings["features"] = time.perf_counter() - t0
 
     modes = [cfg.supervised] + ([not cfg.supervised] if scn.also_unsupervised else [])
+    tags = ["supervised" if sup else "unsupervised" for sup in modes]
+    suffixes = ["" if sup == cfg.supervised else f" ({tag})" for sup, tag in zip(modes, tags)]
+    subs = ["federated" if sup == cfg.supervised else f"federated-{tag}" for sup, tag in zip(modes, tags)]
+    fcfgs = [dataclasses.replace(cfg, supervised=sup, out_dir=str(run_dir / sub), resume=bool(resume))
+             for sup, sub in zip(modes, subs)]
+    for c in fcfgs:
+        c.check()
+    t0 = time.perf_counter()
+    statuses = run_federations(fcfgs, scn.to_dict(), labels=tags, progress=progress, verbose=verbose)
+    timings["federated (all modes, one simulation)"] = time.perf_counter() - t0
     final: dict[str, Any] = {}
     rounds_by_mode: dict[str, list] = {}
     artifacts: dict[str, Any] = {}
-    for sup in modes:
-        tag = "supervised" if sup else "unsupervised"
-        suffix = "" if sup == cfg.supervised else f" ({tag})"
-        sub = "federated" if sup == cfg.supervised else f"federated-{tag}"
-        fcfg = dataclasses.replace(cfg, supervised=sup, out_dir=str(run_dir / sub), resume=bool(resume))
-        fcfg.check()
-        t0 = time.perf_counter()
-        status = run_federated(fcfg, scn.to_dict(), label=tag, progress=progress, verbose=verbose)
-        timings[f"federated{suffix}"] = time.perf_counter() - t0
+    for sup, tag, suffix, sub, status in zip(modes, tags, suffixes, subs, statuses):
         final[f"federated{suffix}"] = _federated_row(status)
+        timings[f"federated{suffix}"] = float(status.get("seconds", 0.0))
         rounds_by_mode[tag] = status["rounds"]
         artifacts[sub] = {"checkpoints": f"{sub}/checkpoints/", "model_version": status.get("model_version"),
                           "indexes": {k: os.path.relpath(v["index"], run_dir) for k, v in status.get("indexes", {}).items()},
