@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 main: setup
-	.venv/bin/fedhash train --data fashion-mnist --bits 64
+	.venv/bin/fedhash demo
 
 test: setup
 	@bash scripts/test.sh

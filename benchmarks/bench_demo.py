@@ -1,0 +1,112 @@
+"""The default demo (`fedhash demo`, the README's main command) on 2 cores: wall time cold and
+warm, the federation's overhead against centralized training, and the demo's table.
+
+    python benchmarks/bench_demo.py                 # 1 cold run (empty feature cache), then 2 warm runs
+    python benchmarks/bench_demo.py --warm 3 --no-cold
+    python benchmarks/bench_demo.py lora            # LoRA mode, federated, on a small slice: seconds per round
+
+Each run is the real command in a subprocess (interpreter start, imports, Ray start
+included). The overhead ratio compares, inside one run, the federated supervised run
+(Flower simulation: Ray, messages, statistics and evaluation phases, 10 rounds of
+1 local epoch) with centralized training of the same number of epochs on the pooled
+silos; medians over the warm runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDHASH = str(ROOT / ".venv" / "bin" / "fedhash")
+
+
+def run_demo(runs_dir: Path, cache: Path, extra: list[str]) -> tuple[float, dict]:
+    env = os.environ | {"FEDHASH_CACHE": str(cache)}
+    t0 = time.perf_counter()
+    out = subprocess.run([FEDHASH, "demo", "--runs-dir", str(runs_dir), *extra], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        sys.exit(f"fedhash demo failed ({out.returncode}):\n{out.stdout[-3000:]}")
+    run = sorted(p for p in runs_dir.iterdir() if (p / "summary.json").exists())[-1]
+    return wall, json.loads((run / "summary.json").read_text()) | {"_stdout": out.stdout, "_run": str(run)}
+
+
+def demo(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fedhash-bench-demo-"))
+    cache = Path(args.cache) if args.cache else tmp / "cache"
+    runs = tmp / "runs"
+    runs.mkdir()
+    rows = []
+    if not args.no_cold:
+        wall, s = run_demo(runs, cache, args.set)
+        rows.append(("cold", wall, s))
+        print(f"cold: {wall:.1f} s", flush=True)
+    for i in range(args.warm):
+        wall, s = run_demo(runs, cache, args.set)
+        rows.append(("warm", wall, s))
+        print(f"warm {i + 1}: {wall:.1f} s", flush=True)
+    print()
+    print("| run | wall s | features s | federated sup s | federated unsup s | centralized sup s | fed/central |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = []
+    for kind, wall, s in rows:
+        t = s["timings"]
+        fed, cen = t.get("federated", float("nan")), t.get("centralized", float("nan"))
+        ratios.append(fed / cen) if kind == "warm" else None
+        print(f"| {kind} | {wall:.1f} | {t.get('features', 0):.1f} | {fed:.1f} | "
+              f"{t.get('federated (unsupervised)', float('nan')):.1f} | {cen:.1f} | {fed / cen:.2f}x |")
+    warm = [w for k, w, _ in rows if k == "warm"]
+    if warm:
+        print(f"\nwarm wall time, median of {len(warm)}: {statistics.median(warm):.1f} s; "
+              f"federated / centralized wall time, median: {statistics.median(ratios):.2f}x")
+    last = rows[-1][2]
+    print("\nthe demo's table (last run):\n")
+    from simulations.report import format_table
+
+    print(format_table(last["final"], last["silos"], markdown=True))
+
+
+def lora(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fedhash-bench-lora-"))
+    scenario = tmp / "lora.toml"
+    scenario.write_text(
+        'name = "lora-slice"\nreferences = []\ndata = "fashion-mnist"\nn-images = 1000\nnum-silos = 2\n'
+        'partitioner = "dirichlet"\nalpha = 0.3\nmode = "lora"\nsupervised = false\nbits = 64\nsize = 64\n'
+        'views = 2\nbatch-size = 64\nnum-server-rounds = 2\nlocal-epochs = 1\nmin-train-nodes = 2\n')
+    env = os.environ | {"FEDHASH_CACHE": str(tmp / "cache")}
+    t0 = time.perf_counter()
+    out = subprocess.run([FEDHASH, "simulate", str(scenario), "--runs-dir", str(tmp / "runs")], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if out.returncode:
+        sys.exit(f"fedhash simulate (lora) failed:\n{out.stdout[-3000:]}")
+    run = next((tmp / "runs").iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    print(f"LoRA mode, 2 silos x ~450 training images, 64 px, 64 bits: wall {time.perf_counter() - t0:.1f} s")
+    print("| round | seconds | train loss | mean mAP | bytes up (all silos) |")
+    print("|---|---|---|---|---|")
+    for r in s["rounds"]:
+        print(f"| {r['round']} | {r['seconds']:.1f} | {r['train_loss']:.4f} | {r.get('mean_map', float('nan')):.4f} | {r['bytes_up']:,} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="demo", choices=("demo", "lora"))
+    p.add_argument("--warm", type=int, default=2)
+    p.add_argument("--no-cold", action="store_true")
+    p.add_argument("--cache", default=None, help="feature cache folder (default: a fresh temporary one)")
+    p.add_argument("--set", action="append", default=[], help="passed to fedhash demo as --set KEY=VALUE")
+    args = p.parse_args()
+    args.set = [x for kv in args.set for x in ("--set", kv)]
+    (demo if args.what == "demo" else lora)(args)
+
+
+if __name__ == "__main__":
+    main()
