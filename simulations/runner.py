@@ -30,10 +30,9 @@ from client import task
 from client.partitions import label_histogram, make_silos, plot_partition
 from hashing import atomic
 from hashing.baselines import fit_baseline
-from hashing.codes import logits_to_codes
 from hashing.errors import ConfigError, FedhashError, TrainingError
 from hashing.fedconfig import FedConfig
-from hashing.train import encode, train_head
+from hashing.train import train_head
 
 from .report import format_table, write_report
 from .scenario import Scenario
