@@ -1,0 +1,519 @@
+"""The federated layer end to end, on Flower's simulation engine (Ray), on real data.
+
+scikit-learn's digits (1,797 8x8 images) cut into 3 Dirichlet(0.3) silos, the embedded
+EfficientNet-Lite0 backbone at 32 px, 2 views, 16-bit codes. Every Flower simulation costs
+10-20 s of Ray start-up, so the fast suite runs four of them and packs the assertions in:
+``fedhash simulate`` end to end; a run stopped by an injected failure and its resume (two);
+one simulation whose ServerApp runs a federation per strategy and one in LoRA mode.
+The bad-input and checkpoint-refusal tests need no Ray. Extra simulations are marked slow.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+
+import flwr.simulation  # noqa: F401 - Flower's log handler binds sys.stderr at import: not a test's capsys stream
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from client import task
+from client.partitions import make_silos
+from hashing import fedmodel
+from hashing.errors import ConfigError, ModelVersionError, TrainingError
+from hashing.fedconfig import STRATEGIES, FedConfig
+from hashing.index import SiloIndex
+from server import checkpoint as ckpt
+from simulations.cli import main
+
+NUM_SILOS = 3
+ROUNDS = 2
+SCENARIO = {
+    "data": "digits", "n-images": 0, "partitioner": "dirichlet", "alpha": 0.3, "num-silos": NUM_SILOS, "seed": 0,
+    "bits": 16, "size": 32, "views": 2, "batch-size": 64, "num-server-rounds": ROUNDS, "min-train-nodes": NUM_SILOS,
+    "supervised": True, "mode": "probe",
+}
+
+
+# --------------------------------------------------------------------------- helpers and fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(cache_dir):
+    """Features into the session's tmp cache; one torch thread per simulated silo (what fedhash simulate sets)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDHASH_CACHE", str(cache_dir))
+        mp.setenv("FEDHASH_CLIENT_THREADS", "1")
+        mp.delenv("FEDHASH_FAIL", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def cfg(cache_dir) -> FedConfig:
+    return FedConfig.from_dict(SCENARIO | {"cache-dir": str(cache_dir)}, source="test")
+
+
+@pytest.fixture(scope="module")
+def silos(cfg, digits):
+    return make_silos(digits, task.partition_spec(cfg, NUM_SILOS))
+
+
+@pytest.fixture(scope="module")
+def features(cfg, silos):
+    """Every silo's features in the cache before a simulation starts (as fedhash simulate does)."""
+    return [task.silo_features(cfg, s, progress=False) for s in silos]
+
+
+def _nbytes(state) -> int:
+    return int(sum(v.detach().cpu().numpy().nbytes for v in state.values()))
+
+
+def _backbone_bytes(cfg: FedConfig) -> int:
+    model, _, _ = fedmodel.backbone_for(cfg)
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def _descendants() -> list[psutil.Process]:
+    """Live processes whose parent chain leads to this test process (Ray's raylet, GCS, workers, ...)."""
+    out = []
+    try:
+        kids = psutil.Process(os.getpid()).children(recursive=True)
+    except psutil.Error:
+        return out
+    for p in kids:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _assert_no_new_children(before: set[int], wait: float = 20.0) -> None:
+    """Nothing started during the simulation is left running (waits a little for Ray to wind down)."""
+    deadline = time.time() + wait
+    while True:
+        left = [p for p in _descendants() if p.pid not in before]
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    desc = []
+    for p in left:
+        try:
+            desc.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            pass
+    assert not desc, "processes left running after the simulation:\n" + "\n".join(desc)
+
+
+def _write_scenario(path: Path, values: dict) -> Path:
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+
+    path.write_text("\n".join(f"{k} = {val(v)}" for k, v in values.items()) + "\n")
+    return path
+
+
+def _backend(num_silos: int) -> dict:
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0, "include_dashboard": False}}
+
+
+# --------------------------------------------------------------------------- a. fedhash simulate, end to end
+
+
+def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, capsys):
+    scn = _write_scenario(tmp_path / "three.toml", {
+        "name": "three-silos", "description": "3 silos, Dirichlet 0.3 on digits",
+        "references": ["local-only", "centralized", "itq"], "also-unsupervised": False,
+        **SCENARIO, "cache-dir": str(cache_dir)})
+    runs = tmp_path / "runs"
+    before = {p.pid for p in _descendants()}
+    t0 = time.perf_counter()
+    rc = main(["simulate", str(scn), "--runs-dir", str(runs)])
+    t1 = time.perf_counter()
+    out = capsys.readouterr().out
+    assert rc == 0
+    _assert_no_new_children(before)
+    t2 = time.perf_counter()
+
+    (run,) = list(runs.iterdir())
+    for f in ("report.md", "table.md", "rounds.csv", "map_rounds.png", "partition.png", "summary.json"):
+        assert (run / f).is_file() and (run / f).stat().st_size > 0, f
+    with open(run / "rounds.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    table = (run / "table.md").read_text()
+    for method in ("federated", "local-only", "centralized", "itq"):
+        assert method in table and method in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["final"]) == {"federated", "local-only", "centralized", "itq"}
+    assert [(s["name"], s["n_db"], s["ids_fingerprint"]) for s in summary["silos"]] == \
+        [(s.name, len(s.splits.database), s.ids_fingerprint()) for s in silos]
+
+    fed = run / "federated"
+    status = json.loads((fed / "federation.json").read_text())
+    assert status["status"] == "done" and status["failures"] == []
+    version = status["model_version"]
+    rounds = status["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[-1]["model_version"] == version
+    assert all(r["clients_ok"] == NUM_SILOS and r["clients_failed"] == 0 for r in rounds)
+    assert all(0 < r["mean_map"] <= 1 and set(r["map"]) == {s.name for s in silos} for r in rounds)
+    # the pooled statistics counted every view of every training image of every silo
+    n_train = sum(len(s.splits.train) for s in silos)
+    assert all(r["pooled_count"] == cfg.views * n_train for r in rounds)
+
+    # each silo's index: the global function's version, exactly that silo's database
+    assert sorted(status["indexes"]) == sorted(s.name for s in silos)
+    for s in silos:
+        path = fed / "silos" / s.name / "index.faiss"
+        assert Path(status["indexes"][s.name]["index"]).resolve() == path.resolve()
+        idx = SiloIndex.load(path)
+        assert idx.model_version == version and idx.bits == 16
+        assert len(idx) == len(s.splits.database) == status["indexes"][s.name]["n"]
+        assert np.array_equal(idx.ids(), np.sort(s.splits.database))
+
+    # checkpoints with provenance
+    ck = {r: fed / "checkpoints" / f"round-{r:04d}.pt" for r in (1, 2)}
+    assert all(p.is_file() for p in ck.values())
+    assert ckpt.latest_checkpoint(fed) == ck[2]
+    for r, path in ck.items():
+        rec = ckpt.load_checkpoint(path)
+        assert rec["round"] == r and rec["model_version"] == rounds[r - 1]["model_version"]
+        fc = rec["function_config"]
+        assert fc["bits"] == 16 and fc["backbone"] == cfg.backbone and fc["size"] == 32 and fc["mode"] == "probe"
+        assert fc["weights_id"] == features[0].weights_id
+        assert rec["silos"] == {s.name: s.ids_fingerprint() for s in silos}
+        libs = rec["libraries"]
+        assert libs["flwr"] == metadata.version("flwr") and libs["torch"] == metadata.version("torch")
+        assert rec["config"]["bits"] == 16 and rec["config"]["num-server-rounds"] == ROUNDS
+        assert rec["config"]["data"] == "digits" and rec["data_config"]["alpha"] == 0.3
+        assert [h["round"] for h in rec["history"]] == list(range(1, r + 1))
+        assert np.isfinite(np.concatenate([v.ravel() for v in rec["params"].values()])).all()
+    # the last checkpoint's state is the model the indexes were built with
+    rec = ckpt.load_checkpoint(ck[2])
+    params = {k: torch.from_numpy(v) for k, v in rec["params"].items()}
+    bufs = {k: torch.from_numpy(v) for k, v in rec["globals"].items()}
+    assert fedmodel.version_of(params, bufs, cfg, features[0].weights_id) == version
+    assert rec["globals"][fedmodel.PROTOTYPES].shape == (10, 16)
+
+    # the bytes: only the trainable head travels, never the frozen backbone
+    model = fedmodel.build_model(cfg, features[0].feature_dim)
+    p, b = fedmodel.split_state(model)
+    assert set(p) == set(rec["params"]) and not any("backbone" in k for k in p)
+    up = _nbytes(p)
+    down = up + _nbytes(b) + 10 * 16 * 4  # parameters + BatchNorm buffers + (10 classes x 16 bits) float32 prototypes
+    backbone = _backbone_bytes(cfg)
+    for r in rounds:
+        assert r["bytes_up"] == NUM_SILOS * up, r["round"]
+        assert r["bytes_down"] == NUM_SILOS * down, r["round"]
+        # the small head at d=1280 is ~0.49x the backbone: shipping the backbone would at least double the bytes
+        assert r["bytes_up"] / NUM_SILOS < backbone and r["bytes_down"] / NUM_SILOS < backbone
+    print(f"per silo per round: {up} bytes up, {down} down; backbone {backbone} bytes "
+          f"({up / backbone:.2f}x); round seconds {[round(r['seconds'], 2) for r in rounds]}; "
+          f"simulate {t1 - t0:.1f} s {({k: round(v, 1) for k, v in summary['timings'].items()})}, "
+          f"children gone after {t2 - t1:.1f} s")
+
+
+# --------------------------------------------------------------------------- b. failures and resume
+
+
+def test_failure_stops_run_then_resume_finishes(cfg, features, tmp_path, monkeypatch):
+    from simulations.runner import run_federated
+
+    out = tmp_path / "fed"
+    fcfg = cfg.replace(out_dir=str(out), min_train_nodes=3)
+    monkeypatch.setenv("FEDHASH_FAIL", "silo-1@2")
+    before = {p.pid for p in _descendants()}
+    with pytest.raises(TrainingError) as ei:
+        run_federated(fcfg, {}, label="fail", progress=False)
+    msg = str(ei.value)
+    assert "round 2" in msg and "fewer than min-train-nodes=3" in msg
+    first = out / "checkpoints" / "round-0001.pt"
+    assert str(first) in msg and "resume" in msg
+    assert first.is_file() and not (out / "checkpoints" / "round-0002.pt").exists()
+    status = json.loads((out / "federation.json").read_text())
+    assert status["status"] == "failed" and "min-train-nodes" in status["error"]
+    assert [r["round"] for r in status["rounds"]] == [1]
+    fails = status["failures"]
+    assert len(fails) == 1 and fails[0]["round"] == 2 and fails[0]["phase"] == "train"
+    assert "injected failure of silo-1" in fails[0]["reason"]
+    ck1 = first.read_bytes()
+    round1 = status["rounds"][0]
+
+    # resume: the failure is gone; Ray workers inherit the driver's environment at ray.init (each run_simulation)
+    monkeypatch.delenv("FEDHASH_FAIL")
+    status = run_federated(fcfg.replace(resume=True), {}, label="resume", progress=False)
+    _assert_no_new_children(before)
+    assert status["status"] == "done" and status["failures"] == []
+    assert [r["round"] for r in status["rounds"]] == [1, 2]
+    assert status["rounds"][0] == round1                        # round 1 came from the checkpoint, not retrained
+    assert first.read_bytes() == ck1                            # and its checkpoint was not rewritten
+    assert status["rounds"][1]["clients_ok"] == 3 and status["rounds"][1]["model_version"] == status["model_version"]
+    rec2 = ckpt.load_checkpoint(out / "checkpoints" / "round-0002.pt")
+    assert rec2["round"] == 2 and len(rec2["history"]) == 2 and rec2["model_version"] == status["model_version"]
+    assert len(status["indexes"]) == 3
+
+
+@pytest.mark.slow
+def test_failure_tolerated_above_min_train_nodes(cfg, features, tmp_path, monkeypatch):
+    from simulations.runner import run_federated
+
+    out = tmp_path / "fed"
+    monkeypatch.setenv("FEDHASH_FAIL", "silo-1@2")
+    status = run_federated(cfg.replace(out_dir=str(out), min_train_nodes=2), {}, label="tolerant", progress=False)
+    assert status["status"] == "done"
+    fails = status["failures"]
+    assert [(f["round"], f["phase"]) for f in fails] == [(2, "train")] and "silo-1" in fails[0]["reason"]
+    r1, r2 = status["rounds"]
+    assert r1["clients_ok"] == 3 and r2["clients_ok"] == 2 and r2["clients_failed"] == 1
+    assert sorted(r2["trained"]) == ["silo-0", "silo-2"]
+    # the failed silo still took part in the statistics, the evaluation and the index
+    assert r2["stats_silos"] == 3 and len(r2["map"]) == 3 and len(status["indexes"]) == 3
+    assert (out / "checkpoints" / "round-0002.pt").is_file()
+
+
+def test_resume_with_other_settings_is_refused(cfg, tmp_path):
+    from server.federation import Federation
+
+    out = tmp_path / "fed"
+    _, wid, dim = fedmodel.backbone_for(cfg)
+    model = fedmodel.build_model(cfg, dim)
+    p, b = fedmodel.split_state(model)
+    path = ckpt.save_checkpoint(out, server_round=1, params={k: v.numpy() for k, v in p.items()},
+                                globals_={k: v.numpy() for k, v in b.items()}, strategy_state={},
+                                model_version=fedmodel.version_of(p, b, cfg, wid), cfg=cfg, weights_id=wid,
+                                silos={"silo-0": "0" * 16}, history=[{"round": 1}])
+    assert path == out / "checkpoints" / "round-0001.pt"
+    rec = ckpt.load_checkpoint(path)
+    ckpt.check_resume(rec, cfg, wid, path)  # same settings: fine
+    with pytest.raises(ModelVersionError, match=r"bits=16 \(now 32\)"):
+        ckpt.check_resume(rec, cfg.replace(bits=32), wid, path)
+    with pytest.raises(ModelVersionError, match="size"):
+        ckpt.check_resume(rec, cfg.replace(size=48), wid, path)
+    with pytest.raises(ModelVersionError, match="weights_id"):
+        ckpt.check_resume(rec, cfg, "f" * 16, path)
+    with pytest.raises(ModelVersionError, match="alpha"):
+        ckpt.check_resume(rec, cfg.replace(alpha=1.0), wid, path)
+    # the server refuses it before any message is sent (no grid needed to get there)
+    with pytest.raises(ModelVersionError, match="bits"):
+        Federation(None, cfg.replace(bits=32, out_dir=str(out), resume=True))
+    fed = Federation(None, cfg.replace(out_dir=str(out), resume=True))
+    assert fed.start_round == 2 and fed.history == [{"round": 1}]
+
+
+# --------------------------------------------------------------------------- c. strategies
+
+
+def test_make_strategy_classes(cfg):
+    from flwr.serverapp import strategy as fl
+
+    from server.strategies import make_strategy
+
+    want = {"fedavg": fl.FedAvg, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
+            "fedadagrad": fl.FedAdagrad, "fedmedian": fl.FedMedian, "fedtrimmedavg": fl.FedTrimmedAvg, "krum": fl.Krum}
+    assert set(want) == set(STRATEGIES)
+    for name, cls in want.items():
+        s = make_strategy(cfg.replace(strategy=name, min_train_nodes=2))
+        assert type(s) is cls, name
+        assert s.fraction_evaluate == 0.0 and s.min_train_nodes == 2 and s.fraction_train == 1.0
+    c = cfg.replace(proximal_mu=0.3, server_lr=0.05, server_tau=1e-4, trimmed_beta=0.1, krum_malicious=1)
+    assert make_strategy(c.replace(strategy="fedprox")).proximal_mu == 0.3
+    adam = make_strategy(c.replace(strategy="fedadam"))
+    assert adam.eta == 0.05 and adam.tau == 1e-4 and adam.eta_l == cfg.lr
+    assert make_strategy(c.replace(strategy="fedtrimmedavg")).beta == 0.1
+    assert make_strategy(c.replace(strategy="krum")).num_malicious_nodes == 1
+    with pytest.raises(ConfigError, match="strategy"):
+        cfg.replace(strategy="fedsgd")
+
+
+@pytest.fixture(scope="module")
+def one_simulation(cfg, features, cache_dir, tmp_path_factory):
+    """ONE Flower simulation (3 SuperNodes) whose ServerApp runs, one after the other on the same silos,
+    a 1-round federation per strategy (probe mode, full digits) and then a 1-round LoRA-mode federation
+    (the first 300 digits): one Ray start for nine federations."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.federation import Federation
+    from simulations.runner import _quiet_flower
+
+    root = tmp_path_factory.mktemp("one-simulation")
+    runs = {name: cfg.replace(strategy=name, num_server_rounds=1, out_dir=str(root / name)) for name in STRATEGIES}
+    runs["lora"] = FedConfig.from_dict(SCENARIO | {
+        "n-images": 300, "mode": "lora", "batch-size": 32, "num-server-rounds": 1, "cache-dir": str(cache_dir),
+        "out-dir": str(root / "lora")}, source="test")
+    results: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    during: list[int] = []
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid, context):
+        for name, c in runs.items():
+            try:
+                fed = Federation(grid, c)
+                out = fed.run()
+                results[name] = {"out": out, "history": fed.history, "cfg": c,
+                                 "params": {k: v.clone() for k, v in fed.params.items()}}
+            except Exception as e:  # noqa: BLE001 - reported by the tests, per run
+                errors[name] = f"{type(e).__name__}: {e}"
+            if not during:  # Ray's processes (GCS, raylet, actors) while the simulation runs
+                during.extend(p.pid for p in _descendants())
+
+    before = {p.pid for p in _descendants()}
+    t0 = time.perf_counter()
+    with _quiet_flower(False):
+        run_simulation(app, client_app, num_supernodes=NUM_SILOS, backend_config=_backend(NUM_SILOS))
+    seconds = time.perf_counter() - t0
+    _assert_no_new_children(before)
+    return {"results": results, "errors": errors, "during": set(during) - before, "seconds": seconds}
+
+
+def test_every_strategy_in_one_simulation(one_simulation, cfg, features):
+    sim = one_simulation
+    results = sim["results"]
+    assert not {k: v for k, v in sim["errors"].items() if k in STRATEGIES}, sim["errors"]
+    assert set(STRATEGIES) <= set(results)
+    # the no-children check of the fixture was not vacuous: Ray's processes were our descendants while it ran
+    assert sim["during"], "no Ray processes seen while the simulation ran"
+
+    init = fedmodel.split_state(fedmodel.build_model(cfg, features[0].feature_dim))[0]
+    for name in STRATEGIES:
+        res = results[name]
+        (h,) = res["history"]
+        assert h["round"] == 1 and h["clients_ok"] == NUM_SILOS and math.isfinite(h["train_loss"])
+        assert h["mean_map"] > 0, name
+        params = res["params"]
+        assert set(params) == set(init)
+        assert all(torch.isfinite(v).all() for v in params.values()), name
+        # aggregation moved the global model away from its (seeded, identical on every node) start
+        assert any(not torch.equal(params[k], init[k]) for k in init), name
+        assert sorted(res["out"]["indexes"]) == [f"silo-{i}" for i in range(NUM_SILOS)]
+        idx = SiloIndex.load(Path(res["cfg"].out_dir) / "silos" / "silo-0" / "index.faiss")
+        assert idx.model_version == res["out"]["model_version"]
+        # the checkpoint holds the strategy's global model
+        rec = ckpt.load_checkpoint(Path(res["cfg"].out_dir) / "checkpoints" / "round-0001.pt")
+        assert all(np.array_equal(rec["params"][k], params[k].numpy()) for k in params)
+        assert rec["config"]["strategy"] == name
+    # the server optimisers keep their moments for resume
+    assert set(ckpt.load_checkpoint(Path(results["fedadam"]["cfg"].out_dir) / "checkpoints" / "round-0001.pt")
+               ["strategy_state"]) == {"m_t", "v_t"}
+    # different rules, different global models
+    w = {n: results[n]["params"]["net.2.weight"] for n in STRATEGIES}
+    assert not torch.equal(w["fedavg"], w["fedadam"]) and not torch.equal(w["fedavg"], w["fedmedian"])
+    assert not torch.equal(w["fedavg"], w["krum"])
+    print(f"\none simulation, 8 strategies + LoRA: {sim['seconds']:.1f} s; mAP "
+          + ", ".join(f"{n} {results[n]['history'][0]['mean_map']:.3f}" for n in STRATEGIES))
+
+
+# --------------------------------------------------------------------------- d. LoRA mode
+
+
+def test_lora_mode_end_to_end(one_simulation):
+    assert "lora" not in one_simulation["errors"], one_simulation["errors"]["lora"]
+    res = one_simulation["results"]["lora"]
+    lcfg = res["cfg"]
+    (r,) = res["history"]
+    print(f"\nLoRA mode: {r['seconds']:.1f} s per round ({NUM_SILOS} silos, 300 images, 32 px)")
+    assert r["clients_ok"] == NUM_SILOS and r["mean_map"] > 0 and math.isfinite(r["train_loss"])
+
+    _, wid, dim = fedmodel.backbone_for(lcfg)
+    model = fedmodel.build_model(lcfg, dim)
+    p, b = fedmodel.split_state(model)
+    lora = [k for k in p if "lora_A" in k or "lora_B" in k]
+    head = [k for k in p if k.startswith("head.")]
+    assert any("lora_A" in k for k in p) and any("lora_B" in k for k in p) and head
+    assert set(lora) | set(head) == set(p) and set(res["params"]) == set(p)
+    assert set(b) == {f"head.net.3.{n}" for n in ("running_mean", "running_var", "num_batches_tracked")}
+    assert all(torch.isfinite(v).all() for v in res["params"].values())
+    # only the adapters and the head travel
+    up = _nbytes(p)
+    assert r["bytes_up"] == NUM_SILOS * up
+    assert r["bytes_down"] == NUM_SILOS * (up + _nbytes(b) + 10 * 16 * 4)
+    backbone = _backbone_bytes(lcfg)
+    assert _nbytes({k: p[k] for k in lora}) < backbone / 10  # the adapters are a sliver of the backbone
+    assert r["bytes_up"] / NUM_SILOS < backbone
+    # training moved the adapters (LoRA B starts at zero)
+    assert any(res["params"][k].abs().sum() > 0 for k in lora if "lora_B" in k)
+    out = Path(lcfg.out_dir)
+    rec = ckpt.load_checkpoint(out / "checkpoints" / "round-0001.pt")
+    assert set(rec["params"]) == set(p) and rec["function_config"]["mode"] == "lora"
+    assert rec["function_config"]["lora_r"] == lcfg.lora_r
+    assert rec["model_version"] == res["out"]["model_version"]
+    for name, info in res["out"]["indexes"].items():
+        idx = SiloIndex.load(out / "silos" / name / "index.faiss")
+        assert idx.model_version == res["out"]["model_version"] and len(idx) == info["n"] > 0
+    assert sum(info["n"] for info in res["out"]["indexes"].values()) < 300
+
+
+
+# --------------------------------------------------------------------------- e. bad input, no Ray
+
+
+def _simulate_err(tmp_path, capsys, values: dict) -> tuple[int, str, Path]:
+    scn = _write_scenario(tmp_path / "bad.toml", values)
+    rc = main(["simulate", str(scn), "--runs-dir", str(tmp_path / "runs")])
+    return rc, capsys.readouterr().err, scn
+
+
+def test_bad_scenarios_exit_2_naming_the_problem(tmp_path, capsys, cache_dir):
+    base = {"name": "bad", **SCENARIO, "cache-dir": str(cache_dir)}
+    rc, err, scn = _simulate_err(tmp_path, capsys, base | {"num-silo": 3})
+    assert rc == 2 and "num-silo" in err and str(scn) in err and "fedhash: error" in err
+
+    scn.write_text('name = "bad"\nbits = 16\nnum-silos = = 3\n')
+    rc = main(["simulate", str(scn), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(scn) in err and "TOML" in err
+
+    rc, err, _ = _simulate_err(tmp_path, capsys, base | {"bits": 12})
+    assert rc == 2 and "'bits'" in err and "12" in err and "multiple of 8" in err
+
+    rc, err, _ = _simulate_err(tmp_path, capsys, base | {"bits": "sixteen"})
+    assert rc == 2 and "'bits'" in err and "int" in err
+
+    rc, err, _ = _simulate_err(tmp_path, capsys, base | {"references": ["local-only", "oracle"]})
+    assert rc == 2 and "references" in err
+
+    rc, err, _ = _simulate_err(tmp_path, capsys, base | {"num-silos": 50, "n-images": 100})
+    assert rc == 2 and "silo-49" in err and "100" in err
+
+    rc = main(["simulate", str(tmp_path / "nope.toml"), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope" in err and "demo" in err
+
+    _write_scenario(scn, base)
+    rc = main(["simulate", str(scn), "--set", "bits=20", "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bits" in err
+    # nothing heavy ran: no Ray, no silo indexes
+    assert not list(tmp_path.rglob("index.faiss"))
+
+
+def test_resolve_and_demo_scenario():
+    from simulations.cli import build_parser
+    from simulations.scenario import SCENARIO_DIR, load_scenario, resolve
+
+    with pytest.raises(ConfigError) as ei:
+        resolve("nope")
+    shipped = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+    assert "demo" in shipped and all(n in str(ei.value) for n in shipped) and "nope" in str(ei.value)
+    assert resolve("demo") == SCENARIO_DIR / "demo.toml"
+    args = build_parser().parse_args(["demo", "--set", "num-server-rounds=1"])
+    assert args.scenario == "demo" and args.resume is None
+    scn = load_scenario("demo", overrides={"num-server-rounds": 1})
+    assert scn.cfg.num_server_rounds == 1 and scn.cfg.num_silos == 5 and scn.cfg.bits == 64 and scn.also_unsupervised
