@@ -47,6 +47,13 @@ def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None
     s = np.zeros(k, np.float64)
     ss = np.zeros(k, np.float64)
     c = int(num_classes) if labels is not None else 0
+    if c and labels is not None:
+        lab = np.asarray(labels)
+        if lab.ndim == 1 and len(lab) and (lab.min() < 0 or lab.max() >= c):
+            raise DataError(f"class ids must lie in 0..{c - 1}, got {lab.min()}..{lab.max()}; "
+                            "every silo must use the same class list")
+        if lab.ndim == 2 and lab.shape[1] != c:
+            raise DataError(f"multi-hot labels have {lab.shape[1]} classes, expected {c}; use the same class list")
     cc = np.zeros(c, np.float64)
     cs = np.zeros((c, k), np.float64)
     for start in range(0, n, max(1, batch_size // v)):

@@ -197,18 +197,14 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     cfg = scn.cfg
     if cfg.mode == "lora" and any(r in scn.references for r in ("local-only", "centralized", "itq")):
         log.info("LoRA mode: the references train on cached features (probe mode) for comparison")
-    if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "scenario.json").exists():
-            raise ConfigError(f"--resume {run_dir}: not a fedhash simulate run folder (no scenario.json)")
-    else:
-        run_dir = new_run_dir(runs_dir, scn.name)
-    atomic.write_json(run_dir / "scenario.json", scn.to_dict())
+    if resume and not (Path(resume) / "scenario.json").exists():
+        raise ConfigError(f"--resume {resume}: not a fedhash simulate run folder (no scenario.json)")
     timings: dict[str, float] = {}
-
     t0 = time.perf_counter()
     ds = task.load_source(cfg)
-    silos = make_silos(ds, task.partition_spec(cfg, cfg.num_silos))
+    silos = make_silos(ds, task.partition_spec(cfg, cfg.num_silos))  # bad silos fail before a run folder exists
+    run_dir = Path(resume) if resume else new_run_dir(runs_dir, scn.name)
+    atomic.write_json(run_dir / "scenario.json", scn.to_dict())
     plot_partition(silos, run_dir / "partition.png")
     feat_cfg = cfg if cfg.mode == "probe" else dataclasses.replace(cfg, mode="probe")
     data = []
