@@ -160,23 +160,31 @@ def method_mean(row: Mapping[str, Any]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def ratios(final: Mapping[str, Any], reference: str = "centralized") -> list[tuple[str, float]]:
-    """(method, mean / reference mean) for every federated row, when the reference row exists with a mean > 0."""
-    ref = method_mean(_row(final, reference)) if reference in final else None
-    if ref is None or ref <= 0:
-        return []
+def ratios(final: Mapping[str, Any], reference: str = "centralized") -> list[tuple[str, str, float]]:
+    """(federated row, its reference row, mean / reference mean) for every federated row.
+
+    A row "federated (unsupervised)" is compared with "centralized (unsupervised)" when that
+    row exists (the same CroVCA mode), else with plain ``reference``; rows whose reference is
+    missing or has no positive mean are left out.
+    """
     out = []
     for m in method_order(final):
-        if m.startswith("federated"):
-            v = method_mean(_row(final, m))
-            if v is not None:
-                out.append((m, v / ref))
+        if not m.startswith("federated"):
+            continue
+        suffix = m[len("federated"):]
+        ref_name = reference + suffix if (reference + suffix) in final else reference
+        if ref_name not in final:
+            continue
+        ref = method_mean(_row(final, ref_name))
+        v = method_mean(_row(final, m))
+        if ref is not None and ref > 0 and v is not None:
+            out.append((m, ref_name, v / ref))
     return out
 
 
 def ratio_lines(final: Mapping[str, Any], reference: str = "centralized") -> list[str]:
-    """["federated / centralized = 0.97x", ...]."""
-    return [f"{m} / {reference} = {r:.2f}x" for m, r in ratios(final, reference)]
+    """["federated / centralized = 0.97x", "federated (unsupervised) / centralized (unsupervised) = 0.92x", ...]."""
+    return [f"{m} / {ref} = {r:.2f}x" for m, ref, r in ratios(final, reference)]
 
 
 # --------------------------------------------------------------------------- the final table

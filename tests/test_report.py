@@ -179,3 +179,13 @@ def test_round_trip(written, tmp_path):
     assert (tmp_path / "table.md").read_text() == (run / "table.md").read_text()
     with pytest.raises(FedhashError, match="summary.json"):
         load_summary(tmp_path / "nowhere")
+
+
+def test_each_federated_mode_is_compared_with_centralized_of_the_same_mode():
+    from simulations.report import ratio_lines
+
+    final = {"federated": {"mean": 0.8}, "centralized": {"mean": 0.82},
+             "federated (unsupervised)": {"mean": 0.65}, "centralized (unsupervised)": {"mean": 0.70}}
+    lines = ratio_lines(final)
+    assert "federated / centralized = 0.98x" in lines
+    assert "federated (unsupervised) / centralized (unsupervised) = 0.93x" in lines
