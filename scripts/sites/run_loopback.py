@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,6 +233,37 @@ def _tail(path: Path, n: int = 30) -> str:
 # ---------------------------------------------------------------- the federation
 
 
+@contextlib.contextmanager
+def guarded(procs: "Procs", summary: dict, work: Path, grace: float,
+            before_stop: Callable[[], None] | None = None) -> Iterator[float]:
+    """Run the body, then stop every process ``procs`` started (also at interpreter exit, and
+    only once), record an exception and the seconds in ``summary`` and write work/summary.json.
+    Yields the start time (time.monotonic())."""
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            if before_stop is not None:
+                before_stop()
+            summary["alive_after_stop"] = procs.stop(grace)
+            summary["pids"] = {str(pid): name for pid, (name, _) in procs.known.items()}
+
+    atexit.register(stop)
+    t0 = time.monotonic()
+    try:
+        yield t0
+    except Exception as e:  # noqa: BLE001 — reported in the summary, processes stopped below
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        stop()
+        atexit.unregister(stop)
+        summary["seconds"] = round(time.monotonic() - t0, 1)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
 def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: Path = REPO,
                  timeout: float = 1200.0, intruder: bool = True, cache_dir: str | None = None,
                  env: dict | None = None, grace: float = 10.0) -> dict:
@@ -247,18 +280,7 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
     procs = Procs(logs, env)
     summary: dict = {"work": str(work), "sites": {}, "server_out_dir": str(work / "server"), "ok": False}
 
-    stopped = False
-
-    def stop() -> None:
-        nonlocal stopped
-        if not stopped:
-            stopped = True
-            summary["alive_after_stop"] = procs.stop(grace)
-            summary["pids"] = {str(pid): name for pid, (name, _) in procs.known.items()}
-
-    atexit.register(stop)
-    t0 = time.monotonic()
-    try:
+    with guarded(procs, summary, work, grace):
         creds = make_certs.make_all(work / "certs", ["127.0.0.1", "localhost"], [*sites, "intruder"])
         port = free_port()
         address = f"127.0.0.1:{port}"
@@ -374,14 +396,6 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
         except subprocess.TimeoutExpired:
             pass
         summary["ok"] = status == "finished:completed" and (not intruder or summary["intruder"]["refused"])
-    except Exception as e:  # noqa: BLE001 — reported in the summary, processes stopped below
-        summary["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        stop()
-        atexit.unregister(stop)
-        summary["seconds"] = round(time.monotonic() - t0, 1)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -435,19 +449,7 @@ def run_local_simulation(work: Path, run_config: str = "", app: Path = REPO, num
             procs.adopt(pid, "local-superlink")
         procs.track_descendants()
 
-    stopped = False
-
-    def stop() -> None:
-        nonlocal stopped
-        if not stopped:
-            stopped = True
-            adopt()
-            summary["alive_after_stop"] = procs.stop(grace)
-            summary["pids"] = {str(pid): name for pid, (name, _) in procs.known.items()}
-
-    atexit.register(stop)
-    t0 = time.monotonic()
-    try:
+    with guarded(procs, summary, work, grace, before_stop=adopt) as t0:
         for attempt in range(2):  # flwr gives the SuperLink 15 s to start: not always enough on a busy machine
             r = flwr(env, "run", str(app), "local", "--run-config", cfg,
                      "--federation-config", f"num-supernodes={num_supernodes}", "--format", "json", timeout=180)
@@ -478,14 +480,6 @@ def run_local_simulation(work: Path, run_config: str = "", app: Path = REPO, num
         except subprocess.TimeoutExpired:
             pass
         summary["ok"] = status == "finished:completed"
-    except Exception as e:  # noqa: BLE001
-        summary["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        stop()
-        atexit.unregister(stop)
-        summary["seconds"] = round(time.monotonic() - t0, 1)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
