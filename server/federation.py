@@ -84,19 +84,18 @@ class Federation:
     def _config(self, server_round: int, **extra: Any) -> ConfigRecord:
         return ConfigRecord({"fedconfig": self.cfg.to_json(), "server-round": int(server_round), **extra})
 
-    def _globals(self) -> ArrayRecord:
+    def _globals_state(self) -> "OrderedDict[str, torch.Tensor]":
+        """BatchNorm buffers and, once pooled, the global prototypes."""
         g = OrderedDict(self.buffers)
         if self.prototypes is not None:
             g[fedmodel.PROTOTYPES] = self.prototypes
-        return ArrayRecord(g)
+        return g
 
     def _messages(self, node_ids: Iterable[int], message_type: str, server_round: int, **extra: Any) -> list[Message]:
-        out = []
-        for nid in node_ids:
-            content = RecordDict({"arrays": ArrayRecord(self.params), "globals": self._globals(),
-                                  "config": self._config(server_round, **extra)})
-            out.append(Message(content=content, message_type=message_type, dst_node_id=nid))
-        return out
+        """One message per node, all carrying the same content (built once, as Flower's strategies do)."""
+        content = RecordDict({"arrays": ArrayRecord(self.params), "globals": ArrayRecord(self._globals_state()),
+                              "config": self._config(server_round, **extra)})
+        return [Message(content=content, message_type=message_type, dst_node_id=nid) for nid in node_ids]
 
     def _send(self, messages: list[Message], what: str, server_round: int) -> list[Message]:
         """Send, wait up to round-timeout, log every failure and timeout; return the good replies."""
@@ -151,9 +150,9 @@ class Federation:
         cfg = self.cfg
         arrays = ArrayRecord(self.params)
         msgs = list(self.strategy.configure_train(server_round, arrays, self._config(server_round), self.grid))
-        for m in msgs:
-            m.content["globals"] = self._globals()
-            m.content["config"]["fedconfig"] = cfg.to_json()
+        glob = ArrayRecord(self._globals_state())
+        for m in msgs:  # Flower's strategies share one content among the messages; this sets it once per object
+            m.content["globals"] = glob
         ok = self._send(msgs, "train", server_round)
         self._enough(ok, len(msgs), server_round, "training")
         silos = [_silo(m) for m in ok]
@@ -202,7 +201,7 @@ class Federation:
     def _save(self, server_round: int) -> Path:
         return ckpt.save_checkpoint(
             self.out, server_round=server_round, params={k: v.numpy() for k, v in self.params.items()},
-            globals_={k: v.numpy() for k, v in self._globals().to_torch_state_dict().items()},
+            globals_={k: v.numpy() for k, v in self._globals_state().items()},
             strategy_state=strategy_state(self.strategy), model_version=self.model_version(), cfg=self.cfg,
             weights_id=self.weights_id, silos=self.silos, history=self.history, scenario=self.scenario)
 
