@@ -16,7 +16,7 @@ scn = load_scenario("demo")
 base = scn.cfg
 ds = task.load_source(base)
 silos = make_silos(ds, task.partition_spec(base, base.num_silos))
-data = [task.silo_features(base, s, progress=False) for s in silos]
+data = [task.silo_features(base, s) for s in silos]
 
 def run(sup, rounds, epochs, lr, bs=256, lam=0.1):
     cfg = dataclasses.replace(base, supervised=sup, num_server_rounds=rounds, local_epochs=epochs, lr=lr, batch_size=bs, lam=lam)

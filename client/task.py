@@ -5,6 +5,7 @@ evaluate, and build its index. Flower-free except for the names of node-config k
 from __future__ import annotations
 
 import logging
+import math
 
 import threading
 import time
@@ -45,10 +46,9 @@ def partition_spec(cfg: FedConfig, num_silos: int) -> PartitionSpec:
                          domains=domains, min_size=cfg.min_size, query_frac=cfg.query_frac, seed=cfg.seed)
 
 
-def load_source(cfg: FedConfig, data: str | None = None) -> ImageSet:
-    spec = data or cfg.data
-    limit = cfg.n_images if (data is None and cfg.n_images > 0) else None
-    return load_dataset(spec, limit=limit)
+def load_source(cfg: FedConfig) -> ImageSet:
+    """The data set a simulation partitions: the first ``n-images`` of ``data`` (0: all)."""
+    return load_dataset(cfg.data, limit=cfg.n_images if cfg.n_images > 0 else None)
 
 
 def silo_from_node(cfg: FedConfig, node_config: Mapping[str, Any]) -> Silo:
@@ -85,7 +85,7 @@ class SiloData:
         return self.labels[self.silo.splits.train]
 
 
-def silo_features(cfg: FedConfig, silo: Silo, *, progress: bool = True) -> SiloData:
+def silo_features(cfg: FedConfig, silo: Silo) -> SiloData:
     """Load (or extract once into the feature cache) the silo's features."""
     ds = silo.ds
     num_classes = ds.labels.shape[1] if ds.labels.ndim == 2 else len(ds.classes)
@@ -93,8 +93,6 @@ def silo_features(cfg: FedConfig, silo: Silo, *, progress: bool = True) -> SiloD
     if cfg.mode == "lora":
         return SiloData(silo, ds.labels, num_classes, wid, dim)
     common = dict(size=cfg.size, cache_dir=cfg.cache_dir or None)
-    if not progress:
-        common["desc"] = None
     clean = cached_features(model, cfg.backbone, ds, np.arange(len(ds)), views=0, seed=0, **common)
     views = cached_features(model, cfg.backbone, ds, silo.splits.train, views=cfg.views, seed=cfg.seed, **common)
     return SiloData(silo, ds.labels, num_classes, wid, dim, clean=clean, train_views=views)
@@ -112,7 +110,7 @@ def silo_data(cfg: FedConfig, node_config: Mapping[str, Any]) -> SiloData:
     if hit is not None:
         return hit
     silo = silo_from_node(cfg, node_config)
-    data = silo_features(cfg, silo, progress=False)
+    data = silo_features(cfg, silo)
     with _lock:
         _silos[key] = data
         while len(_silos) > 8:
@@ -123,15 +121,14 @@ def silo_data(cfg: FedConfig, node_config: Mapping[str, Any]) -> SiloData:
 # --------------------------------------------------------------------------- training
 
 
-def train_config(cfg: FedConfig, server_round: int, supervised: bool | None = None) -> TrainConfig:
+def train_config(cfg: FedConfig, server_round: int) -> TrainConfig:
     """This round's slice of one cosine schedule over all rounds."""
-    import math
 
     def lr_at(t: float) -> float:
         return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))
 
     r, total = int(server_round), cfg.num_server_rounds
-    return TrainConfig(bits=cfg.bits, supervised=cfg.supervised if supervised is None else supervised,
+    return TrainConfig(bits=cfg.bits, supervised=cfg.supervised,
                        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=lr_at((r - 1) / total),
                        lr_min=lr_at(r / total), weight_decay=cfg.weight_decay, lam=cfg.lam, eps=cfg.eps,
                        variant=cfg.variant, seed=cfg.seed * 100003 + r)
@@ -190,11 +187,7 @@ def local_evaluate(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> di
     sp = data.silo.splits
     q = encode_silo(cfg, data, model, sp.query)
     db = encode_silo(cfg, data, model, sp.database)
-    return silo_map(data, q, _pack(db))
-
-
-def _pack(logits: np.ndarray) -> np.ndarray:
-    return logits_to_codes(logits)
+    return silo_map(data, q, logits_to_codes(db))
 
 
 def site_dir(out_dir: str, silo_name: str) -> Path:
@@ -206,7 +199,7 @@ def build_index(cfg: FedConfig, data: SiloData, model: torch.nn.Module, model_ve
                 out_dir: str) -> tuple[Path, int]:
     """Encode the silo's database with the global function and save its SiloIndex (atomic)."""
     sp = data.silo.splits
-    codes = _pack(encode_silo(cfg, data, model, sp.database))
+    codes = logits_to_codes(encode_silo(cfg, data, model, sp.database))
     index = SiloIndex(cfg.bits, model_version, backbone=cfg.backbone)
     index.add(codes, sp.database.astype(np.int64), model_version=model_version)
     path = site_dir(out_dir, data.name) / "index.faiss"

@@ -56,8 +56,9 @@ def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None
             raise DataError(f"multi-hot labels have {lab.shape[1]} classes, expected {c}; use the same class list")
     cc = np.zeros(c, np.float64)
     cs = np.zeros((c, k), np.float64)
-    for start in range(0, n, max(1, batch_size // v)):
-        blk = torch.from_numpy(np.asarray(f[start : start + max(1, batch_size // v)], dtype=np.float32))
+    step = max(1, batch_size // v)  # images per block: batch_size activations
+    for start in range(0, n, step):
+        blk = torch.from_numpy(np.asarray(f[start : start + step], dtype=np.float32))
         m = blk.shape[0]
         h = _pre_bn(coder, blk.reshape(m * v, d)).double().reshape(m, v, k)
         s += h.sum((0, 1)).numpy()

@@ -34,11 +34,11 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", Path(s).name if "/" in s else s).strip("-")[:24] or "data"
 
 
-def new_run_dir(root: Path, data: str, bits: int, supervised: bool) -> Path:
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """A fresh folder ``root/<YYYYmmdd-HHMMSS>-<name>`` (suffixed -1, -2, ... when taken)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{_slug(data)}-{bits}b-{'sup' if supervised else 'unsup'}"
     for i in range(1000):
-        d = root / (base if i == 0 else f"{base}-{i}")
+        d = Path(root) / (f"{stamp}-{name}" if i == 0 else f"{stamp}-{name}-{i}")
         try:
             d.mkdir(parents=True)
             return d
@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     asym = retrieval_metrics(q_logits, db_codes, prep.labels(q), prep.labels(db), asymmetric=True, pr=False)
     balance = unpack(db_codes).mean(0)
 
-    run = new_run_dir(Path(args.runs_dir), args.data, tcfg.bits, tcfg.supervised)
+    run = new_run_dir(args.runs_dir, f"{_slug(args.data)}-{tcfg.bits}b-{'sup' if tcfg.supervised else 'unsup'}")
     version = save_model(run / "model.pt", coder, backbone=prep.backbone, weights=prep.weights_id, size=dcfg.size,
                          extra={"train": tcfg.to_dict(), "data": dcfg.to_dict()})
     with atomic.atomic_path(run / "splits.npz") as tmp, open(tmp, "wb") as f:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +29,15 @@ from client import task
 from client.partitions import label_histogram, make_silos, plot_partition
 from hashing import atomic
 from hashing.baselines import fit_baseline
-from hashing.errors import ConfigError, FedhashError, TrainingError
+from hashing.errors import ConfigError, TrainingError
 from hashing.fedconfig import FedConfig
 from hashing.train import train_head
 
+from .cli import new_run_dir
 from .report import format_table, write_report
 from .scenario import Scenario
 
 log = logging.getLogger("fedhash.simulate")
-
-
-def new_run_dir(runs_dir: str | Path, name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for i in range(1000):
-        d = Path(runs_dir) / (f"{stamp}-{name}" if i == 0 else f"{stamp}-{name}-{i}")
-        try:
-            d.mkdir(parents=True)
-            return d
-        except FileExistsError:
-            continue
-    raise FedhashError(f"cannot create a run folder under {runs_dir}")
 
 
 @contextlib.contextmanager
@@ -128,40 +116,36 @@ def _read_status(out_dir: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- references
 
 
-def _total_epochs(cfg: FedConfig) -> int:
-    return cfg.num_server_rounds * cfg.local_epochs
+def _reference_config(cfg: FedConfig):
+    """One cosine schedule over as many epochs as the federation ran in all (rounds x local epochs)."""
+    return dataclasses.replace(task.train_config(cfg, 1), epochs=cfg.num_server_rounds * cfg.local_epochs,
+                               lr=cfg.lr, lr_min=cfg.lr_min)
 
 
-def _eval_model(cfg: FedConfig, data: task.SiloData, coder) -> dict[str, float]:
-    return task.local_evaluate(cfg, data, coder)
+def _row(scores: list[tuple[str, dict[str, float]]], t0: float) -> dict[str, Any]:
+    """A table row from (silo name, silo_map result) pairs."""
+    per = {name: m["map"] for name, m in scores}
+    return {"per_silo": per, "mean": float(np.mean(list(per.values()))),
+            "bit_balance": float(np.mean([m["bit-balance"] for _, m in scores])), "seconds": time.perf_counter() - t0}
 
 
 def local_only(cfg: FedConfig, silos: list[task.SiloData], progress: bool) -> dict[str, Any]:
     """Each silo trains alone for as many epochs as the federation ran, scored on its own data."""
-    per, bal, t0 = {}, [], time.perf_counter()
+    t0, scores = time.perf_counter(), []
     for d in tqdm(silos, desc="local-only", unit="silo", disable=not progress):
-        tcfg = dataclasses.replace(task.train_config(cfg, 1), epochs=_total_epochs(cfg), lr=cfg.lr, lr_min=cfg.lr_min)
-        coder, _ = train_head(d.train_views, d.train_labels if cfg.supervised else None, tcfg, progress=False)
-        m = _eval_model(cfg, d, coder)
-        per[d.name], _ = m["map"], bal.append(m["bit-balance"])
-    return {"per_silo": per, "mean": float(np.mean(list(per.values()))), "bit_balance": float(np.mean(bal)),
-            "seconds": time.perf_counter() - t0}
+        coder, _ = train_head(d.train_views, d.train_labels if cfg.supervised else None, _reference_config(cfg),
+                              progress=False)
+        scores.append((d.name, task.local_evaluate(cfg, d, coder)))
+    return _row(scores, t0)
 
 
-def centralized(cfg: FedConfig, silos: list[task.SiloData], progress: bool) -> dict[str, Any]:
+def centralized(cfg: FedConfig, silos: list[task.SiloData]) -> dict[str, Any]:
     """All silos' training views pooled (the upper bound), scored per silo."""
     t0 = time.perf_counter()
     feats = np.concatenate([np.asarray(d.train_views) for d in silos])
     labels = np.concatenate([d.train_labels for d in silos]) if cfg.supervised else None
-    tcfg = dataclasses.replace(task.train_config(cfg, 1), epochs=_total_epochs(cfg), lr=cfg.lr, lr_min=cfg.lr_min)
-    coder, _ = train_head(feats, labels, tcfg, progress=False)
-    per, bal = {}, []
-    for d in silos:
-        m = _eval_model(cfg, d, coder)
-        per[d.name] = m["map"]
-        bal.append(m["bit-balance"])
-    return {"per_silo": per, "mean": float(np.mean(list(per.values()))), "bit_balance": float(np.mean(bal)),
-            "seconds": time.perf_counter() - t0}
+    coder, _ = train_head(feats, labels, _reference_config(cfg), progress=False)
+    return _row([(d.name, task.local_evaluate(cfg, d, coder)) for d in silos], t0)
 
 
 def itq(cfg: FedConfig, silos: list[task.SiloData]) -> dict[str, Any]:
@@ -169,16 +153,13 @@ def itq(cfg: FedConfig, silos: list[task.SiloData]) -> dict[str, Any]:
     t0 = time.perf_counter()
     train = np.concatenate([np.asarray(d.clean[d.silo.splits.train], dtype=np.float32) for d in silos])
     model = fit_baseline("itq", train, cfg.bits, seed=cfg.seed)
-    per, bal = {}, []
+    scores = []
     for d in silos:
         sp = d.silo.splits
         q = model.encode(np.asarray(d.clean[sp.query], np.float32))
         db = model.encode(np.asarray(d.clean[sp.database], np.float32))
-        m = task.silo_map(d, q, db)
-        per[d.name] = m["map"]
-        bal.append(m["bit-balance"])
-    return {"per_silo": per, "mean": float(np.mean(list(per.values()))), "bit_balance": float(np.mean(bal)),
-            "seconds": time.perf_counter() - t0}
+        scores.append((d.name, task.silo_map(d, q, db)))
+    return _row(scores, t0)
 
 
 def _federated_row(status: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +190,7 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     feat_cfg = cfg if cfg.mode == "probe" else dataclasses.replace(cfg, mode="probe")
     data = []
     for s in tqdm(silos, desc="silo features", unit="silo", disable=not progress):
-        data.append(task.silo_features(feat_cfg, s, progress=progress))
+        data.append(task.silo_features(feat_cfg, s))
     timings["features"] = time.perf_counter() - t0
 
     modes = [cfg.supervised] + ([not cfg.supervised] if scn.also_unsupervised else [])
@@ -240,7 +221,7 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
             timings[f"local-only{suffix}"] = time.perf_counter() - t0
         if "centralized" in scn.references:
             t0 = time.perf_counter()
-            final[f"centralized{suffix}"] = centralized(ref_cfg, data, progress)
+            final[f"centralized{suffix}"] = centralized(ref_cfg, data)
             timings[f"centralized{suffix}"] = time.perf_counter() - t0
     if "itq" in scn.references:
         t0 = time.perf_counter()
@@ -260,7 +241,7 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
         "artifacts": artifacts, "partition_plot": "partition.png",
         "references_note": (f"Rows without a suffix are {head} CroVCA; '(unsupervised)'/'(supervised)' rows are the "
                             "other mode on the same silos. Every row trains for the same number of epochs "
-                            f"({_total_epochs(cfg)}) on the same cached features."),
+                            f"({cfg.num_server_rounds * cfg.local_epochs}) on the same cached features."),
     }
     write_report(run_dir, summary)
     return run_dir, summary

@@ -67,7 +67,7 @@ def silos(cfg, digits):
 @pytest.fixture(scope="module")
 def features(cfg, silos):
     """Every silo's features in the cache before a simulation starts (as fedhash simulate does)."""
-    return [task.silo_features(cfg, s, progress=False) for s in silos]
+    return [task.silo_features(cfg, s) for s in silos]
 
 
 def _nbytes(state) -> int:
