@@ -1,13 +1,15 @@
 """The fedhash ClientApp: one silo's side of every round, on Flower's Message API.
 
-- ``train``: load the global state, run the local epochs of CroVCA, reply with the
-  trainable state and metrics (loss, examples, bit balance, seconds, bytes).
+- ``train``: load the global state; when the config says ``evaluate``, score it first
+  (the previous round's global model: mAP@1000 of the query split against the silo's
+  own database); run the local epochs of CroVCA; reply with the trainable state and
+  metrics (loss, examples, bit balance, seconds, bytes, and the evaluation).
 - ``query.stats``: count / sum / sum of squares of the head's pre-BatchNorm
-  activations and per-class sums under the new global model (exact pooled
-  BatchNorm statistics and global prototypes on the server).
-- ``evaluate``: mAP@1000 of the silo's query split against its own database.
-- ``query.index``: encode the database with the global function and save the
-  silo's SiloIndex, stamped with the model version.
+  activations and per-class sums of the clean training images under the new global
+  model (exact pooled BatchNorm statistics and global prototypes on the server).
+- ``evaluate``: the same evaluation alone, for silos a round did not sample.
+- ``query.index``: encode the database with the global function, save the silo's
+  SiloIndex stamped with the model version, and evaluate the final model.
 
 The silo's data comes from the node config: ``partition-id`` in simulation,
 ``data`` (a folder or manifest) and ``silo`` at a real site.
@@ -42,7 +44,7 @@ def _setup(msg: Message, context: Context):
         cfg = dataclasses.replace(cfg, cache_dir=str(node["cache-dir"]))
     data = task.silo_data(cfg, node)
     task.check_silo(data)
-    model = fedmodel.build_model(cfg, data.feature_dim)
+    model = task.fresh_model(cfg, data.feature_dim)
     params = msg.content["arrays"].to_torch_state_dict()
     glob = msg.content["globals"].to_torch_state_dict() if "globals" in msg.content.array_records else {}
     fedmodel.load_state(model, params, glob)
@@ -71,12 +73,15 @@ def train(msg: Message, context: Context) -> Message:
     _maybe_fail(data, rnd)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     t0 = time.perf_counter()
+    ev = task.local_evaluate(cfg, data, model) if bool(msg.content["config"].get("evaluate", False)) else None
     m = task.local_train(cfg, data, model, rnd, prototypes=prototypes, prox_mu=mu)
     params, _ = fedmodel.split_state(model)
     up = fedmodel.state_nbytes(params)
     metrics = MetricRecord({"num-examples": int(len(data.silo.splits.train)), "train-loss": m["train-loss"],
                             "bit-balance": m["bit-balance"], "seconds": time.perf_counter() - t0,
                             "bytes-down": down, "bytes-up": up})
+    if ev is not None:
+        metrics["map"], metrics["eval-bit-balance"] = ev["map"], ev["bit-balance"]
     return Message(RecordDict({"arrays": ArrayRecord(params), "metrics": metrics, "silo": _silo_record(data)}),
                    reply_to=msg)
 
@@ -112,5 +117,5 @@ def index(msg: Message, context: Context) -> Message:
     ev = task.local_evaluate(cfg, data, model)
     rec = _silo_record(data)
     rec["index"] = str(path)
-    return Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "map": ev["map"]}), "silo": rec}),
-                   reply_to=msg)
+    metrics = MetricRecord({"num-examples": n, "map": ev["map"], "bit-balance": ev["bit-balance"]})
+    return Message(RecordDict({"metrics": metrics, "silo": rec}), reply_to=msg)

@@ -4,6 +4,7 @@ evaluate, and build its index. Flower-free except for the names of node-config k
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -24,7 +25,7 @@ from hashing.data import ImageSet, load_dataset
 from hashing.errors import ConfigError, DataError
 from hashing.fedconfig import FedConfig
 from hashing.features import cached_features
-from hashing.fedmodel import backbone_for, head_of
+from hashing.fedmodel import backbone_for, build_model, head_of
 from hashing.finetune import LoraHasher, backbone_features, train_lora
 from hashing.index import SiloIndex
 from hashing.metrics import retrieval_metrics
@@ -120,6 +121,25 @@ def silo_data(cfg: FedConfig, node_config: Mapping[str, Any]) -> SiloData:
 
 # --------------------------------------------------------------------------- training
 
+_templates: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
+
+
+def fresh_model(cfg: FedConfig, feature_dim: int) -> torch.nn.Module:
+    """A copy of the global model's architecture, for a message to load its state into.
+
+    Probe mode copies one seeded template per process instead of re-running the weight
+    initialisation for every message (the message's state overwrites all of it anyway)."""
+    if cfg.mode == "lora":
+        return build_model(cfg, feature_dim)
+    key = (tuple(sorted(cfg.function_config().items())), int(feature_dim))
+    with _lock:
+        if key not in _templates:
+            _templates[key] = build_model(cfg, feature_dim)
+            while len(_templates) > 4:
+                _templates.popitem(last=False)
+        return copy.deepcopy(_templates[key])
+
+
 
 def train_config(cfg: FedConfig, server_round: int) -> TrainConfig:
     """This round's slice of one cosine schedule over all rounds."""
@@ -154,13 +174,17 @@ def local_train(cfg: FedConfig, data: SiloData, model: torch.nn.Module, server_r
 
 
 def local_stats(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """count / sum / sumsq of the pre-BatchNorm activations of the silo's training views and
-    per-class counts and sums (supervised), under ``model``."""
+    """count / sum / sumsq of the pre-BatchNorm activations of the silo's clean training images
+    and per-class counts and sums (supervised), under ``model``.
+
+    Clean images, one forward pass each: the distribution the model encodes at search time,
+    and a quarter of the cost of all cached views (the pooled mAP is the same either way:
+    BENCHMARKS.md, "Federated: where the time goes")."""
     head = head_of(model)
     if isinstance(model, LoraHasher):
         feats = backbone_features(model, data.silo.ds, data.silo.splits.train, size=cfg.size)
     else:
-        feats = data.train_views
+        feats = data.clean[data.silo.splits.train]
     labels = data.train_labels if cfg.supervised else None
     return fedstats.head_stats(head, feats, labels, data.num_classes if cfg.supervised else 0)
 

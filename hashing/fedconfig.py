@@ -17,7 +17,7 @@ from .backbones import DEFAULT_BACKBONE
 from .errors import ConfigError
 
 MODES = ("probe", "lora")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity", "domain")
 # Flower message types of the fedhash protocol beyond train / evaluate
 MSG_STATS = "query.stats"
@@ -64,7 +64,8 @@ class FedConfig:
     min_train_nodes: int = 2
     round_timeout: float = 600.0
     proximal_mu: float = 0.01
-    server_lr: float = 0.1          # FedAdam / FedYogi / FedAdagrad: eta
+    server_lr: float = 0.0          # server learning rate; 0 = the strategy's default (FedAvgM 1.0, FedAdam/Yogi/Adagrad eta 0.1)
+    server_momentum: float = 0.0    # FedAvgM
     server_tau: float = 1e-3
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
@@ -117,6 +118,10 @@ class FedConfig:
             bad("query_frac", f"is {self.query_frac}; use a fraction in (0, 1)")
         if self.lr <= 0:
             bad("lr", "must be > 0")
+        if self.server_lr < 0:
+            bad("server_lr", f"is {self.server_lr}; use a rate > 0, or 0 for the strategy's default")
+        if not 0.0 <= self.server_momentum < 1.0:
+            bad("server_momentum", f"is {self.server_momentum}; use a momentum in [0, 1)")
 
     def to_dict(self, kebab: bool = True) -> dict[str, Any]:
         d = asdict(self)

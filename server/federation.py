@@ -2,16 +2,21 @@
 prototypes, checkpoints with provenance, failure handling, per-silo evaluation and the final
 per-silo indexes.
 
-Each round:
+Each round r:
 1. ``train``: the strategy samples silos and sends the global parameters, plus the
-   BatchNorm statistics and (supervised) the global class prototypes in ``globals``;
-   the strategy aggregates the replies (the clients' trainable parameters).
+   BatchNorm statistics and (supervised) the global class prototypes in ``globals``.
+   When round r-1 is due for evaluation, each silo first scores the model it received
+   (round r-1's global model: its query split against its own database) and returns
+   that mAP with its update, so evaluation costs no message phase of its own. The
+   strategy aggregates the replies (the clients' trainable parameters).
 2. ``query.stats``: every silo reports count / sum / sum of squares of the head's
-   pre-BatchNorm activations and per-class sums under the new parameters; the server
-   pools them into the exact BatchNorm statistics of the union and the prototypes.
-3. checkpoint (atomic), then ``evaluate`` (each silo's query split against its own
-   database) every ``eval-every`` rounds and after the last.
-After the last round, ``query.index``: each silo saves its SiloIndex under the model version.
+   pre-BatchNorm activations of its clean training images and per-class sums under
+   the new parameters; the server pools them into the exact BatchNorm statistics of
+   the union and the prototypes.
+3. checkpoint (atomic).
+After the last round, ``query.index``: each silo saves its SiloIndex under the model version
+and scores the final model; silos a round's training did not sample are evaluated with a
+separate ``evaluate`` message.
 """
 from __future__ import annotations
 
@@ -146,10 +151,15 @@ class Federation:
         up = sum(int(m.content["metrics"]["bytes-up"]) for m in ok)
         return {"stats_silos": len(ok), "stats_bytes_up": up, "pooled_count": float(pooled["count"][0])}
 
-    def train_round(self, server_round: int) -> dict[str, Any]:
+    def train_round(self, server_round: int, evaluate_previous: bool = False,
+                    node_ids: list[int] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Round ``server_round``'s training; with ``evaluate_previous``, also the evaluation of the
+        global model the silos received (round ``server_round - 1``'s), from the same replies plus
+        an ``evaluate`` message to the nodes in ``node_ids`` the strategy did not sample."""
         cfg = self.cfg
         arrays = ArrayRecord(self.params)
-        msgs = list(self.strategy.configure_train(server_round, arrays, self._config(server_round), self.grid))
+        config = self._config(server_round, evaluate=bool(evaluate_previous))
+        msgs = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
         glob = ArrayRecord(self._globals_state())
         for m in msgs:  # Flower's strategies share one content among the messages; this sets it once per object
             m.content["globals"] = glob
@@ -157,6 +167,12 @@ class Federation:
         self._enough(ok, len(msgs), server_round, "training")
         silos = [_silo(m) for m in ok]
         mets = [m.content["metrics"] for m in ok]
+        evaluation = None
+        if evaluate_previous:  # self.params is still the model the silos evaluated
+            scores = {s["name"]: (float(m["map"]), float(m["eval-bit-balance"])) for s, m in zip(silos, mets)}
+            sampled = {m.metadata.dst_node_id for m in msgs}
+            rest = [n for n in (node_ids or []) if n not in sampled]
+            evaluation = self._eval_record(scores | (self._evaluate(server_round - 1, rest) if rest else {}))
         agg, _ = self.strategy.aggregate_train(server_round, ok)
         if agg is None:
             raise TrainingError(f"round {server_round}: the {cfg.strategy} strategy returned no model; "
@@ -164,7 +180,7 @@ class Federation:
         new = agg.to_torch_state_dict()
         self.params = OrderedDict((k, new[k].to(v.dtype)) for k, v in self.params.items())
         n = np.array([float(m["num-examples"]) for m in mets])
-        return {
+        return evaluation, {
             "clients_sent": len(msgs), "clients_ok": len(ok), "clients_failed": len(msgs) - len(ok),
             "train_loss": float(np.average([float(m["train-loss"]) for m in mets], weights=n)),
             "train_bit_balance": float(np.average([float(m["bit-balance"]) for m in mets], weights=n)),
@@ -174,24 +190,30 @@ class Federation:
             "trained": [s["name"] for s in silos],
         }
 
-    def evaluate(self, server_round: int, node_ids: list[int]) -> dict[str, Any]:
-        msgs = self._messages(node_ids, MessageType.EVALUATE, server_round)
-        ok = self._send(msgs, "evaluate", server_round)
-        per = {_silo(m)["name"]: float(m.content["metrics"]["map"]) for m in ok}
-        bal = {_silo(m)["name"]: float(m.content["metrics"]["bit-balance"]) for m in ok}
-        out: dict[str, Any] = {"map": dict(sorted(per.items()))}
-        if per:
-            out["mean_map"] = float(np.mean(list(per.values())))
-            out["bit_balance"] = float(np.mean(list(bal.values())))
+    def _evaluate(self, server_round: int, node_ids: list[int]) -> dict[str, tuple[float, float]]:
+        """The ``evaluate`` message: each silo's (mAP, bit balance) under the current global model."""
+        ok = self._send(self._messages(node_ids, MessageType.EVALUATE, server_round), "evaluate", server_round)
+        return {_silo(m)["name"]: (float(m.content["metrics"]["map"]), float(m.content["metrics"]["bit-balance"]))
+                for m in ok}
+
+    @staticmethod
+    def _eval_record(scores: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"map": {k: v[0] for k, v in sorted(scores.items())}}
+        if scores:
+            out["mean_map"] = float(np.mean([v[0] for v in scores.values()]))
+            out["bit_balance"] = float(np.mean([v[1] for v in scores.values()]))
         return out
 
-    def build_indexes(self, node_ids: list[int]) -> dict[str, Any]:
+    def build_indexes(self, node_ids: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every silo's index under the final model, and the final model's evaluation."""
         version = self.model_version()
         msgs = self._messages(node_ids, MSG_INDEX, self.cfg.num_server_rounds, **{"model-version": version})
         ok = self._send(msgs, "index", self.cfg.num_server_rounds)
-        return {_silo(m)["name"]: {"index": str(m.content["silo"]["index"]),
-                                   "n": int(m.content["metrics"]["num-examples"]),
-                                   "map": float(m.content["metrics"]["map"])} for m in ok}
+        mets = {_silo(m)["name"]: m.content["metrics"] for m in ok}
+        indexes = {_silo(m)["name"]: {"index": str(m.content["silo"]["index"]),
+                                      "n": int(m.content["metrics"]["num-examples"]),
+                                      "map": float(m.content["metrics"]["map"])} for m in ok}
+        return indexes, self._eval_record({k: (float(m["map"]), float(m["bit-balance"])) for k, m in mets.items()})
 
     def model_version(self) -> str:
         return fedmodel.version_of(self.params, self.buffers, self.cfg, self.weights_id)
@@ -237,26 +259,38 @@ class Federation:
         try:
             if self.start_round == 1:
                 self.pool_statistics(0, node_ids)
+            t_rounds = time.perf_counter()
+            self.startup_seconds = t_rounds - t_run
             for r in range(self.start_round, cfg.num_server_rounds + 1):
                 t0 = time.perf_counter()
                 node_ids = sorted(self.grid.get_node_ids())
+                prev = self.history[-1] if self.history else None
+                due = prev is not None and "mean_map" not in prev and prev["round"] % cfg.eval_every == 0
                 rec: dict[str, Any] = {"round": r}
-                rec |= self.train_round(r)
+                evaluation, trained = self.train_round(r, evaluate_previous=due, node_ids=node_ids)
+                rec |= trained
+                t1 = time.perf_counter()
                 rec |= self.pool_statistics(r, node_ids)
                 rec["model_version"] = self.model_version()
-                if r % cfg.eval_every == 0 or r == cfg.num_server_rounds:
-                    rec |= self.evaluate(r, node_ids)
-                rec["seconds"] = time.perf_counter() - t0
+                rec |= {"seconds": time.perf_counter() - t0, "seconds_train": t1 - t0,
+                        "seconds_stats": time.perf_counter() - t1}
+                if evaluation is not None and prev is not None:
+                    prev |= evaluation
                 self.history.append(rec)
                 self._save(r)
                 self._write_progress("running")
                 if self.on_round:
-                    self.on_round(rec | {"out_dir": str(self.out)})
-            indexes = self.build_indexes(sorted(self.grid.get_node_ids()))
+                    self.on_round(rec | {"out_dir": str(self.out), "last_map": (prev or {}).get("mean_map")})
+            t_idx = time.perf_counter()
+            indexes, final = self.build_indexes(sorted(self.grid.get_node_ids()))
+            if self.history:
+                self.history[-1] |= final | {"seconds_index": time.perf_counter() - t_idx}
+                self._save(self.history[-1]["round"])  # the last checkpoint, now with its evaluation
         except Exception as e:
             self._write_progress("failed", error=f"{type(e).__name__}: {e}")
             raise
         result = {"model_version": self.model_version(), "indexes": indexes,
-                  "seconds": time.perf_counter() - t_run}
+                  "seconds": time.perf_counter() - t_run, "seconds_startup": self.startup_seconds,
+                  "seconds_rounds": t_idx - t_rounds}
         self._write_progress("done", **result)
         return result

@@ -10,10 +10,13 @@ from hashing.errors import ConfigError
 from hashing.fedconfig import STRATEGIES, FedConfig
 
 OPT_STATE = ("m_t", "v_t")  # server-side optimiser moments of FedAdam / FedYogi / FedAdagrad
+MOMENTUM = "momentum_vector"  # FedAvgM's server momentum (a list of arrays)
 
 
 def make_strategy(cfg: FedConfig) -> fl.Strategy:
-    """FedAvg (default), FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg or Krum.
+    """FedAvg (default), FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg or Krum.
+
+    ``server-lr`` 0 keeps each strategy's own default rate (FedAvgM 1.0, the FedOpt family 0.1).
 
     Flower's evaluate path is not used (fedhash runs its own per-silo evaluation),
     so ``fraction_evaluate`` is 0 for all of them.
@@ -24,11 +27,13 @@ def make_strategy(cfg: FedConfig) -> fl.Strategy:
     name = cfg.strategy
     if name == "fedavg":
         return fl.FedAvg(**common)
+    if name == "fedavgm":
+        return fl.FedAvgM(**common, server_learning_rate=cfg.server_lr or 1.0, server_momentum=cfg.server_momentum)
     if name == "fedprox":
         return fl.FedProx(**common, proximal_mu=cfg.proximal_mu)
     if name in ("fedadam", "fedyogi", "fedadagrad"):
         cls = {"fedadam": fl.FedAdam, "fedyogi": fl.FedYogi, "fedadagrad": fl.FedAdagrad}[name]
-        return cls(**common, eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau)
+        return cls(**common, eta=cfg.server_lr or 0.1, eta_l=cfg.lr, tau=cfg.server_tau)
     if name == "fedmedian":
         return fl.FedMedian(**common)
     if name == "fedtrimmedavg":
@@ -45,6 +50,9 @@ def strategy_state(strategy: fl.Strategy) -> dict[str, dict[str, np.ndarray]]:
         value = getattr(strategy, attr, None)
         if isinstance(value, dict):
             out[attr] = {k: np.asarray(v) for k, v in value.items()}
+    momentum = getattr(strategy, MOMENTUM, None)
+    if isinstance(momentum, list):
+        out[MOMENTUM] = {f"{i:04d}": np.asarray(v) for i, v in enumerate(momentum)}
     return out
 
 
@@ -52,3 +60,5 @@ def restore_strategy_state(strategy: fl.Strategy, state: dict[str, dict[str, np.
     for attr, value in state.items():
         if attr in OPT_STATE:
             setattr(strategy, attr, {k: np.asarray(v) for k, v in value.items()})
+        elif attr == MOMENTUM and hasattr(strategy, MOMENTUM):
+            setattr(strategy, attr, [np.asarray(value[k]) for k in sorted(value)])

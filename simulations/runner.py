@@ -77,7 +77,7 @@ def run_federations(cfgs: list[FedConfig], scenario: dict[str, Any], *, labels: 
         bar = bars[rec["out_dir"]]
         bar.n = rec["round"]
         bar.set_postfix({"loss": f"{rec['train_loss']:.3f}",
-                         "mAP": f"{rec['mean_map']:.3f}" if "mean_map" in rec else "-",
+                         "mAP(prev)": f"{rec['last_map']:.3f}" if rec.get("last_map") is not None else "-",
                          "silos": f"{rec['clients_ok']}/{rec['clients_sent']}"})
         bar.refresh()
 
@@ -197,7 +197,7 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     tags = ["supervised" if sup else "unsupervised" for sup in modes]
     suffixes = ["" if sup == cfg.supervised else f" ({tag})" for sup, tag in zip(modes, tags)]
     subs = ["federated" if sup == cfg.supervised else f"federated-{tag}" for sup, tag in zip(modes, tags)]
-    fcfgs = [dataclasses.replace(cfg, supervised=sup, out_dir=str(run_dir / sub), resume=bool(resume))
+    fcfgs = [dataclasses.replace(scn.config_for(sup), out_dir=str(run_dir / sub), resume=bool(resume))
              for sup, sub in zip(modes, subs)]
     for c in fcfgs:
         c.check()
@@ -207,14 +207,17 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     final: dict[str, Any] = {}
     rounds_by_mode: dict[str, list] = {}
     artifacts: dict[str, Any] = {}
-    for sup, tag, suffix, sub, status in zip(modes, tags, suffixes, subs, statuses):
+    for sup, tag, suffix, sub, status, fcfg in zip(modes, tags, suffixes, subs, statuses, fcfgs):
         final[f"federated{suffix}"] = _federated_row(status)
         timings[f"federated{suffix}"] = float(status.get("seconds", 0.0))
+        timings[f"federated{suffix}: start-up (nodes, silo loading, round-0 statistics)"] = \
+            float(status.get("seconds_startup", 0.0))
+        timings[f"federated{suffix}: training rounds"] = float(status.get("seconds_rounds", 0.0))
         rounds_by_mode[tag] = status["rounds"]
         artifacts[sub] = {"checkpoints": f"{sub}/checkpoints/", "model_version": status.get("model_version"),
                           "indexes": {k: os.path.relpath(v["index"], run_dir) for k, v in status.get("indexes", {}).items()},
                           "failures": status.get("failures", [])}
-        ref_cfg = dataclasses.replace(feat_cfg, supervised=sup)
+        ref_cfg = dataclasses.replace(fcfg, mode="probe")  # the mode's own knobs: same schedule as its federation
         if "local-only" in scn.references:
             t0 = time.perf_counter()
             final[f"local-only{suffix}"] = local_only(ref_cfg, data, progress)
@@ -233,7 +236,8 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     hist = label_histogram(silos)
     summary = {
         "run_id": run_dir.name, "scenario": scn.to_dict(), "bits": cfg.bits, "mode": cfg.mode,
-        "supervised": cfg.supervised, "strategy": cfg.strategy,
+        "supervised": cfg.supervised, "strategy": "; ".join(
+            (f"{tag}: " if len(fcfgs) > 1 else "") + _strategy_label(c) for tag, c in zip(tags, fcfgs)),
         "silos": [{"id": s.id, "name": s.name, "n_train": int(len(s.splits.train)), "n_query": int(len(s.splits.query)),
                    "n_db": int(len(s.splits.database)), "label_hist": hist[i].tolist(), "domain": s.domain,
                    "ids_fingerprint": s.ids_fingerprint()} for i, s in enumerate(silos)],
@@ -245,6 +249,12 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     }
     write_report(run_dir, summary)
     return run_dir, summary
+
+
+def _strategy_label(c: FedConfig) -> str:
+    knobs = [f"server-lr {c.server_lr:g}"] if c.server_lr else []
+    knobs += [f"server-momentum {c.server_momentum:g}"] if c.strategy == "fedavgm" and c.server_momentum else []
+    return c.strategy + (f" ({', '.join(knobs)})" if knobs else "")
 
 
 def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ plus a few of the study itself.
     description = "5 hospitals, Dirichlet 0.3 on Fashion-MNIST"
     references = ["local-only", "centralized", "itq"]   # what the report places the federation between
     also-unsupervised = true                            # run the other CroVCA mode beside the headline one
+    unsupervised-strategy = "fedavgm"                   # "<mode>-<key>": a knob for one CroVCA mode only
     data = "fashion-mnist"
     num-silos = 5
     partitioner = "dirichlet"
@@ -24,6 +25,11 @@ from hashing.fedconfig import FedConfig
 
 REFERENCES = ("local-only", "centralized", "itq")
 STUDY_KEYS = ("name", "description", "references", "also-unsupervised")
+MODE_PREFIXES = {"supervised-": True, "unsupervised-": False}  # per-mode knobs: unsupervised-server-lr = 3.0
+# what both modes must share: the silos, their features and the run's folders
+SHARED_KEYS = ("data", "n_images", "partitioner", "num_silos", "alpha", "classes_per_silo", "quantity_power",
+               "domains", "min_size", "query_frac", "seed", "mode", "backbone", "weights", "size", "views",
+               "supervised", "out_dir", "cache_dir", "resume")
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
 
@@ -36,10 +42,17 @@ class Scenario:
     also_unsupervised: bool = False
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    mode_overrides: dict[bool, dict[str, Any]] = field(default_factory=dict)  # supervised? -> knobs
+
+    def config_for(self, supervised: bool) -> FedConfig:
+        """The run config of one CroVCA mode: the scenario's knobs plus that mode's own."""
+        return FedConfig.from_dict(self.mode_overrides.get(supervised, {}) | {"supervised": supervised},
+                                   source=self.source, base=self.cfg)
 
     def to_dict(self) -> dict[str, Any]:
+        per_mode = {f"{p}{k}": v for p, sup in MODE_PREFIXES.items() for k, v in self.mode_overrides.get(sup, {}).items()}
         return {"name": self.name, "description": self.description, "references": list(self.references),
-                "also-unsupervised": self.also_unsupervised, "source": self.source} | self.cfg.to_dict()
+                "also-unsupervised": self.also_unsupervised, "source": self.source} | per_mode | self.cfg.to_dict()
 
 
 def resolve(path_or_name: str | Path) -> Path:
@@ -72,7 +85,22 @@ def scenario_from_dict(raw: dict[str, Any], *, source: str = "scenario", overrid
         raise ConfigError(f"{source}: '{nested[0]}' is a table; scenario keys are flat (write {nested[0]}-<key> = ... "
                           "or move its keys to the top level)")
     study = {k: raw.pop(k) for k in list(raw) if k in STUDY_KEYS}
+    per_mode: dict[bool, dict[str, Any]] = {}
+    for k in list(raw):
+        for prefix, sup in MODE_PREFIXES.items():
+            if str(k).startswith(prefix):
+                per_mode.setdefault(sup, {})[str(k)[len(prefix):]] = raw.pop(k)
     cfg = FedConfig.from_dict(raw, source=source)
+    for sup, knobs in per_mode.items():  # a bad per-mode key fails here, named with its prefix
+        prefix = "supervised-" if sup else "unsupervised-"
+        shared = [k for k in knobs if k.replace("-", "_") in SHARED_KEYS]
+        if shared:
+            raise ConfigError(f"{source}: '{prefix}{shared[0]}': both CroVCA modes share the silos, features and "
+                              "folders; only training and server knobs can differ per mode")
+        try:
+            FedConfig.from_dict(knobs, source=source, base=cfg)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(" key '", f" key '{prefix}", 1).replace(": '", f": '{prefix}", 1)) from None
     name = study.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{source}: 'name' must be a non-empty string")
@@ -86,4 +114,4 @@ def scenario_from_dict(raw: dict[str, Any], *, source: str = "scenario", overrid
     if not isinstance(desc, str):
         raise ConfigError(f"{source}: 'description' must be a string")
     return Scenario(name=name, cfg=cfg, description=desc, references=tuple(refs), also_unsupervised=also,
-                    source=source, raw=dict(raw) | study)
+                    source=source, raw=dict(raw) | study, mode_overrides=per_mode)

@@ -171,9 +171,9 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     assert [r["round"] for r in rounds] == [1, 2] and rounds[-1]["model_version"] == version
     assert all(r["clients_ok"] == NUM_SILOS and r["clients_failed"] == 0 for r in rounds)
     assert all(0 < r["mean_map"] <= 1 and set(r["map"]) == {s.name for s in silos} for r in rounds)
-    # the pooled statistics counted every view of every training image of every silo
+    # the pooled statistics counted every (clean) training image of every silo, once
     n_train = sum(len(s.splits.train) for s in silos)
-    assert all(r["pooled_count"] == cfg.views * n_train for r in rounds)
+    assert all(r["pooled_count"] == n_train for r in rounds)
 
     # each silo's index: the global function's version, exactly that silo's database
     assert sorted(status["indexes"]) == sorted(s.name for s in silos)
@@ -202,6 +202,22 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
         assert rec["config"]["data"] == "digits" and rec["data_config"]["alpha"] == 0.3
         assert [h["round"] for h in rec["history"]] == list(range(1, r + 1))
         assert np.isfinite(np.concatenate([v.ravel() for v in rec["params"].values()])).all()
+    # each round's mAP (piggybacked on the next round's training, or the index phase after the
+    # last) is that round's checkpointed global model, scored on each silo's query split
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the simulated silos
+    try:
+        for r, path in ck.items():
+            rec = ckpt.load_checkpoint(path)
+            model = fedmodel.build_model(cfg, features[0].feature_dim)
+            fedmodel.load_state(model, {k: torch.from_numpy(v) for k, v in rec["params"].items()},
+                                {k: torch.from_numpy(v) for k, v in rec["globals"].items()})
+            for d in features:
+                assert rounds[r - 1]["map"][d.name] == pytest.approx(task.local_evaluate(cfg, d, model)["map"],
+                                                                     abs=1e-9), (r, d.name)
+    finally:
+        torch.set_num_threads(threads)
+    assert status["rounds"][-1]["map"] == {k: v["map"] for k, v in status["indexes"].items()}
     # the last checkpoint's state is the model the indexes were built with
     rec = ckpt.load_checkpoint(ck[2])
     params = {k: torch.from_numpy(v) for k, v in rec["params"].items()}
@@ -259,7 +275,9 @@ def test_failure_stops_run_then_resume_finishes(cfg, features, tmp_path, monkeyp
     _assert_no_new_children(before)
     assert status["status"] == "done" and status["failures"] == []
     assert [r["round"] for r in status["rounds"]] == [1, 2]
-    assert status["rounds"][0] == round1                        # round 1 came from the checkpoint, not retrained
+    # round 1 came from the checkpoint, not retrained; its evaluation (due with round 2's training) was added
+    assert "mean_map" not in round1 and {k: status["rounds"][0][k] for k in round1} == round1
+    assert set(status["rounds"][0]["map"]) == {"silo-0", "silo-1", "silo-2"}
     assert first.read_bytes() == ck1                            # and its checkpoint was not rewritten
     assert status["rounds"][1]["clients_ok"] == 3 and status["rounds"][1]["model_version"] == status["model_version"]
     rec2 = ckpt.load_checkpoint(out / "checkpoints" / "round-0002.pt")
@@ -322,7 +340,7 @@ def test_make_strategy_classes(cfg):
 
     from server.strategies import make_strategy
 
-    want = {"fedavg": fl.FedAvg, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
+    want = {"fedavg": fl.FedAvg, "fedavgm": fl.FedAvgM, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
             "fedadagrad": fl.FedAdagrad, "fedmedian": fl.FedMedian, "fedtrimmedavg": fl.FedTrimmedAvg, "krum": fl.Krum}
     assert set(want) == set(STRATEGIES)
     for name, cls in want.items():
@@ -333,6 +351,15 @@ def test_make_strategy_classes(cfg):
     assert make_strategy(c.replace(strategy="fedprox")).proximal_mu == 0.3
     adam = make_strategy(c.replace(strategy="fedadam"))
     assert adam.eta == 0.05 and adam.tau == 1e-4 and adam.eta_l == cfg.lr
+    assert make_strategy(cfg.replace(strategy="fedadam")).eta == 0.1  # server-lr 0: the strategy's default
+    avgm = make_strategy(cfg.replace(strategy="fedavgm", server_lr=3.0, server_momentum=0.5))
+    assert avgm.server_learning_rate == 3.0 and avgm.server_momentum == 0.5
+    assert make_strategy(cfg.replace(strategy="fedavgm")).server_learning_rate == 1.0
+    from server.strategies import restore_strategy_state, strategy_state
+    avgm.momentum_vector = [np.full((2, 3), 0.5), np.arange(4.0)]
+    again = make_strategy(cfg.replace(strategy="fedavgm", server_lr=3.0, server_momentum=0.5))
+    restore_strategy_state(again, strategy_state(avgm))  # as --resume restores it from the checkpoint
+    assert [a.tolist() for a in again.momentum_vector] == [a.tolist() for a in avgm.momentum_vector]
     assert make_strategy(c.replace(strategy="fedtrimmedavg")).beta == 0.1
     assert make_strategy(c.replace(strategy="krum")).num_malicious_nodes == 1
     with pytest.raises(ConfigError, match="strategy"):
@@ -489,6 +516,11 @@ def test_bad_scenarios_exit_2_naming_the_problem(tmp_path, capsys, cache_dir):
     rc, err, _ = _simulate_err(tmp_path, capsys, base | {"references": ["local-only", "oracle"]})
     assert rc == 2 and "references" in err
 
+    rc, err, _ = _simulate_err(tmp_path, capsys, base | {"unsupervised-alpha": 1.0})
+    assert rc == 2 and "'unsupervised-alpha'" in err and "share the silos" in err
+    rc, err, _ = _simulate_err(tmp_path, capsys, base | {"unsupervised-server-lr": "fast"})
+    assert rc == 2 and "'unsupervised-server-lr'" in err and "float" in err
+
     rc, err, _ = _simulate_err(tmp_path, capsys, base | {"num-silos": 50, "n-images": 100})
     assert rc == 2 and "silo-49" in err and "100" in err
 
@@ -517,3 +549,9 @@ def test_resolve_and_demo_scenario():
     assert args.scenario == "demo" and args.resume is None
     scn = load_scenario("demo", overrides={"num-server-rounds": 1})
     assert scn.cfg.num_server_rounds == 1 and scn.cfg.num_silos == 5 and scn.cfg.bits == 64 and scn.also_unsupervised
+    # the demo's per-mode knobs: supervised keeps FedAvg, unsupervised steps 3x along the average (FedAvgM)
+    sup, unsup = scn.config_for(True), scn.config_for(False)
+    assert (sup.strategy, sup.supervised) == ("fedavg", True)
+    assert (unsup.strategy, unsup.server_lr, unsup.supervised, unsup.num_server_rounds) == ("fedavgm", 3.0, False, 1)
+    assert {k: v for k, v in unsup.to_dict().items() if k not in ("strategy", "server-lr", "supervised")} == \
+        {k: v for k, v in sup.to_dict().items() if k not in ("strategy", "server-lr", "supervised")}
