@@ -1,53 +1,148 @@
-"""FedAvg on the demo's silos, in-process (no Flower), with the same functions the ClientApp and
-ServerApp call (local_train, exact pooled BatchNorm statistics, global prototypes): a fast way to try
-levers before running them through Flower.
+"""FedAvg on the demo's silos, in-process (no Flower), with the functions the ClientApp and ServerApp
+call (local_train, exact pooled BatchNorm statistics, global prototypes): a fast way to try levers.
+Each argument is one run, comma-separated key=value:
 
-    python benchmarks/fedavg_levers.py unsup,10,1,0.001,0.1 unsup,10,5,0.001,0.1   # mode,rounds,epochs,lr,lam
+    mode=sup|unsup  rounds=10  epochs=1  lr=1e-3  lam=0.1  bs=256
+    server=avg|avgm|adam  slr=1 (server learning rate)  mom=0.9 (avgm)  tau=1e-9 (adam)
+    stats=views|view0|clean   (which inputs the pooled BatchNorm statistics come from)
+    keepopt=1    (each silo keeps its AdamW state across rounds)
+    sub=k        (each round, each silo trains on k random batches only: FedSGD-like)
+    curve=1      (print the mean mAP after every round)
+    central=E    (instead: centralized training, E epochs, pooled silos)
+    local=E      (instead: local-only training, E epochs, scored per silo)
+
+    python benchmarks/fedavg_levers.py mode=unsup,stats=clean,slr=3 mode=unsup,central=10 mode=unsup,local=10
 """
-import sys, time, copy, dataclasses, itertools
+import sys, time, copy, dataclasses
 import numpy as np, torch
 from client import task
 from client.partitions import make_silos
 from hashing import fedstats, fedmodel
-from hashing.fedconfig import FedConfig
+from hashing.train import train_head, TrainConfig
 from simulations.scenario import load_scenario
+from simulations import runner
 torch.set_num_threads(2)
-scn = load_scenario("demo")
-base = scn.cfg
+scn = load_scenario("demo"); base = scn.cfg
 ds = task.load_source(base)
 silos = make_silos(ds, task.partition_spec(base, base.num_silos))
 data = [task.silo_features(base, s) for s in silos]
 
-def run(sup, rounds, epochs, lr, bs=256, lam=0.1):
-    cfg = dataclasses.replace(base, supervised=sup, num_server_rounds=rounds, local_epochs=epochs, lr=lr, batch_size=bs, lam=lam)
+import hashing.train as HT
+CUR = [None]; SAVED = {}
+_Adam = torch.optim.AdamW
+class KeepAdam(_Adam):
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        if CUR[0] is not None and CUR[0] in SAVED:
+            sd = self.state_dict(); sd["state"] = copy.deepcopy(SAVED[CUR[0]]); self.load_state_dict(sd)
+    def step(self, *a, **k):
+        r = super().step(*a, **k)
+        if CUR[0] is not None: SAVED[CUR[0]] = self.state_dict()["state"]
+        return r
+HT.torch.optim.AdamW = KeepAdam
+
+def stats_in(d, how):
+    if how == "views": return d.train_views
+    if how == "view0": return d.train_views[:, 0]
+    return d.clean[d.silo.splits.train]
+
+def central(o):
+    sup = o["mode"] == "sup"
+    cfg = dataclasses.replace(base, supervised=sup, num_server_rounds=int(o["central"]), local_epochs=1, lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)), lam=float(o.get("lam", 0.1)))
+    X = np.concatenate([d.train_views for d in data]); Y = np.concatenate([d.train_labels for d in data])
+    coder, _ = train_head(X, Y if sup else None, runner._reference_config(cfg), progress=False)
+    if o.get("stats", "ema") != "ema":
+        st = [fedstats.head_stats(coder, stats_in(d, o["stats"])) for d in data]
+        m, v = fedstats.pooled_moments(fedstats.pool(st)); fedstats.set_bn_stats(coder, m, v)
+    return float(np.mean([task.local_evaluate(cfg, d, coder)["map"] for d in data]))
+
+def localonly(o):
+    cfg = dataclasses.replace(base, supervised=o["mode"] == "sup", num_server_rounds=int(o["local"]), local_epochs=1, lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)))
+    res = []
+    for d in data:
+        coder, _ = train_head(d.train_views, d.train_labels if cfg.supervised else None, runner._reference_config(cfg), progress=False)
+        res.append(task.local_evaluate(cfg, d, coder)["map"])
+    return float(np.mean(res))
+
+def run(o):
+    if "local" in o: return localonly(o)
+    if "central" in o: return central(o)
+    sup = o["mode"] == "sup"
+    cfg = dataclasses.replace(base, supervised=sup, num_server_rounds=int(o.get("rounds", 10)), local_epochs=int(o.get("epochs", 1)),
+                              lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)), lam=float(o.get("lam", 0.1)))
+    how = o.get("stats", "views"); server = o.get("server", "avg"); slr = float(o.get("slr", 1.0)); mom = float(o.get("mom", 0.9))
     _, wid, dim = fedmodel.backbone_for(cfg)
     g = fedmodel.build_model(cfg, dim)
     protos = None
     def pool_stats():
         nonlocal protos
-        st = [fedstats.head_stats(g, d.train_views, d.train_labels if sup else None, d.num_classes if sup else 0) for d in data]
+        st = [fedstats.head_stats(g, stats_in(d, how), d.train_labels if sup else None, d.num_classes if sup else 0) for d in data]
         p = fedstats.pool(st); m, v = fedstats.pooled_moments(p); fedstats.set_bn_stats(g, m, v)
         if sup: protos = fedstats.global_prototypes(g, p)
-
     pool_stats()
-    for r in range(1, rounds + 1):
-        params, _ = fedmodel.split_state(g)
-        _, buffers = fedmodel.split_state(g)
+    mstate = vstate = None
+    curve = []
+    for r in range(1, cfg.num_server_rounds + 1):
+        params, buffers = fedmodel.split_state(g)
         acc = None; n_tot = 0
-        for d in data:
+        for si, d in enumerate(data):
+            CUR[0] = si if o.get("keepopt") else None
             m = copy.deepcopy(g)
-            task.local_train(cfg, d, m, r, prototypes=protos)
+            if o.get("sub"):
+                k = int(o["sub"]) * cfg.batch_size
+                rs = np.random.default_rng(r * 7 + si); pick = np.sort(rs.choice(len(d.train_views), min(k, len(d.train_views)), replace=False))
+                d2 = copy.copy(d); d2.train_views = d.train_views[pick]
+                sp = d.silo.splits
+                class L: pass
+                d2.labels = d.labels  # train_labels uses splits; sup not used here
+                task.train_head(d2.train_views, None, task.train_config(cfg, r), coder=m, progress=False)
+            else:
+                task.local_train(cfg, d, m, r, prototypes=protos)
             p, _ = fedmodel.split_state(m)
             n = len(d.silo.splits.train); n_tot += n
             acc = {k: v * n for k, v in p.items()} if acc is None else {k: acc[k] + v * n for k, v in p.items()}
-        newp = {k: v / n_tot for k, v in acc.items()}
+        avg = {k: v / n_tot for k, v in acc.items()}
+        delta = {k: avg[k] - params[k] for k in params}
+        if server == "avg":
+            newp = {k: params[k] + slr * delta[k] for k in params}
+        elif server == "avgm":
+            mstate = delta if mstate is None else {k: mom * mstate[k] + delta[k] for k in delta}
+            newp = {k: params[k] + slr * mstate[k] for k in params}
+        elif server == "adam":
+            b1, b2, tau = 0.9, 0.99, float(o.get("tau", 1e-9))
+            mstate = {k: (1 - b1) * delta[k] for k in delta} if mstate is None else {k: b1 * mstate[k] + (1 - b1) * delta[k] for k in delta}
+            vstate = {k: (1 - b2) * delta[k] ** 2 for k in delta} if vstate is None else {k: b2 * vstate[k] + (1 - b2) * delta[k] ** 2 for k in delta}
+            newp = {k: params[k] + slr * mstate[k] / (vstate[k].sqrt() + tau) for k in params}
         fedmodel.load_state(g, newp, buffers)
         pool_stats()
-    maps = [task.local_evaluate(cfg, d, g)["map"] for d in data]
-    return float(np.mean(maps))
+        if o.get("curve"): curve.append(round(float(np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data])), 4))
+    if curve: print("  curve", curve)
+    if o.get("ownbn"):
+        res = []
+        for d in data:
+            gg = copy.deepcopy(g); s1 = fedstats.head_stats(gg, stats_in(d, "clean"))
+            mm, vv = fedstats.pooled_moments(fedstats.pool([s1])); fedstats.set_bn_stats(gg, mm, vv)
+            res.append(task.local_evaluate(cfg, d, gg)["map"])
+        print("  own-BN eval", round(float(np.mean(res)), 4))
+    print("  bit balance", round(float(np.mean([task.local_evaluate(cfg, d, g)["bit-balance"] for d in data])), 4))
+    return float(np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data]))
 
-for spec in sys.argv[1:]:
-    sup, rounds, epochs, lr, lam = spec.split(",")
+for spec in [a for a in sys.argv[1:] if a != "diag"]:
+    o = dict(kv.split("=") for kv in spec.split(","))
     t0 = time.time()
-    m = run(sup == "sup", int(rounds), int(epochs), float(lr), lam=float(lam))
-    print(f"{spec}: mean mAP {m:.4f}  ({time.time()-t0:.1f}s)", flush=True)
+    print(f"{spec}: mean mAP {run(o):.4f}  ({time.time()-t0:.1f}s)", flush=True)
+
+def diag():
+    cfg = dataclasses.replace(base, supervised=False)
+    _, wid, dim = fedmodel.backbone_for(cfg)
+    g = fedmodel.build_model(cfg, dim)
+    st = [fedstats.head_stats(g, stats_in(d, "clean")) for d in data]
+    m, v = fedstats.pooled_moments(fedstats.pool(st)); fedstats.set_bn_stats(g, m, v)
+    print("init model pooled BN:", np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data]))
+    # per-silo own BN
+    res = []
+    for d, s in zip(data, st):
+        gg = copy.deepcopy(g); mm, vv = fedstats.pooled_moments(fedstats.pool([s])); fedstats.set_bn_stats(gg, mm, vv)
+        res.append(task.local_evaluate(cfg, d, gg)["map"])
+    print("init model own BN:", np.mean(res))
+if "diag" in sys.argv: diag()
