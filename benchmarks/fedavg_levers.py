@@ -18,7 +18,7 @@ import numpy as np, torch
 from client import task
 from client.partitions import make_silos
 from hashing import fedstats, fedmodel
-from hashing.train import train_head, TrainConfig
+from hashing.train import train_head
 from simulations.scenario import load_scenario
 from simulations import runner
 torch.set_num_threads(2)
@@ -91,11 +91,7 @@ def run(o):
             if o.get("sub"):
                 k = int(o["sub"]) * cfg.batch_size
                 rs = np.random.default_rng(r * 7 + si); pick = np.sort(rs.choice(len(d.train_views), min(k, len(d.train_views)), replace=False))
-                d2 = copy.copy(d); d2.train_views = d.train_views[pick]
-                sp = d.silo.splits
-                class L: pass
-                d2.labels = d.labels  # train_labels uses splits; sup not used here
-                task.train_head(d2.train_views, None, task.train_config(cfg, r), coder=m, progress=False)
+                task.train_head(d.train_views[pick], None, task.train_config(cfg, r), coder=m, progress=False)
             else:
                 task.local_train(cfg, d, m, r, prototypes=protos)
             p, _ = fedmodel.split_state(m)

@@ -102,7 +102,6 @@ def central(o):
     rng = np.random.default_rng(0)
     sizes = np.array([len(d.train_views) for d in data]); p = sizes / sizes.sum()
     allX = np.concatenate([d.train_views for d in data])
-    silo_of = np.repeat(np.arange(len(data)), sizes)
     for s in range(steps):
         if o.get("homog") == "1":
             si = rng.choice(len(data), p=p); X = data[si].train_views

@@ -79,22 +79,25 @@ class FedConfig:
         return [f.name.replace("_", "-") for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config", base: "FedConfig | None" = None) -> "FedConfig":
-        """Build from a flat mapping (kebab- or snake-case keys); unknown keys and bad types are errors."""
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config", base: "FedConfig | None" = None,
+                  key_prefix: str = "") -> "FedConfig":
+        """Build from a flat mapping (kebab- or snake-case keys); unknown keys and bad types are errors.
+
+        ``key_prefix`` is how the source spells these keys (a scenario's ``unsupervised-``), for the errors."""
         types = {f.name: f.type for f in fields(cls)}
         out = asdict(base) if base is not None else {}
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
             if key not in types:
-                raise ConfigError(f"{source}: unknown key '{raw_key}'; known keys: {', '.join(cls.keys())}")
-            out[key] = _coerce(value, types[key], raw_key, source)
+                raise ConfigError(f"{source}: unknown key '{key_prefix}{raw_key}'; known keys: {', '.join(cls.keys())}")
+            out[key] = _coerce(value, types[key], f"{key_prefix}{raw_key}", source)
         cfg = cls(**out)
-        cfg.check(source)
+        cfg.check(source, key_prefix)
         return cfg
 
-    def check(self, source: str = "config") -> None:
+    def check(self, source: str = "config", key_prefix: str = "") -> None:
         def bad(key: str, why: str):
-            raise ConfigError(f"{source}: '{key.replace('_', '-')}' {why}")
+            raise ConfigError(f"{source}: '{key_prefix}{key.replace('_', '-')}' {why}")
         if self.mode not in MODES:
             bad("mode", f"is {self.mode!r}; use one of {', '.join(MODES)}")
         if self.strategy not in STRATEGIES:

@@ -56,6 +56,11 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def _score(metrics, balance_key: str = "bit-balance") -> tuple[float, float]:
+    """(mAP, bit balance) of one silo's evaluation in a reply's metrics."""
+    return float(metrics["map"]), float(metrics[balance_key])
+
+
 def _silo(msg: Message) -> dict[str, str]:
     rec = msg.content.config_records.get("silo")
     return {k: str(v) for k, v in rec.items()} if rec is not None else {"name": f"node-{msg.metadata.src_node_id}"}
@@ -169,7 +174,7 @@ class Federation:
         mets = [m.content["metrics"] for m in ok]
         evaluation = None
         if evaluate_previous:  # self.params is still the model the silos evaluated
-            scores = {s["name"]: (float(m["map"]), float(m["eval-bit-balance"])) for s, m in zip(silos, mets)}
+            scores = {s["name"]: _score(m, "eval-bit-balance") for s, m in zip(silos, mets)}
             sampled = {m.metadata.dst_node_id for m in msgs}
             rest = [n for n in (node_ids or []) if n not in sampled]
             evaluation = self._eval_record(scores | (self._evaluate(server_round - 1, rest) if rest else {}))
@@ -193,8 +198,7 @@ class Federation:
     def _evaluate(self, server_round: int, node_ids: list[int]) -> dict[str, tuple[float, float]]:
         """The ``evaluate`` message: each silo's (mAP, bit balance) under the current global model."""
         ok = self._send(self._messages(node_ids, MessageType.EVALUATE, server_round), "evaluate", server_round)
-        return {_silo(m)["name"]: (float(m.content["metrics"]["map"]), float(m.content["metrics"]["bit-balance"]))
-                for m in ok}
+        return {_silo(m)["name"]: _score(m.content["metrics"]) for m in ok}
 
     @staticmethod
     def _eval_record(scores: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
@@ -209,11 +213,13 @@ class Federation:
         version = self.model_version()
         msgs = self._messages(node_ids, MSG_INDEX, self.cfg.num_server_rounds, **{"model-version": version})
         ok = self._send(msgs, "index", self.cfg.num_server_rounds)
-        mets = {_silo(m)["name"]: m.content["metrics"] for m in ok}
-        indexes = {_silo(m)["name"]: {"index": str(m.content["silo"]["index"]),
-                                      "n": int(m.content["metrics"]["num-examples"]),
-                                      "map": float(m.content["metrics"]["map"])} for m in ok}
-        return indexes, self._eval_record({k: (float(m["map"]), float(m["bit-balance"])) for k, m in mets.items()})
+        indexes, scores = {}, {}
+        for m in ok:
+            name, met = _silo(m)["name"], m.content["metrics"]
+            indexes[name] = {"index": str(m.content["silo"]["index"]), "n": int(met["num-examples"]),
+                             "map": float(met["map"])}
+            scores[name] = _score(met)
+        return indexes, self._eval_record(scores)
 
     def model_version(self) -> str:
         return fedmodel.version_of(self.params, self.buffers, self.cfg, self.weights_id)
@@ -272,8 +278,8 @@ class Federation:
                 t1 = time.perf_counter()
                 rec |= self.pool_statistics(r, node_ids)
                 rec["model_version"] = self.model_version()
-                rec |= {"seconds": time.perf_counter() - t0, "seconds_train": t1 - t0,
-                        "seconds_stats": time.perf_counter() - t1}
+                t2 = time.perf_counter()
+                rec |= {"seconds": t2 - t0, "seconds_train": t1 - t0, "seconds_stats": t2 - t1}
                 if evaluation is not None and prev is not None:
                     prev |= evaluation
                 self.history.append(rec)

@@ -91,16 +91,13 @@ def scenario_from_dict(raw: dict[str, Any], *, source: str = "scenario", overrid
             if str(k).startswith(prefix):
                 per_mode.setdefault(sup, {})[str(k)[len(prefix):]] = raw.pop(k)
     cfg = FedConfig.from_dict(raw, source=source)
-    for sup, knobs in per_mode.items():  # a bad per-mode key fails here, named with its prefix
-        prefix = "supervised-" if sup else "unsupervised-"
+    for prefix, sup in MODE_PREFIXES.items():  # a bad per-mode key fails here, named with its prefix
+        knobs = per_mode.get(sup, {})
         shared = [k for k in knobs if k.replace("-", "_") in SHARED_KEYS]
         if shared:
             raise ConfigError(f"{source}: '{prefix}{shared[0]}': both CroVCA modes share the silos, features and "
                               "folders; only training and server knobs can differ per mode")
-        try:
-            FedConfig.from_dict(knobs, source=source, base=cfg)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace(" key '", f" key '{prefix}", 1).replace(": '", f": '{prefix}", 1)) from None
+        FedConfig.from_dict(knobs, source=source, base=cfg, key_prefix=prefix)
     name = study.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{source}: 'name' must be a non-empty string")
