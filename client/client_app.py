@@ -34,10 +34,26 @@ from . import task
 app = ClientApp()
 
 
+_warm = False
+
+
+def _warm_up() -> None:
+    """Once per process: one AdamW step on a dummy parameter. torch's optimizers import
+    torch._dynamo (and sympy) on their first step, ~2 s; paid here, it lands in the engine's
+    start-up (the first message a node gets is the round-0 statistics) instead of round 1."""
+    global _warm
+    if not _warm:
+        p = torch.nn.Parameter(torch.zeros(1))
+        p.grad = torch.zeros(1)
+        torch.optim.AdamW([p]).step()
+        _warm = True
+
+
 def _setup(msg: Message, context: Context):
     threads = os.environ.get("FEDHASH_CLIENT_THREADS")  # set by fedhash simulate: one core per simulated silo
     if threads and torch.get_num_threads() != int(threads):
         torch.set_num_threads(int(threads))
+    _warm_up()
     cfg = FedConfig.from_json(str(msg.content["config"]["fedconfig"]))
     node = context.node_config
     if "cache-dir" in node:
@@ -50,7 +66,7 @@ def _setup(msg: Message, context: Context):
     fedmodel.load_state(model, params, glob)
     down = fedmodel.state_nbytes(params) + fedmodel.state_nbytes(glob)
     protos = glob.get(fedmodel.PROTOTYPES)
-    return cfg, data, model, None if protos is None else protos.numpy(), down
+    return cfg, data, model, None if protos is None else protos.numpy(), down, fedmodel.state_digest(params)
 
 
 def _silo_record(data) -> ConfigRecord:
@@ -68,12 +84,12 @@ def _maybe_fail(data, server_round: int) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, data, model, prototypes, down = _setup(msg, context)
+    cfg, data, model, prototypes, down, digest = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
     _maybe_fail(data, rnd)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     t0 = time.perf_counter()
-    ev = task.local_evaluate(cfg, data, model) if bool(msg.content["config"].get("evaluate", False)) else None
+    ev = task.local_evaluate(cfg, data, model, digest) if bool(msg.content["config"].get("evaluate", False)) else None
     m = task.local_train(cfg, data, model, rnd, prototypes=prototypes, prox_mu=mu)
     params, _ = fedmodel.split_state(model)
     up = fedmodel.state_nbytes(params)
@@ -88,8 +104,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
-    cfg, data, model, _, down = _setup(msg, context)
-    s = {k: torch.from_numpy(v) for k, v in task.local_stats(cfg, data, model).items()}
+    cfg, data, model, _, down, digest = _setup(msg, context)
+    s = {k: torch.from_numpy(v) for k, v in task.local_stats(cfg, data, model, digest).items()}
     metrics = MetricRecord({"num-examples": int(len(data.silo.splits.train)), "bytes-down": down,
                             "bytes-up": fedmodel.state_nbytes(s)})
     return Message(RecordDict({"stats": ArrayRecord(s), "metrics": metrics, "silo": _silo_record(data)}), reply_to=msg)
@@ -97,8 +113,8 @@ def stats(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, data, model, _, _ = _setup(msg, context)
-    m = task.local_evaluate(cfg, data, model)
+    cfg, data, model, _, _, digest = _setup(msg, context)
+    m = task.local_evaluate(cfg, data, model, digest)
     metrics = MetricRecord({"num-examples": m["n-query"], "map": m["map"], "bit-balance": m["bit-balance"],
                             "n-db": m["n-db"]})
     return Message(RecordDict({"metrics": metrics, "silo": _silo_record(data)}), reply_to=msg)
@@ -106,7 +122,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query("index")
 def index(msg: Message, context: Context) -> Message:
-    cfg, data, model, _, _ = _setup(msg, context)
+    cfg, data, model, _, _, digest = _setup(msg, context)
     version = str(msg.content["config"]["model-version"])
     out = task.node_out_dir(cfg, context.node_config)
     try:
@@ -114,7 +130,7 @@ def index(msg: Message, context: Context) -> Message:
     except OSError as e:
         raise FedhashError(f"silo {data.name}: cannot write its index under {out} ({e}); "
                            "set the node's out-dir to a writable folder") from e
-    ev = task.local_evaluate(cfg, data, model)
+    ev = task.local_evaluate(cfg, data, model, digest)
     rec = _silo_record(data)
     rec["index"] = str(path)
     metrics = MetricRecord({"num-examples": n, "map": ev["map"], "bit-balance": ev["bit-balance"]})

@@ -69,10 +69,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import logging
 import math
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -80,6 +84,8 @@ import numpy as np
 from hashing.atomic import atomic_path
 from hashing.data import ImageSet, Splits, make_splits, subset
 from hashing.errors import ConfigError, DataError
+
+log = logging.getLogger("fedhash.partitions")
 
 KINDS = ("iid", "dirichlet", "pathological", "quantity", "domain")
 DOMAINS = ("none", "invert", "blur", "animal-mnist")
@@ -362,12 +368,74 @@ def _label_keys(labels: np.ndarray) -> np.ndarray:
     return keys
 
 
+def _memo_path(keys: np.ndarray, spec: PartitionSpec) -> Path:
+    """Where the partition of these labels under ``spec`` is memoised on disk (beside the feature
+    cache). The key holds the labels' bytes, every field
+    of the spec that shapes the cut, and flwr-datasets' version (its partitioners draw the cut)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from hashing.features import default_cache_dir
+
+    try:
+        fds = version("flwr-datasets")
+    except PackageNotFoundError:  # pragma: no cover - a dependency of fedhash
+        fds = "?"
+    what = {"format": 1, "flwr-datasets": fds, "kind": spec.kind, "num_silos": spec.num_silos, "alpha": spec.alpha,
+            "classes_per_silo": spec.classes_per_silo, "quantity_power": spec.quantity_power,
+            "min_size": spec.min_silo_size, "seed": spec.seed}
+    h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(keys, dtype=np.int64).data)
+    return default_cache_dir() / "partitions" / f"{h.hexdigest()[:24]}.npz"
+
+
+def _memo_load(path: Path, n: int, s: int) -> tuple[list[np.ndarray], list[int]] | None:
+    try:
+        with np.load(path) as z:
+            parts = [z[f"silo{i}"].astype(np.int64) for i in range(s)]
+            unused = [int(c) for c in z["unused"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if len(flat) and (flat.min() < 0 or flat.max() >= n or len(np.unique(flat)) != len(flat)):
+        return None  # not a partition of these n images: recompute (and overwrite)
+    return parts, unused
+
+
 def partition_indices(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
     """Indices (sorted int64) of each silo's images: disjoint, covering (see ``pathological``), deterministic from ``spec``.
 
     Raises :class:`DataError` naming the silo when one would hold fewer than ``max(min_size, 3)`` images.
+    The result is memoised on disk: every simulated silo computes the same cut, and drawing it
+    imports flwr-datasets (and Hugging Face datasets), seconds per process.
     """
     keys = _label_keys(labels)
+    memo = _memo_path(keys, spec)
+    hit = _memo_load(memo, len(keys), spec.num_silos) if memo.exists() else None
+    if hit is not None:
+        parts, unused = hit
+        _warn_unused(spec, unused)
+        return parts
+    parts, unused = _partition(keys, spec)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(memo) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, unused=np.asarray(unused, np.int64), **{f"silo{i}": p for i, p in enumerate(parts)})
+    except OSError as e:  # a read-only cache only costs the next process the same computation
+        log.warning("could not memoise the partition under %s (%s)", memo.parent, e)
+    return parts
+
+
+def _warn_unused(spec: PartitionSpec, unused) -> None:
+    if spec.kind == "pathological" and unused:
+        warnings.warn(
+            f"pathological partition: {spec.num_silos} silos x {spec.classes_per_silo} classes cannot hold all classes; "
+            f"the images of classes {list(unused)} belong to no silo",
+            stacklevel=3,
+        )
+
+
+def _partition(keys: np.ndarray, spec: PartitionSpec) -> tuple[list[np.ndarray], list[int]]:
     n, s, m = len(keys), spec.num_silos, spec.min_silo_size
     if n < s * m:
         raise DataError(
@@ -386,12 +454,8 @@ def partition_indices(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarra
             parts = _quantity(keys, spec)
         else:  # pragma: no cover - PartitionSpec validates kind
             raise ConfigError(f"partitioner = {spec.kind!r} is unknown; use one of: {', '.join(KINDS)}")
-    if spec.kind == "pathological" and unused:
-        warnings.warn(
-            f"pathological partition: {s} silos x {spec.classes_per_silo} classes cannot hold all classes; "
-            f"the images of classes {unused} belong to no silo",
-            stacklevel=2,
-        )
+    unused = [int(c) for c in unused] if spec.kind == "pathological" else []
+    _warn_unused(spec, unused)
     parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     for i, p in enumerate(parts):
         if len(p) < m:
@@ -399,7 +463,7 @@ def partition_indices(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarra
                 f"{spec.kind} partition: silo-{i} holds {len(p)} image(s), fewer than the {m} a silo needs "
                 f"(min-size); {_FIX}"
             )
-    return parts
+    return parts, unused
 
 
 def _hf_dataset(keys: np.ndarray, order: np.ndarray):

@@ -5,6 +5,7 @@ evaluate, and build its index. Flower-free except for the names of node-config k
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 
@@ -24,8 +25,9 @@ from hashing.codes import logits_to_codes
 from hashing.data import ImageSet, load_dataset
 from hashing.errors import ConfigError, DataError
 from hashing.fedconfig import FedConfig
-from hashing.features import cached_features
-from hashing.fedmodel import backbone_for, build_model, head_of
+from hashing.atomic import atomic_path
+from hashing.features import cached_features, default_cache_dir
+from hashing.fedmodel import backbone_for, backbone_identity, build_model, head_of
 from hashing.finetune import LoraHasher, backbone_features, train_lora
 from hashing.index import SiloIndex
 from hashing.metrics import retrieval_metrics
@@ -90,10 +92,12 @@ def silo_features(cfg: FedConfig, silo: Silo) -> SiloData:
     """Load (or extract once into the feature cache) the silo's features."""
     ds = silo.ds
     num_classes = ds.labels.shape[1] if ds.labels.ndim == 2 else len(ds.classes)
-    model, wid, dim = backbone_for(cfg)
+    wid, dim = backbone_identity(cfg)
     if cfg.mode == "lora":
         return SiloData(silo, ds.labels, num_classes, wid, dim)
-    common = dict(size=cfg.size, cache_dir=cfg.cache_dir or None)
+    # the backbone is built only if a feature cache entry is missing
+    common = dict(size=cfg.size, cache_dir=cfg.cache_dir or None, weights_id=wid)
+    model = lambda: backbone_for(cfg)[0]  # noqa: E731
     clean = cached_features(model, cfg.backbone, ds, np.arange(len(ds)), views=0, seed=0, **common)
     views = cached_features(model, cfg.backbone, ds, silo.splits.train, views=cfg.views, seed=cfg.seed, **common)
     return SiloData(silo, ds.labels, num_classes, wid, dim, clean=clean, train_views=views)
@@ -151,7 +155,7 @@ def train_config(cfg: FedConfig, server_round: int) -> TrainConfig:
     return TrainConfig(bits=cfg.bits, supervised=cfg.supervised,
                        epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=lr_at((r - 1) / total),
                        lr_min=lr_at(r / total), weight_decay=cfg.weight_decay, lam=cfg.lam, eps=cfg.eps,
-                       variant=cfg.variant, seed=cfg.seed * 100003 + r)
+                       variant=cfg.variant, seed=cfg.seed * 100003 + r, renorm=cfg.batch_renorm)
 
 
 # --------------------------------------------------------------------------- the silo's jobs
@@ -173,7 +177,8 @@ def local_train(cfg: FedConfig, data: SiloData, model: torch.nn.Module, server_r
             "train-seconds": time.perf_counter() - t0}
 
 
-def local_stats(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> dict[str, np.ndarray]:
+def local_stats(cfg: FedConfig, data: SiloData, model: torch.nn.Module,
+                params_digest: str | None = None) -> dict[str, np.ndarray]:
     """count / sum / sumsq of the pre-BatchNorm activations of the silo's clean training images
     and per-class counts and sums (supervised), under ``model``.
 
@@ -181,12 +186,59 @@ def local_stats(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> dict[
     and a quarter of the cost of all cached views (the pooled mAP is the same either way:
     BENCHMARKS.md, "Federated: where the time goes")."""
     head = head_of(model)
+    labels = data.train_labels if cfg.supervised else None
+    classes = data.num_classes if cfg.supervised else 0
     if isinstance(model, LoraHasher):
         feats = backbone_features(model, data.silo.ds, data.silo.splits.train, size=cfg.size)
-    else:
-        feats = data.clean[data.silo.splits.train]
-    labels = data.train_labels if cfg.supervised else None
-    return fedstats.head_stats(head, feats, labels, data.num_classes if cfg.supervised else 0)
+        return fedstats.head_stats(head, feats, labels, classes)
+    h = encode(head, data.clean[data.silo.splits.train], pre_bn=True)
+    _keep_activations(cfg, data, params_digest, h)
+    return fedstats.activation_stats(h, labels, classes)
+
+
+# The database of a simulated or real silo is its training split, so the statistics phase has
+# already run the new global model's head (up to its BatchNorm) over every database image when
+# the next round's train message asks the silo to score that model. The activations are kept on
+# disk, keyed by the model's parameters, for that evaluation: a simulation engine may hand the
+# two messages to different processes. A miss (or a mismatch) just encodes again.
+
+def _activation_path(cfg: FedConfig, data: SiloData, params_digest: str | None) -> Path | None:
+    sp = data.silo.splits
+    source = getattr(data.clean, "filename", None)
+    if params_digest is None or source is None or not np.array_equal(sp.database, sp.train):
+        return None
+    h = hashlib.sha256(Path(source).name.encode())  # the feature cache entry: data, backbone, weights, size
+    h.update(np.ascontiguousarray(sp.train, dtype="<i8").tobytes())
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return root / "activations" / f"{h.hexdigest()[:16]}-{params_digest}.npy"
+
+
+def _keep_activations(cfg: FedConfig, data: SiloData, params_digest: str | None, h: np.ndarray) -> None:
+    path = _activation_path(cfg, data, params_digest)
+    if path is None:
+        return
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, h)
+        # keep this model's and the one before (still to be scored if a round is retried)
+        older = sorted(path.parent.glob(path.name.split("-")[0] + "-*.npy"), key=lambda p: p.stat().st_mtime)
+        for p in older[:-2]:
+            p.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not keep the activations under %s (%s); the evaluation will encode again", path.parent, e)
+
+
+def _kept_activations(cfg: FedConfig, data: SiloData, params_digest: str | None, bits: int) -> np.ndarray | None:
+    path = _activation_path(cfg, data, params_digest)
+    if path is None or not path.exists():
+        return None
+    try:
+        h = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = h.dtype == np.float32 and h.shape == (len(data.silo.splits.database), bits) and np.isfinite(h).all()
+    return h if ok else None
 
 
 def encode_silo(cfg: FedConfig, data: SiloData, model: torch.nn.Module, idx: np.ndarray) -> np.ndarray:
@@ -206,11 +258,21 @@ def silo_map(data: SiloData, query: np.ndarray, db_codes: np.ndarray) -> dict[st
             "n-query": int(len(sp.query)), "n-db": int(len(sp.database))}
 
 
-def local_evaluate(cfg: FedConfig, data: SiloData, model: torch.nn.Module) -> dict[str, float]:
-    """mAP@1000 (Hamming) of the silo's query split against its own database."""
+def local_evaluate(cfg: FedConfig, data: SiloData, model: torch.nn.Module,
+                   params_digest: str | None = None) -> dict[str, float]:
+    """mAP@1000 (Hamming) of the silo's query split against its own database.
+
+    ``params_digest`` (:func:`hashing.fedmodel.state_digest` of the model's parameters) lets it
+    reuse the database activations the statistics phase kept for this model."""
     sp = data.silo.splits
     q = encode_silo(cfg, data, model, sp.query)
-    db = encode_silo(cfg, data, model, sp.database)
+    h = None if isinstance(model, LoraHasher) else _kept_activations(cfg, data, params_digest, cfg.bits)
+    if h is not None:
+        norm = head_of(model).norm.eval()
+        with torch.inference_mode():
+            db = norm(torch.from_numpy(h)).numpy()
+    else:
+        db = encode_silo(cfg, data, model, sp.database)
     return silo_map(data, q, logits_to_codes(db))
 
 

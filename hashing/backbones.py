@@ -206,6 +206,11 @@ def load_weights(model: nn.Module, weights: str | os.PathLike, name: str | None 
 # --------------------------------------------------------------------------- #
 # Public constructors
 # --------------------------------------------------------------------------- #
+def resolve_weights(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | None = None) -> Path | None:
+    """The weights file ``create_backbone(name, weights)`` would load (None: random init), without building."""
+    return _resolve_weights(name, weights, {})
+
+
 def _resolve_weights(name: str, weights: Any, kwargs: dict) -> Path | None:
     """Return the file to load, None for random init; raise before building anything."""
     pretrained = kwargs.pop("pretrained", None)

@@ -9,8 +9,15 @@ Two sizes, as CroVCA's public code has them:
 Weights are trunc-normal(std 0.02), biases zero. All layers live in one
 ``nn.Sequential`` called ``net``, so parameter names (``net.0.weight``, ...,
 ``net.<last>.running_mean``) are stable across sites: federation exchanges them by name.
+
+The last layer is a :class:`BatchRenorm1d`: a ``BatchNorm1d`` (same state dict, same
+behaviour) that can train with Batch Renormalization against its running statistics.
+Federated clients use that: the running statistics they receive are the exact pooled
+statistics of all silos, and a silo's batch holds only its own data.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +26,38 @@ from .codes import check_bits
 from .errors import ConfigError
 
 VARIANTS = ("small", "large")
+
+
+class BatchRenorm1d(nn.BatchNorm1d):
+    """BatchNorm1d that, while ``renorm`` is on and in training mode, normalises with
+    Batch Renormalization (Ioffe, 2017) against its running statistics, which it then
+    leaves unchanged:
+
+        z = gamma * ((h - mu_B) / s_B * r + d) + beta,   r = sg(s_B / s_R),  d = sg((mu_B - mu_R) / s_R)
+
+    The forward value is the running statistics' normalisation, ``(h - mu_R) / s_R``, the
+    one the model is scored with; the gradient flows through the batch statistics as in
+    BatchNorm, which keeps the scale of the logits in check. When the batch looks like the
+    reference (r = 1, d = 0) this is plain BatchNorm. A federated silo trains with the
+    pooled statistics of all silos as the reference, so a batch drawn from one silo is
+    normalised as the union would be, not centred on its own mean: the bits need not split
+    every silo's data in half.
+    """
+
+    renorm: bool = False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.renorm):
+            return super().forward(h)
+        if h.ndim != 2 or h.shape[0] < 2:
+            raise ValueError(f"Batch Renormalization needs a (batch >= 2, features) input, got {tuple(h.shape)}")
+        mu_b = h.mean(0)
+        s_b = torch.sqrt(h.var(0, unbiased=False) + self.eps)
+        s_r = torch.sqrt(self.running_var + self.eps)
+        r = (s_b / s_r).detach()
+        d = ((mu_b - self.running_mean) / s_r).detach()
+        x = (h - mu_b) / s_b * r + d
+        return x * self.weight + self.bias if self.affine else x
 
 
 class HashCoder(nn.Module):
@@ -43,7 +82,7 @@ class HashCoder(nn.Module):
                 raise ConfigError(f"hidden size {hidden} must be positive")
             self.hidden = h
             layers = [nn.Linear(d, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, k)]
-        self.net = nn.Sequential(*layers, nn.BatchNorm1d(k))
+        self.net = nn.Sequential(*layers, BatchRenorm1d(k))
         for m in self.net:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -53,5 +92,22 @@ class HashCoder(nn.Module):
         """Logits z (the BatchNorm output), shape (n, bits)."""
         return self.net(x)
 
+    @property
+    def norm(self) -> BatchRenorm1d:
+        return self.net[-1]
+
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, bits={self.bits}, variant={self.variant!r}, hidden={self.hidden}"
+
+
+@contextmanager
+def batch_renorm(coder: HashCoder, on: bool = True):
+    """Train ``coder`` with Batch Renormalization against its current running statistics
+    inside the block (see :class:`BatchRenorm1d`); plain BatchNorm again afterwards."""
+    norm = coder.norm
+    before = norm.renorm
+    norm.renorm = bool(on)
+    try:
+        yield coder
+    finally:
+        norm.renorm = before

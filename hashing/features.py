@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from . import atomic
 from .backbones import data_config, feature_dim, weights_fingerprint
 from .data import ImageSet
+from .errors import ConfigError
 from .views import AUG_VERSION, augment, normalise, resize, to_batch
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ def extract(
 
 
 def cached_features(
-    backbone: torch.nn.Module,
+    backbone: torch.nn.Module | Callable[[], torch.nn.Module],
     backbone_name: str,
     ds: ImageSet,
     idx: np.ndarray,
@@ -152,15 +154,21 @@ def cached_features(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 256,
     desc: str | None = None,
+    weights_id: str | None = None,
 ) -> np.ndarray:
     """Features of images ``idx`` from the disk cache, extracting and saving them on a miss.
 
+    ``backbone`` may be a zero-argument function that builds it: with ``weights_id`` (its
+    :func:`weights_fingerprint`) given, it is then called only on a cache miss.
     Returns a float16 array (memory-mapped read-only from the cache file).
     """
     idx = np.asarray(idx, dtype=np.int64)
+    if weights_id is None:
+        backbone = backbone if isinstance(backbone, torch.nn.Module) else backbone()
+        weights_id = weights_fingerprint(backbone)
     key = FeatureKey(
         data=ds.fingerprint(), indices=_indices_digest(idx), backbone=backbone_name,
-        weights=weights_fingerprint(backbone), size=int(size), views=int(views), seed=int(seed),
+        weights=weights_id, size=int(size), views=int(views), seed=int(seed),
     )
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stem = cache_dir / key.digest()
@@ -170,6 +178,10 @@ def cached_features(
         return cached
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    backbone = backbone if isinstance(backbone, torch.nn.Module) else backbone()
+    if weights_fingerprint(backbone) != weights_id:
+        raise ConfigError(f"weights_id {weights_id} is not the fingerprint of the backbone given; "
+                          "pass the backbone's own weights_fingerprint")
     shape = _out_shape(len(idx), views, feature_dim(backbone))
     with atomic.atomic_path(npy) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)

@@ -57,6 +57,9 @@ class FedConfig:
     weight_decay: float = 1e-2
     lam: float = 0.1
     eps: float = 0.05
+    # local training normalises a silo's batch against the pooled BatchNorm statistics of all
+    # silos (Batch Renormalization) instead of the batch's own; see hashing.coder.BatchRenorm1d
+    batch_renorm: bool = True
     # server
     strategy: str = "fedavg"
     num_server_rounds: int = 10

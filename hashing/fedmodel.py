@@ -6,18 +6,26 @@ pooled statistics, never by averaging).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
-from .backbones import create_backbone, weights_fingerprint
+from . import atomic
+from .backbones import create_backbone, resolve_weights, weights_fingerprint
+from .features import default_cache_dir
 from .coder import HashCoder
 from .fedconfig import FedConfig
 from .finetune import LoraHasher, build_lora_hasher
 from .lora import load_trainable_state, state_nbytes, trainable_state
 from .model import model_version
+
+log = logging.getLogger("fedhash.fedmodel")
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 PROTOTYPES = "prototypes"
@@ -35,6 +43,57 @@ def backbone_for(cfg: FedConfig) -> tuple[torch.nn.Module, str, int]:
             model = model.to(memory_format=torch.channels_last)
             _backbones[key] = (model, weights_fingerprint(model), dim)
         return _backbones[key]
+
+
+def backbone_identity(cfg: FedConfig) -> tuple[str, int]:
+    """(weights fingerprint, feature width) of ``cfg``'s backbone, without building it when it can.
+
+    Building a timm backbone imports timm and torchvision (seconds per process), and a node whose
+    features are cached needs only these two values, the cache key. They are memoised on disk,
+    keyed by the backbone name, the sha256 of the weights file and the timm and torch versions;
+    random weights (no file) are always built.
+    """
+    key = (cfg.backbone, cfg.weights)
+    with _lock:
+        if key in _backbones:
+            return _backbones[key][1], _backbones[key][2]
+    memo = _identity_memo(cfg)
+    if memo is not None and memo.exists():
+        try:
+            got = json.loads(memo.read_text())
+            return str(got["weights_fingerprint"]), int(got["feature_dim"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: build below and write it again
+    _, wid, dim = backbone_for(cfg)
+    if memo is not None:
+        try:
+            atomic.write_json(memo, {"backbone": cfg.backbone, "weights_fingerprint": wid, "feature_dim": dim})
+        except OSError as e:
+            log.warning("could not memoise the backbone's fingerprint under %s (%s)", memo.parent, e)
+    return wid, dim
+
+
+def _identity_memo(cfg: FedConfig) -> Path | None:
+    from importlib.metadata import version
+
+    path = resolve_weights(cfg.backbone, cfg.weights or None)
+    if path is None or not path.is_file():
+        return None  # random weights, or a missing file (backbone_for names the problem)
+    what = {"backbone": cfg.backbone, "weights_sha256": atomic.sha256_file(path), "timm": version("timm"),
+            "torch": torch.__version__, "format": 1}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return root / "backbones" / f"{digest}.json"
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (first 24 hex digits) of a state's names, dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
 
 
 def build_model(cfg: FedConfig, feature_dim: int) -> torch.nn.Module:

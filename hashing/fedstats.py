@@ -42,33 +42,42 @@ def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None
     n, v, d = f.shape
     if d != coder.in_dim:
         raise CodeLengthError(f"features are {d}-d but the head expects {coder.in_dim}-d; use the same backbone")
-    k = coder.bits
     coder.eval()
-    s = np.zeros(k, np.float64)
-    ss = np.zeros(k, np.float64)
+    step = max(1, batch_size // v)  # images per block: batch_size activations
+    total = activation_stats(np.zeros((0, coder.bits), np.float32), labels[:0] if labels is not None else None,
+                             num_classes)
+    for start in range(0, n, step):
+        blk = torch.from_numpy(np.asarray(f[start : start + step], dtype=np.float32))
+        m = blk.shape[0]
+        h = _pre_bn(coder, blk.reshape(m * v, d)).reshape(m, v, coder.bits).numpy()
+        part = activation_stats(h, labels[start : start + m] if labels is not None else None, num_classes)
+        total = {key: total[key] + part[key] for key in STAT_KEYS}
+    return total
+
+
+def activation_stats(h: np.ndarray, labels: np.ndarray | None = None, num_classes: int = 0) -> dict[str, np.ndarray]:
+    """:func:`head_stats` of pre-BatchNorm activations already computed: ``h`` (n, V, K) or (n, K)."""
+    h = np.asarray(h, dtype=np.float64)
+    h = h if h.ndim == 3 else h[:, None, :]
+    n, v, k = h.shape
     c = int(num_classes) if labels is not None else 0
-    if c and labels is not None:
+    cc = np.zeros(c, np.float64)
+    cs = np.zeros((c, k), np.float64)
+    if c:
         lab = np.asarray(labels)
+        if len(lab) != n:
+            raise DataError(f"{len(lab)} labels for {n} images; give one label row per image")
         if lab.ndim == 1 and len(lab) and (lab.min() < 0 or lab.max() >= c):
             raise DataError(f"class ids must lie in 0..{c - 1}, got {lab.min()}..{lab.max()}; "
                             "every silo must use the same class list")
         if lab.ndim == 2 and lab.shape[1] != c:
             raise DataError(f"multi-hot labels have {lab.shape[1]} classes, expected {c}; use the same class list")
-    cc = np.zeros(c, np.float64)
-    cs = np.zeros((c, k), np.float64)
-    step = max(1, batch_size // v)  # images per block: batch_size activations
-    for start in range(0, n, step):
-        blk = torch.from_numpy(np.asarray(f[start : start + step], dtype=np.float32))
-        m = blk.shape[0]
-        h = _pre_bn(coder, blk.reshape(m * v, d)).double().reshape(m, v, k)
-        s += h.sum((0, 1)).numpy()
-        ss += (h * h).sum((0, 1)).numpy()
-        if c:
-            y = np.asarray(labels[start : start + m])
-            onehot = np.eye(c)[y] if y.ndim == 1 else (y > 0).astype(np.float64)
-            cc += onehot.sum(0)
-            cs += onehot.T @ h.mean(1).numpy()
-    return {"count": np.array([n * v], np.float64), "sum": s, "sumsq": ss, "class_count": cc, "class_sum": cs}
+        if n:
+            onehot = np.eye(c)[lab] if lab.ndim == 1 else (lab > 0).astype(np.float64)
+            cc = onehot.sum(0)
+            cs = onehot.T @ h.mean(1)
+    return {"count": np.array([n * v], np.float64), "sum": h.sum((0, 1)), "sumsq": (h * h).sum((0, 1)),
+            "class_count": cc, "class_sum": cs}
 
 
 def pool(stats: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import create_backbone, data_config
-from .coder import HashCoder
+from .coder import HashCoder, batch_renorm
 from .data import ImageSet
 from .errors import ConfigError, TrainingError
 from .features import load_batch
@@ -80,28 +80,29 @@ def train_lora(model: LoraHasher, ds: ImageSet, idx: np.ndarray, cfg: TrainConfi
     hist = History()
     t0 = time.perf_counter()
     set_lora_train(model, True)
-    step = 0
-    for epoch in range(cfg.epochs):
-        perm = rng.permutation(n)
-        sums = {"loss": 0.0, "align": 0.0, "reg": 0.0, "bit_balance": 0.0}
-        for i in tqdm(range(steps_per_epoch), desc=f"LoRA epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress):
-            sel = np.sort(perm[i * bs : (i + 1) * bs])
-            x = load_batch(ds, idx[sel], size)
-            views = [model(_views(model, x, size, g)), model(_views(model, x, size, g))]
-            y = torch.as_tensor(ds.labels[idx[sel]]) if cfg.supervised else None
-            loss, parts = crovca_loss(views, y, protos, lam=cfg.lam, eps=cfg.eps, step=step)
-            if anchor is not None:
-                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            hist.step_loss.append(loss.item())
-            sums["loss"] += hist.step_loss[-1]
-            for k in ("align", "reg", "bit_balance"):
-                sums[k] += parts[k]
-        hist.epoch.append({k: s / steps_per_epoch for k, s in sums.items()} | {"epoch": epoch + 1})
+    with batch_renorm(model.head, cfg.renorm):
+        step = 0
+        for epoch in range(cfg.epochs):
+            perm = rng.permutation(n)
+            sums = {"loss": 0.0, "align": 0.0, "reg": 0.0, "bit_balance": 0.0}
+            for i in tqdm(range(steps_per_epoch), desc=f"LoRA epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress):
+                sel = np.sort(perm[i * bs : (i + 1) * bs])
+                x = load_batch(ds, idx[sel], size)
+                views = [model(_views(model, x, size, g)), model(_views(model, x, size, g))]
+                y = torch.as_tensor(ds.labels[idx[sel]]) if cfg.supervised else None
+                loss, parts = crovca_loss(views, y, protos, lam=cfg.lam, eps=cfg.eps, step=step)
+                if anchor is not None:
+                    loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                hist.step_loss.append(loss.item())
+                sums["loss"] += hist.step_loss[-1]
+                for k in ("align", "reg", "bit_balance"):
+                    sums[k] += parts[k]
+            hist.epoch.append({k: s / steps_per_epoch for k, s in sums.items()} | {"epoch": epoch + 1})
     hist.seconds = time.perf_counter() - t0
     model.eval()
     return hist

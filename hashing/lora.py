@@ -18,6 +18,7 @@ switches only the LoRA dropout to training behaviour.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -105,7 +106,15 @@ def lora_targets(model: nn.Module, name: str | None = None, *, stages: int = 2,
 # --------------------------------------------------------------------------- #
 # Wrapping
 # --------------------------------------------------------------------------- #
+class _NoTunerLayer:
+    """Stands for peft's BaseTunerLayer while peft is not imported: nothing is an instance."""
+
+
 def _tuner_layer_cls():
+    # A module can hold peft adapter layers only once peft is imported; importing it (and with it
+    # transformers) takes seconds, which a probe-mode client or server should not pay per process.
+    if "peft" not in sys.modules:
+        return _NoTunerLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return BaseTunerLayer

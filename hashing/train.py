@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .coder import HashCoder
+from .coder import HashCoder, batch_renorm
 from .errors import ConfigError, TrainingError
 from .loss import crovca_loss
 
@@ -31,6 +31,9 @@ class TrainConfig:
     eps: float = 0.05
     variant: str = "small"
     seed: int = 0
+    # Batch Renormalization against the head's running statistics (federated clients, whose
+    # running statistics are the pooled ones of all silos); see hashing.coder.BatchRenorm1d
+    renorm: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,46 +94,51 @@ def train_head(
     hist = History()
     t0 = time.perf_counter()
     coder.train()
-    step = 0
-    for epoch in range(cfg.epochs):
-        perm = rng.permutation(n)
-        sums = {"loss": 0.0, "align": 0.0, "reg": 0.0, "bit_balance": 0.0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
-        for i in bar:
-            idx = np.sort(perm[i * bs : (i + 1) * bs])
-            a, b = _views_pair(rng, len(idx), v)
-            batch = features[idx]  # one read of the (memory-mapped) cache
-            x1 = torch.from_numpy(batch[np.arange(len(idx)), a].astype(np.float32))
-            x2 = torch.from_numpy(batch[np.arange(len(idx)), b].astype(np.float32))
-            views = [coder(x1), coder(x2)]
-            y = lab_t[idx] if cfg.supervised else None
-            loss, parts = crovca_loss(views, y, protos, lam=cfg.lam, eps=cfg.eps, step=step)
-            if anchor is not None:
-                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(coder.parameters(), anchor))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            loss_value = loss.item()
-            hist.step_loss.append(loss_value)
-            sums["loss"] += loss_value
-            for k in ("align", "reg", "bit_balance"):
-                sums[k] += parts[k]
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-        hist.epoch.append({k: s / steps_per_epoch for k, s in sums.items()} | {"epoch": epoch + 1})
+    with batch_renorm(coder, cfg.renorm):
+        step = 0
+        for epoch in range(cfg.epochs):
+            perm = rng.permutation(n)
+            sums = {"loss": 0.0, "align": 0.0, "reg": 0.0, "bit_balance": 0.0}
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+            for i in bar:
+                idx = np.sort(perm[i * bs : (i + 1) * bs])
+                a, b = _views_pair(rng, len(idx), v)
+                batch = features[idx]  # one read of the (memory-mapped) cache
+                x1 = torch.from_numpy(batch[np.arange(len(idx)), a].astype(np.float32))
+                x2 = torch.from_numpy(batch[np.arange(len(idx)), b].astype(np.float32))
+                views = [coder(x1), coder(x2)]
+                y = lab_t[idx] if cfg.supervised else None
+                loss, parts = crovca_loss(views, y, protos, lam=cfg.lam, eps=cfg.eps, step=step)
+                if anchor is not None:
+                    loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(coder.parameters(), anchor))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                loss_value = loss.item()
+                hist.step_loss.append(loss_value)
+                sums["loss"] += loss_value
+                for k in ("align", "reg", "bit_balance"):
+                    sums[k] += parts[k]
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            hist.epoch.append({k: s / steps_per_epoch for k, s in sums.items()} | {"epoch": epoch + 1})
     hist.seconds = time.perf_counter() - t0
     coder.eval()
     return coder, hist
 
 
 @torch.inference_mode()
-def encode(coder: HashCoder, features: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """Logits z (n, bits), float32, of clean-view features (n, d), head in eval mode."""
+def encode(coder: HashCoder, features: np.ndarray, batch_size: int = 8192, *, pre_bn: bool = False) -> np.ndarray:
+    """Logits z (n, bits), float32, of clean-view features (n, d), head in eval mode.
+
+    ``pre_bn``: the activations entering the final BatchNorm instead; ``coder.norm`` (eval mode)
+    maps them to exactly the logits this function returns without it (same blocks, same kernels)."""
     coder.eval()
+    net = coder.net[:-1] if pre_bn else coder
     out = np.empty((len(features), coder.bits), dtype=np.float32)
     for s in range(0, len(features), batch_size):
-        out[s : s + batch_size] = coder(torch.from_numpy(np.asarray(features[s : s + batch_size], dtype=np.float32))).numpy()
+        out[s : s + batch_size] = net(torch.from_numpy(np.asarray(features[s : s + batch_size], dtype=np.float32))).numpy()
     if not np.isfinite(out).all():
         raise TrainingError("the head produced non-finite logits; the model is broken, retrain it")
     return out

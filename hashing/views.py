@@ -15,7 +15,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 AUG_VERSION = "crovca-batched-v1"  # part of the feature-cache key: bump when the recipe changes
 
@@ -58,6 +57,8 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     n, c, h, w = x.shape
     boxes = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], _crop_boxes(n, h, w, g)], dim=1)
     # roi_align averages sampling_ratio^2 bilinear samples per output pixel: a crop-and-resize with light anti-aliasing
+    from torchvision.ops import roi_align  # here, not at the top: torchvision's import costs ~2 s (it loads torch._dynamo)
+
     out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
     flip = torch.rand(n, generator=g) < 0.5

@@ -53,7 +53,7 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         if time.time() - t0 > timeout:
             raise TrainingError(f"only {len(ids)} of the {n} silos needed (min-train-nodes) connected within "
                                 f"{timeout:.0f} s; start more SuperNodes or lower min-train-nodes")
-        time.sleep(1.0)
+        time.sleep(0.1)
 
 
 def _score(metrics, balance_key: str = "bit-balance") -> tuple[float, float]:
@@ -75,7 +75,7 @@ class Federation:
         self.on_round = on_round
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        _, self.weights_id, dim = fedmodel.backbone_for(cfg)
+        self.weights_id, dim = fedmodel.backbone_identity(cfg)
         model = fedmodel.build_model(cfg, dim)
         self.head = fedmodel.head_of(model)  # the server's copy, for pooled statistics and prototypes
         self.model = model

@@ -27,6 +27,10 @@ def make_server_app(cfg: FedConfig | Sequence[FedConfig] | None = None, *, scena
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedhash").setLevel(logging.INFO)
+        if hasattr(grid, "pull_interval"):
+            # Flower's in-memory (simulation) grid polls for replies every 0.1 s by default; a round has
+            # two message phases, so that wait is a visible share of a 2 s round. The poll is a cheap lookup.
+            grid.pull_interval = 0.01
         if cfg is None:
             cfgs = [FedConfig.from_dict(dict(context.run_config), source="run config")]
         else:

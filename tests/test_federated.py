@@ -549,7 +549,13 @@ def test_resolve_and_demo_scenario():
     assert args.scenario == "demo" and args.resume is None
     scn = load_scenario("demo", overrides={"num-server-rounds": 1})
     assert scn.cfg.num_server_rounds == 1 and scn.cfg.num_silos == 5 and scn.cfg.bits == 64 and scn.also_unsupervised
-    # the demo's per-mode knobs: supervised keeps FedAvg, unsupervised steps 3x along the average (FedAvgM)
+    # both modes: FedAvg, local batches renormalised against the pooled statistics
+    sup, unsup = scn.config_for(True), scn.config_for(False)
+    assert (sup.strategy, sup.supervised, sup.batch_renorm) == ("fedavg", True, True)
+    assert (unsup.strategy, unsup.supervised, unsup.batch_renorm) == ("fedavg", False, True)
+    # per-mode knobs (unsupervised-<key>) reach one mode only
+    scn = load_scenario("demo", overrides={"num-server-rounds": 1, "unsupervised-strategy": "fedavgm",
+                                           "unsupervised-server-lr": 3.0})
     sup, unsup = scn.config_for(True), scn.config_for(False)
     assert (sup.strategy, sup.supervised) == ("fedavg", True)
     assert (unsup.strategy, unsup.server_lr, unsup.supervised, unsup.num_server_rounds) == ("fedavgm", 3.0, False, 1)

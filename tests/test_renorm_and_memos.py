@@ -1,0 +1,179 @@
+"""Batch Renormalization in the hash head, and the per-process costs fedhash memoises on disk
+(the silo partition, the backbone's fingerprint, the database activations between messages)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from client import partitions as P
+from client import task
+from client.partitions import PartitionSpec, partition_indices
+from hashing import fedmodel
+from hashing.coder import BatchRenorm1d, HashCoder, batch_renorm
+from hashing.fedconfig import FedConfig
+from hashing.train import TrainConfig, encode, train_head
+
+
+# ------------------------------------------------------------------ Batch Renormalization
+
+def _head_with_reference(seed=0):
+    torch.manual_seed(seed)
+    h = HashCoder(12, 8)
+    h.norm.running_mean.copy_(torch.randn(8))
+    h.norm.running_var.copy_(torch.rand(8) + 0.5)
+    h.norm.weight.data.copy_(torch.rand(8) + 0.5)
+    h.norm.bias.data.copy_(torch.randn(8) * 0.1)
+    return h
+
+
+def test_renorm_forward_is_the_reference_normalisation_and_leaves_it_unchanged():
+    h = _head_with_reference()
+    assert isinstance(h.norm, BatchRenorm1d) and isinstance(h.norm, torch.nn.BatchNorm1d)
+    x = torch.randn(32, 12)
+    ref = h.eval()(x)  # eval mode: the running statistics
+    mean, var = h.norm.running_mean.clone(), h.norm.running_var.clone()
+    h.train()
+    with batch_renorm(h):
+        z = h(x)
+    assert torch.allclose(z, ref, atol=1e-5)
+    assert torch.equal(h.norm.running_mean, mean) and torch.equal(h.norm.running_var, var)  # not updated
+    assert not h.norm.renorm  # switched off again after the block
+    plain = h(x)  # plain BatchNorm in train mode: the batch's own statistics
+    assert not torch.allclose(plain, ref, atol=1e-3)
+
+
+def test_renorm_gradient_is_batchnorm_when_the_batch_matches_the_reference():
+    """r = 1, d = 0: values and gradients are those of plain BatchNorm."""
+    x = torch.randn(64, 12, dtype=torch.float64)  # float64: the bias before BatchNorm gets a gradient of 0 + rounding
+    a, b = _head_with_reference(1).double(), _head_with_reference(1).double()
+    with torch.no_grad():
+        hx = a.net[:-1](x)
+    for m in (a, b):
+        m.norm.running_mean.copy_(hx.mean(0))
+        m.norm.running_var.copy_(hx.var(0, unbiased=False))
+        m.train()
+    with batch_renorm(a):
+        za = a(x)
+    zb = b(x)
+    assert torch.allclose(za, zb, atol=1e-10)
+    w = torch.randn_like(za)
+    (za * w).sum().backward()
+    (zb * w).sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_train_head_uses_renorm_only_when_asked():
+    feats = np.random.default_rng(0).standard_normal((64, 2, 12)).astype(np.float16)
+    cfg = TrainConfig(bits=8, epochs=1, batch_size=32, renorm=True)
+    h = _head_with_reference()
+    mean = h.norm.running_mean.clone()
+    train_head(feats, None, cfg, coder=h, progress=False)
+    assert torch.equal(h.norm.running_mean, mean) and not h.norm.renorm
+    train_head(feats, None, TrainConfig(bits=8, epochs=1, batch_size=32), coder=h, progress=False)
+    assert not torch.equal(h.norm.running_mean, mean)  # plain BatchNorm tracks its running statistics
+
+
+def test_batch_renorm_is_a_config_key():
+    assert FedConfig().batch_renorm is True
+    assert FedConfig.from_dict({"batch-renorm": False}).batch_renorm is False
+    assert task.train_config(FedConfig.from_dict({"batch-renorm": False}), 1).renorm is False
+    assert task.train_config(FedConfig(), 1).renorm is True
+
+
+# ------------------------------------------------------------------ the partition memo
+
+def test_partition_memo_same_cut_and_rebuilt_when_corrupt(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDHASH_CACHE", str(tmp_path))
+    spec = PartitionSpec(kind="dirichlet", num_silos=4, alpha=0.5, seed=3)
+    first = partition_indices(digits.labels, spec)
+    memo = list((tmp_path / "partitions").glob("*.npz"))
+    assert len(memo) == 1
+    again = partition_indices(digits.labels, spec)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    other = partition_indices(digits.labels, PartitionSpec(kind="dirichlet", num_silos=4, alpha=0.5, seed=4))
+    assert len(list((tmp_path / "partitions").glob("*.npz"))) == 2  # another key
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    memo[0].write_bytes(b"not a zip file")
+    rebuilt = partition_indices(digits.labels, spec)
+    assert all(np.array_equal(a, b) for a, b in zip(first, rebuilt))
+    # a memo that is not a partition of these images (out of range ids) is not trusted either
+    np.savez(memo[0], unused=np.zeros(0, np.int64), **{f"silo{i}": np.array([10**6]) for i in range(4)})
+    assert all(np.array_equal(a, b) for a, b in zip(first, partition_indices(digits.labels, spec)))
+
+
+def test_memo_hit_skips_flwr_datasets_and_keeps_the_warning(digits, tmp_path):
+    """A process that finds the cut memoised does not import flwr-datasets (seconds per process),
+    and a pathological cut that drops classes still warns."""
+    code = (
+        "import sys, warnings\n"
+        "from hashing.data import load_digits\n"
+        "from client.partitions import PartitionSpec, partition_indices\n"
+        "spec = PartitionSpec(kind='pathological', num_silos=2, classes_per_silo=2, seed=0)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    partition_indices(load_digits().labels, spec)\n"
+        "print(int('flwr_datasets' in sys.modules), int(any('belong to no silo' in str(x.message) for x in w)))\n"
+    )
+    env = {"FEDHASH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=P.__file__.rsplit("/client/", 1)[0])
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert runs[0].stdout.split() == ["1", "1"]  # computed: flwr-datasets drew it
+    assert runs[1].stdout.split() == ["0", "1"]  # memoised: no flwr-datasets, same warning
+
+
+# ------------------------------------------------------------------ backbone fingerprint memo
+
+def test_backbone_identity_matches_the_built_backbone_and_is_memoised(tmp_path):
+    cfg = FedConfig(cache_dir=str(tmp_path))
+    _, wid, dim = fedmodel.backbone_for(cfg)
+    fedmodel._backbones.clear()
+    try:
+        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # built (no memo yet), then memoised
+        memo = list((tmp_path / "backbones").glob("*.json"))
+        assert len(memo) == 1
+        fedmodel._backbones.clear()
+        assert fedmodel.backbone_identity(cfg) == (wid, dim)
+        assert fedmodel._backbones == {}  # answered from the memo, nothing built
+        memo[0].write_text("{broken")
+        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # rebuilt
+    finally:
+        fedmodel._backbones.clear()
+
+
+# ------------------------------------------------------------------ database activations
+
+def test_evaluation_reuses_the_statistics_phase_activations_exactly(digits, tmp_path):
+    from hashing.data import subset
+
+    cfg = FedConfig(data="digits", n_images=0, num_silos=2, partitioner="iid", bits=16, size=32, views=2,
+                    supervised=False, cache_dir=str(tmp_path))
+    silo = task.make_silo(subset(digits, np.arange(300)), task.partition_spec(cfg, 2), 0)
+    data = task.silo_features(cfg, silo)
+    model = task.fresh_model(cfg, data.feature_dim)
+    digest = fedmodel.state_digest(fedmodel.split_state(model)[0])
+    stats = task.local_stats(cfg, data, model, digest)
+    kept = list((tmp_path / "activations").glob(f"*-{digest}.npy"))
+    assert len(kept) == 1
+    h = np.load(kept[0])
+    assert np.array_equal(h, encode(model, data.clean[data.silo.splits.database], pre_bn=True))
+    assert stats["count"][0] == len(data.silo.splits.train)
+    np.testing.assert_allclose(stats["sum"], h.astype(np.float64).sum(0), rtol=1e-12)
+    from hashing import fedstats
+
+    m, v = fedstats.pooled_moments(fedstats.pool([stats]))
+    fedstats.set_bn_stats(model, m, v)
+    with_cache = task.local_evaluate(cfg, data, model, digest)
+    without = task.local_evaluate(cfg, data, model)
+    assert with_cache == without
+    # the kept file is what the evaluation reads: flipped activations give other codes
+    np.save(kept[0], -h)
+    assert task.local_evaluate(cfg, data, model, digest)["map"] != without["map"]
+    # a broken file is not used, and the digest of another model finds nothing
+    np.save(kept[0], np.full_like(h, np.nan))
+    assert task.local_evaluate(cfg, data, model, digest) == without
+    assert task._kept_activations(cfg, data, "0" * 24, cfg.bits) is None
