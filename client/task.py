@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from hashing import fedstats
+from hashing.atomic import atomic_path
 from hashing.codes import logits_to_codes
 from hashing.data import ImageSet, load_dataset
 from hashing.errors import ConfigError, DataError
 from hashing.fedconfig import FedConfig
-from hashing.atomic import atomic_path
 from hashing.features import cached_features, default_cache_dir
 from hashing.fedmodel import backbone_for, backbone_identity, build_model, head_of
 from hashing.finetune import LoraHasher, backbone_features, train_lora

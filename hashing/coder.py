@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .codes import check_bits
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 
 VARIANTS = ("small", "large")
 
@@ -50,7 +50,8 @@ class BatchRenorm1d(nn.BatchNorm1d):
         if not (self.training and self.renorm):
             return super().forward(h)
         if h.ndim != 2 or h.shape[0] < 2:
-            raise ValueError(f"Batch Renormalization needs a (batch >= 2, features) input, got {tuple(h.shape)}")
+            raise TrainingError(f"Batch Renormalization needs a (batch >= 2, features) input, got {tuple(h.shape)}; "
+                                "train on at least 2 images per batch")
         mu_b = h.mean(0)
         s_b = torch.sqrt(h.var(0, unbiased=False) + self.eps)
         s_r = torch.sqrt(self.running_var + self.eps)

@@ -6,6 +6,7 @@ both, and minimises the CroVCA loss. AdamW, cosine learning rate to ``lr_min``.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +17,11 @@ from tqdm.auto import tqdm
 from .coder import HashCoder, batch_renorm
 from .errors import ConfigError, TrainingError
 from .loss import crovca_loss
+
+
+# Held while seeding torch's global generator and drawing from it, so that trainings run side by
+# side in threads (fedhash simulate's references) each get their seed's initialisation.
+_TORCH_RNG = threading.Lock()
 
 
 @dataclass
@@ -78,9 +84,10 @@ def train_head(
         raise ConfigError("supervised training needs labels; the data set has none")
     if not cfg.supervised and v < 2:
         raise ConfigError("unsupervised CroVCA needs at least 2 cached views per image; raise views")
-    torch.manual_seed(cfg.seed)
+    with _TORCH_RNG:  # torch's global generator is one per process: seed and draw the init in one piece
+        torch.manual_seed(cfg.seed)
+        coder = coder or HashCoder(d, cfg.bits, cfg.variant)
     rng = np.random.default_rng(cfg.seed)
-    coder = coder or HashCoder(d, cfg.bits, cfg.variant)
     if coder.in_dim != d or coder.bits != cfg.bits:
         raise ConfigError(f"head expects {coder.in_dim}-d features and {coder.bits} bits, got {d}-d and {cfg.bits}")
     bs = min(cfg.batch_size, n)

@@ -56,6 +56,11 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(0.1)
 
 
+def _reply_order(msg: Message) -> tuple[str, int]:
+    silo = msg.content.config_records.get("silo")
+    return (str(silo["name"]) if silo is not None and "name" in silo else "", int(msg.metadata.src_node_id))
+
+
 def _score(metrics, balance_key: str = "bit-balance") -> tuple[float, float]:
     """(mAP, bit balance) of one silo's evaluation in a reply's metrics."""
     return float(metrics["map"]), float(metrics[balance_key])
@@ -110,7 +115,9 @@ class Federation:
     def _send(self, messages: list[Message], what: str, server_round: int) -> list[Message]:
         """Send, wait up to round-timeout, log every failure and timeout; return the good replies."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        ok = [m for m in replies if not m.has_error()]
+        # Replies arrive in whatever order the silos finish; aggregate in silo order instead, so that
+        # float sums (FedAvg, pooled statistics) and with them the whole run are reproducible.
+        ok = sorted((m for m in replies if not m.has_error()), key=_reply_order)
         answered = {m.metadata.src_node_id for m in replies}
         for m in replies:
             if m.has_error():

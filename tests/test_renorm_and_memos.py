@@ -177,3 +177,32 @@ def test_evaluation_reuses_the_statistics_phase_activations_exactly(digits, tmp_
     np.save(kept[0], np.full_like(h, np.nan))
     assert task.local_evaluate(cfg, data, model, digest) == without
     assert task._kept_activations(cfg, data, "0" * 24, cfg.bits) is None
+
+
+# ------------------------------------------------------------------ references side by side
+
+def test_trainings_side_by_side_in_threads_equal_one_at_a_time():
+    """fedhash simulate runs its references in threads, one core each: every training must still
+    get its own seed's initialisation (torch's global generator is shared by the threads)."""
+    import functools
+
+    from simulations.runner import _run_side_by_side
+
+    feats = np.random.default_rng(0).standard_normal((96, 2, 16)).astype(np.float16)
+
+    def job(seed):
+        coder, _ = train_head(feats, None, TrainConfig(bits=8, epochs=2, batch_size=32, seed=seed), progress=False)
+        return {"w": coder.net[0].weight.detach().clone(), "z": encode(coder, feats[:, 0])}
+
+    torch.set_num_threads(1)
+    try:
+        alone = {s: job(s) for s in range(6)}
+    finally:
+        torch.set_num_threads(2)
+    together = _run_side_by_side([(s, functools.partial(job, s)) for s in range(6)], progress=False)
+    assert sorted(together) == list(range(6))
+    for s in range(6):
+        res, seconds = together[s]
+        assert seconds > 0
+        assert torch.equal(res["w"], alone[s]["w"]) and np.array_equal(res["z"], alone[s]["z"])
+    assert not torch.equal(alone[0]["w"], alone[1]["w"])
