@@ -56,9 +56,9 @@ def demo(args) -> None:
         rows.append(("warm", wall, s))
         print(f"warm {i + 1}: {wall:.1f} s", flush=True)
     print()
-    print("| run | wall s | features s | fed sup: start-up s | fed sup: rounds s | fed sup: all s | "
-          "fed unsup: all s | centralized sup s | rounds / centralized | all / centralized |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | wall s | features s | Ray + both federations s | fed sup: start-up s | fed sup: rounds s | "
+          "fed sup: all s | fed unsup: all s | centralized sup s | rounds / centralized | all / centralized |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ratios, whole = [], []
     nan = float("nan")
     for kind, wall, s in rows:
@@ -69,7 +69,8 @@ def demo(args) -> None:
         if kind == "warm":
             ratios.append(rounds / cen)
             whole.append(fed / cen)
-        print(f"| {kind} | {wall:.1f} | {t.get('features', 0):.1f} | {start:.1f} | {rounds:.1f} | {fed:.1f} | "
+        print(f"| {kind} | {wall:.1f} | {t.get('features', 0):.1f} | "
+              f"{t.get('federated (all modes, one simulation)', nan):.1f} | {start:.1f} | {rounds:.1f} | {fed:.1f} | "
               f"{t.get('federated (unsupervised)', nan):.1f} | {cen:.1f} | {rounds / cen:.2f}x | {fed / cen:.2f}x |")
     warm = [w for k, w, _ in rows if k == "warm"]
     if warm:
