@@ -5,6 +5,8 @@ Each argument is one run, comma-separated key=value:
     mode=sup|unsup  rounds=10  epochs=1  lr=1e-3  lam=0.1  bs=256
     server=avg|avgm|adam  slr=1 (server learning rate)  mom=0.9 (avgm)  tau=1e-9 (adam)
     stats=views|view0|clean   (which inputs the pooled BatchNorm statistics come from)
+    renorm=1|0   (local training with Batch Renormalization against the pooled statistics | plain BatchNorm)
+    stale=1      (local training's renorm reference: the pooled statistics of the previous round's model)
     keepopt=1    (each silo keeps its AdamW state across rounds)
     sub=k        (each round, each silo trains on k random batches only: FedSGD-like)
     curve=1      (print the mean mAP after every round)
@@ -69,7 +71,8 @@ def run(o):
     if "central" in o: return central(o)
     sup = o["mode"] == "sup"
     cfg = dataclasses.replace(base, supervised=sup, num_server_rounds=int(o.get("rounds", 10)), local_epochs=int(o.get("epochs", 1)),
-                              lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)), lam=float(o.get("lam", 0.1)))
+                              lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)), lam=float(o.get("lam", 0.1)),
+                              batch_renorm=o.get("renorm", "1") == "1")
     how = o.get("stats", "views"); server = o.get("server", "avg"); slr = float(o.get("slr", 1.0)); mom = float(o.get("mom", 0.9))
     _, wid, dim = fedmodel.backbone_for(cfg)
     g = fedmodel.build_model(cfg, dim)
@@ -82,8 +85,13 @@ def run(o):
     pool_stats()
     mstate = vstate = None
     curve = []
+    prev_buffers = None
     for r in range(1, cfg.num_server_rounds + 1):
         params, buffers = fedmodel.split_state(g)
+        if o.get("stale") == "1" and prev_buffers is not None:
+            # train against the pooled statistics of the model before (one round stale)
+            fedmodel.load_state(g, params, prev_buffers)
+        prev_buffers = buffers
         acc = None; n_tot = 0
         for si, d in enumerate(data):
             CUR[0] = si if o.get("keepopt") else None

@@ -6,9 +6,14 @@ summarised by the global statistics at the round's start (M = m / silo share):
                              second moment | pooled mean, batch variance | batch mean, pooled variance
     cr=plain|mix             coding rate on the batch | on the imagined union (batch Gram + pooled E[z z^T])
     mixw=w                   imagined share of the silo (default: its true share n_i / N)
+    bn=renorm                Batch Renormalization against the pooled statistics (rmax=, dmax= clip r, d)
+    bn=offset                BatchNorm on the batch, then shifted and scaled by the silo's offset from the pooled
+                             statistics at the round's start (= plain BatchNorm when the silo looks like the union)
+    seed=s                   the model's and the local loops' seed (the silos stay the demo's)
+    slr=s                    server learning rate (step s times along the average update)
     stats=clean|views        inputs of the pooled statistics; curve=1 prints mAP per round
 Centralized training with silo-homogeneous batches (every batch from one silo, drawn by size):
-    central=1,homog=0|1,epochs=5
+    central=1,homog=0|1,epochs=5[,bn=renorm,every=6]   (renorm: pooled statistics of all silos every 6 steps)
 
     python benchmarks/unsup_batch_composition.py bn=plain,cr=plain bn=plain,cr=mix central=1,homog=1
 """
@@ -50,6 +55,12 @@ def local(g, d, cfg, r, G, o):
     bn = m_.net[-1]
     M = bs / float(o["mixw"]) if "mixw" in o else bs / w
     K = tc.bits
+    if o.get("bn") == "offset":
+        # the silo's own statistics at the round's start, against the pooled ones
+        with torch.no_grad():
+            hs = g.net[:-1](torch.from_numpy(d.clean[d.silo.splits.train].astype(np.float32))).double()
+        sS = torch.sqrt(hs.var(0, unbiased=False).float() + bn.eps); sG0 = torch.sqrt((e2G - muG**2).clamp_min(0) + bn.eps)
+        r_off, d_off = sS / sG0, (hs.mean(0).float() - muG) / sG0
     for ep in range(tc.epochs):
         perm = rng.permutation(n)
         for i in range(steps):
@@ -68,6 +79,18 @@ def local(g, d, cfg, r, G, o):
                 elif o.get("bn") == "gmean":
                     var = h.var(0, unbiased=False)
                     z = (h - muG) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+                elif o.get("bn") == "renorm":
+                    # Batch Renormalization (Ioffe 2017): the forward uses the pooled statistics, the
+                    # gradient flows through the batch's as in BatchNorm (r and d carry none).
+                    mb_, vb_ = h.mean(0), h.var(0, unbiased=False)
+                    sb, sG = torch.sqrt(vb_ + bn.eps), torch.sqrt((e2G - muG**2).clamp_min(0) + bn.eps)
+                    r_, d_ = (sb / sG).detach(), ((mb_ - muG) / sG).detach()
+                    if "rmax" in o:
+                        rm = float(o["rmax"]); r_ = r_.clamp(1 / rm, rm); d_ = d_.clamp(-float(o.get("dmax", 5)), float(o.get("dmax", 5)))
+                    z = ((h - mb_) / sb * r_ + d_) * bn.weight + bn.bias
+                elif o.get("bn") == "offset":
+                    z = (bn(h) - bn.bias) / bn.weight * r_off + d_off
+                    z = z * bn.weight + bn.bias
                 elif o.get("bn") == "gvar":
                     z = (h - h.mean(0)) / torch.sqrt((e2G - muG**2).clamp_min(0) + bn.eps) * bn.weight + bn.bias
                 else:
@@ -109,7 +132,17 @@ def central(o):
             X = allX
         idx = np.sort(rng.choice(len(X), bs, replace=False)); a, b = _views_pair(rng, bs, 4)
         batch = X[idx]
-        zs = [g(torch.from_numpy(batch[np.arange(bs), a].astype(np.float32))), g(torch.from_numpy(batch[np.arange(bs), b].astype(np.float32)))]
+        xs = [torch.from_numpy(batch[np.arange(bs), a].astype(np.float32)), torch.from_numpy(batch[np.arange(bs), b].astype(np.float32))]
+        if o.get("bn") == "renorm":
+            if s % int(o.get("every", 6)) == 0:
+                muG, e2G, _ = [t.float() for t in global_stats(g, "clean")]; g.train()
+            bn = g.net[-1]; zs = []
+            for x in xs:
+                h = g.net[:-1](x); mb_, vb_ = h.mean(0), h.var(0, unbiased=False)
+                sb, sG = torch.sqrt(vb_ + bn.eps), torch.sqrt((e2G - muG**2).clamp_min(0) + bn.eps)
+                zs.append(((h - mb_) / sb * (sb / sG).detach() + ((mb_ - muG) / sG).detach()) * bn.weight + bn.bias)
+        else:
+            zs = [g(x) for x in xs]
         loss, _ = crovca_loss(zs, lam=0.1, eps=0.05)
         opt.zero_grad(); loss.backward(); opt.step(); sch.step()
     st = [fedstats.head_stats(g, d.clean[d.silo.splits.train]) for d in data]
@@ -120,7 +153,7 @@ def central(o):
 def run(o):
     if "central" in o:
         return central(o)[0]
-    cfg = dataclasses.replace(base, supervised=False, num_server_rounds=int(o.get("rounds", 10)), local_epochs=int(o.get("epochs", 1)), lr=float(o.get("lr", 1e-3)))
+    cfg = dataclasses.replace(base, supervised=False, num_server_rounds=int(o.get("rounds", 10)), local_epochs=int(o.get("epochs", 1)), lr=float(o.get("lr", 1e-3)), seed=int(o.get("seed", base.seed)))
     _, wid, dim = fedmodel.backbone_for(cfg)
     g = fedmodel.build_model(cfg, dim)
     how = o.get("stats", "clean")
@@ -137,6 +170,9 @@ def run(o):
             m_ = local(g, d, cfg, r, G, o)
             p, _ = fedmodel.split_state(m_); wt = len(d.train_views) / N
             acc = {k: v * wt for k, v in p.items()} if acc is None else {k: acc[k] + v * wt for k, v in p.items()}
+        slr = float(o.get("slr", 1.0))
+        if slr != 1.0:
+            acc = {k: params[k] + slr * (acc[k] - params[k]) for k in acc}
         fedmodel.load_state(g, acc, buffers); pool()
         if o.get("curve"): curve.append(round(float(np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data])), 4))
     if curve: print("  curve", curve)
