@@ -282,14 +282,14 @@ class Silo:
     __hash__ = None  # type: ignore[assignment]
 
 
-def make_silos(ds: ImageSet, spec: PartitionSpec) -> list[Silo]:
+def make_silos(ds: ImageSet, spec: PartitionSpec, *, cache_dir: str | os.PathLike | None = None) -> list[Silo]:
     """Cut ``ds`` into ``spec.num_silos`` silos (see the module docstring for the kinds)."""
     _check_domains(ds, spec, range(spec.num_silos))
-    parts = partition_indices(ds.labels, spec)
+    parts = partition_indices(ds.labels, spec, cache_dir=cache_dir)
     return [_build_silo(ds, spec, parts[i], i) for i in range(spec.num_silos)]
 
 
-def make_silo(ds: ImageSet, spec: PartitionSpec, silo_id: int) -> Silo:
+def make_silo(ds: ImageSet, spec: PartitionSpec, silo_id: int, *, cache_dir: str | os.PathLike | None = None) -> Silo:
     """Only silo ``silo_id`` (what one simulated client builds); equal to ``make_silos(ds, spec)[silo_id]``.
 
     The partition itself is computed in full (it needs every label, and it raises the same
@@ -299,7 +299,7 @@ def make_silo(ds: ImageSet, spec: PartitionSpec, silo_id: int) -> Silo:
         raise ConfigError(f"silo id {silo_id!r} is out of range: num-silos is {spec.num_silos}, so ids run 0..{spec.num_silos - 1}")
     silo_id = int(silo_id)
     _check_domains(ds, spec, [silo_id])
-    parts = partition_indices(ds.labels, spec)
+    parts = partition_indices(ds.labels, spec, cache_dir=cache_dir)
     return _build_silo(ds, spec, parts[silo_id], silo_id)
 
 
@@ -368,7 +368,7 @@ def _label_keys(labels: np.ndarray) -> np.ndarray:
     return keys
 
 
-def _memo_path(keys: np.ndarray, spec: PartitionSpec) -> Path:
+def _memo_path(keys: np.ndarray, spec: PartitionSpec, cache_dir: str | os.PathLike | None) -> Path:
     """Where the partition of these labels under ``spec`` is memoised on disk (beside the feature
     cache). The key holds the labels' bytes, every field
     of the spec that shapes the cut, and flwr-datasets' version (its partitioners draw the cut)."""
@@ -385,7 +385,8 @@ def _memo_path(keys: np.ndarray, spec: PartitionSpec) -> Path:
             "min_size": spec.min_silo_size, "seed": spec.seed}
     h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     h.update(np.ascontiguousarray(keys, dtype=np.int64).data)
-    return default_cache_dir() / "partitions" / f"{h.hexdigest()[:24]}.npz"
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / "partitions" / f"{h.hexdigest()[:24]}.npz"
 
 
 def _memo_load(path: Path, n: int, s: int) -> tuple[list[np.ndarray], list[int]] | None:
@@ -401,15 +402,17 @@ def _memo_load(path: Path, n: int, s: int) -> tuple[list[np.ndarray], list[int]]
     return parts, unused
 
 
-def partition_indices(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
+def partition_indices(labels: np.ndarray, spec: PartitionSpec, *,
+                      cache_dir: str | os.PathLike | None = None) -> list[np.ndarray]:
     """Indices (sorted int64) of each silo's images: disjoint, covering (see ``pathological``), deterministic from ``spec``.
 
     Raises :class:`DataError` naming the silo when one would hold fewer than ``max(min_size, 3)`` images.
-    The result is memoised on disk: every simulated silo computes the same cut, and drawing it
-    imports flwr-datasets (and Hugging Face datasets), seconds per process.
+    The result is memoised on disk under ``cache_dir`` (default: the feature cache's folder): every
+    simulated silo computes the same cut, and drawing it imports flwr-datasets (and Hugging Face
+    datasets), seconds per process.
     """
     keys = _label_keys(labels)
-    memo = _memo_path(keys, spec)
+    memo = _memo_path(keys, spec, cache_dir)
     hit = _memo_load(memo, len(keys), spec.num_silos) if memo.exists() else None
     if hit is not None:
         parts, unused = hit

@@ -62,7 +62,8 @@ def silo_from_node(cfg: FedConfig, node_config: Mapping[str, Any]) -> Silo:
         return local_silo(ds, name, seed=cfg.seed, query_frac=cfg.query_frac)
     if "partition-id" in node_config:
         n = int(node_config.get("num-partitions", cfg.num_silos))
-        return make_silo(load_source(cfg), partition_spec(cfg, n), int(node_config["partition-id"]))
+        return make_silo(load_source(cfg), partition_spec(cfg, n), int(node_config["partition-id"]),
+                         cache_dir=cfg.cache_dir or None)
     raise ConfigError("node config has neither 'data' (a real site: --node-config 'data=\"/path/to/images\"') "
                       "nor 'partition-id' (simulation); give the SuperNode one of them")
 

@@ -246,7 +246,8 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ds = task.load_source(cfg)
-    silos = make_silos(ds, task.partition_spec(cfg, cfg.num_silos))  # bad silos fail before a run folder exists
+    # bad silos fail before a run folder exists
+    silos = make_silos(ds, task.partition_spec(cfg, cfg.num_silos), cache_dir=cfg.cache_dir or None)
     run_dir = Path(resume) if resume else new_run_dir(runs_dir, scn.name)
     atomic.write_json(run_dir / "scenario.json", scn.to_dict())
     plot_partition(silos, run_dir / "partition.png")

@@ -102,6 +102,10 @@ def test_partition_memo_same_cut_and_rebuilt_when_corrupt(digits, tmp_path, monk
     # a memo that is not a partition of these images (out of range ids) is not trusted either
     np.savez(memo[0], unused=np.zeros(0, np.int64), **{f"silo{i}": np.array([10**6]) for i in range(4)})
     assert all(np.array_equal(a, b) for a, b in zip(first, partition_indices(digits.labels, spec)))
+    # a given cache folder (a scenario's cache-dir) wins over the default
+    there = partition_indices(digits.labels, spec, cache_dir=tmp_path / "elsewhere")
+    assert all(np.array_equal(a, b) for a, b in zip(first, there))
+    assert len(list((tmp_path / "elsewhere" / "partitions").glob("*.npz"))) == 1
 
 
 def test_memo_hit_skips_flwr_datasets_and_keeps_the_warning(digits, tmp_path):
