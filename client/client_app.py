@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from hashing import fedmodel
+from hashing.backbones import weights_fingerprint
 from hashing.errors import FedhashError
 from hashing.fedconfig import FedConfig
 
@@ -66,7 +67,7 @@ def _setup(msg: Message, context: Context):
     fedmodel.load_state(model, params, glob)
     down = fedmodel.state_nbytes(params) + fedmodel.state_nbytes(glob)
     protos = glob.get(fedmodel.PROTOTYPES)
-    return cfg, data, model, None if protos is None else protos.numpy(), down, fedmodel.state_digest(params)
+    return cfg, data, model, None if protos is None else protos.numpy(), down, weights_fingerprint(params)
 
 
 def _silo_record(data) -> ConfigRecord:

@@ -145,7 +145,6 @@ def fresh_model(cfg: FedConfig, feature_dim: int) -> torch.nn.Module:
         return copy.deepcopy(_templates[key])
 
 
-
 def train_config(cfg: FedConfig, server_round: int) -> TrainConfig:
     """This round's slice of one cosine schedule over all rounds."""
 
@@ -230,7 +229,7 @@ def _keep_activations(cfg: FedConfig, data: SiloData, params_digest: str | None,
         log.warning("could not keep the activations under %s (%s); the evaluation will encode again", path.parent, e)
 
 
-def _kept_activations(cfg: FedConfig, data: SiloData, params_digest: str | None, bits: int) -> np.ndarray | None:
+def _kept_activations(cfg: FedConfig, data: SiloData, params_digest: str | None) -> np.ndarray | None:
     path = _activation_path(cfg, data, params_digest)
     if path is None or not path.exists():
         return None
@@ -238,7 +237,7 @@ def _kept_activations(cfg: FedConfig, data: SiloData, params_digest: str | None,
         h = np.load(path)
     except (OSError, ValueError, EOFError):
         return None
-    ok = h.dtype == np.float32 and h.shape == (len(data.silo.splits.database), bits) and np.isfinite(h).all()
+    ok = h.dtype == np.float32 and h.shape == (len(data.silo.splits.database), cfg.bits) and np.isfinite(h).all()
     return h if ok else None
 
 
@@ -263,11 +262,11 @@ def local_evaluate(cfg: FedConfig, data: SiloData, model: torch.nn.Module,
                    params_digest: str | None = None) -> dict[str, float]:
     """mAP@1000 (Hamming) of the silo's query split against its own database.
 
-    ``params_digest`` (:func:`hashing.fedmodel.state_digest` of the model's parameters) lets it
+    ``params_digest`` (:func:`hashing.backbones.weights_fingerprint` of the model's parameters) lets it
     reuse the database activations the statistics phase kept for this model."""
     sp = data.silo.splits
     q = encode_silo(cfg, data, model, sp.query)
-    h = None if isinstance(model, LoraHasher) else _kept_activations(cfg, data, params_digest, cfg.bits)
+    h = None if isinstance(model, LoraHasher) else _kept_activations(cfg, data, params_digest)
     if h is not None:
         norm = head_of(model).norm.eval()
         with torch.inference_mode():

@@ -31,6 +31,7 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 PROTOTYPES = "prototypes"
 
 _backbones: dict[tuple, tuple[torch.nn.Module, str, int]] = {}
+_identities: dict[tuple, tuple[str, int]] = {}  # (fingerprint, width) read from backbone_identity's disk memo
 _lock = threading.Lock()
 
 
@@ -57,11 +58,16 @@ def backbone_identity(cfg: FedConfig) -> tuple[str, int]:
     with _lock:
         if key in _backbones:
             return _backbones[key][1], _backbones[key][2]
+        if key in _identities:  # read from the disk memo before: no second hash of the weights file
+            return _identities[key]
     memo = _identity_memo(cfg)
     if memo is not None and memo.exists():
         try:
             got = json.loads(memo.read_text())
-            return str(got["weights_fingerprint"]), int(got["feature_dim"])
+            ident = str(got["weights_fingerprint"]), int(got["feature_dim"])
+            with _lock:
+                _identities[key] = ident
+            return ident
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: build below and write it again
     _, wid, dim = backbone_for(cfg)
@@ -84,16 +90,6 @@ def _identity_memo(cfg: FedConfig) -> Path | None:
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     return root / "backbones" / f"{digest}.json"
-
-
-def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 (first 24 hex digits) of a state's names, dtypes, shapes and bytes, in order."""
-    h = hashlib.sha256()
-    for name, t in state.items():
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:24]
 
 
 def build_model(cfg: FedConfig, feature_dim: int) -> torch.nn.Module:

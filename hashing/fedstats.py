@@ -44,15 +44,12 @@ def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None
         raise CodeLengthError(f"features are {d}-d but the head expects {coder.in_dim}-d; use the same backbone")
     coder.eval()
     step = max(1, batch_size // v)  # images per block: batch_size activations
-    total = activation_stats(np.zeros((0, coder.bits), np.float32), labels[:0] if labels is not None else None,
-                             num_classes)
+    h = np.empty((n, v, coder.bits), np.float32)
     for start in range(0, n, step):
         blk = torch.from_numpy(np.asarray(f[start : start + step], dtype=np.float32))
         m = blk.shape[0]
-        h = _pre_bn(coder, blk.reshape(m * v, d)).reshape(m, v, coder.bits).numpy()
-        part = activation_stats(h, labels[start : start + m] if labels is not None else None, num_classes)
-        total = {key: total[key] + part[key] for key in STAT_KEYS}
-    return total
+        h[start : start + m] = _pre_bn(coder, blk.reshape(m * v, d)).reshape(m, v, coder.bits).numpy()
+    return activation_stats(h, labels, num_classes)
 
 
 def activation_stats(h: np.ndarray, labels: np.ndarray | None = None, num_classes: int = 0) -> dict[str, np.ndarray]:

@@ -56,11 +56,6 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(0.1)
 
 
-def _reply_order(msg: Message) -> tuple[str, int]:
-    silo = msg.content.config_records.get("silo")
-    return (str(silo["name"]) if silo is not None and "name" in silo else "", int(msg.metadata.src_node_id))
-
-
 def _score(metrics, balance_key: str = "bit-balance") -> tuple[float, float]:
     """(mAP, bit balance) of one silo's evaluation in a reply's metrics."""
     return float(metrics["map"]), float(metrics[balance_key])
@@ -117,7 +112,8 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         # Replies arrive in whatever order the silos finish; aggregate in silo order instead, so that
         # float sums (FedAvg, pooled statistics) and with them the whole run are reproducible.
-        ok = sorted((m for m in replies if not m.has_error()), key=_reply_order)
+        ok = sorted((m for m in replies if not m.has_error()),
+                    key=lambda m: (_silo(m)["name"], int(m.metadata.src_node_id)))
         answered = {m.metadata.src_node_id for m in replies}
         for m in replies:
             if m.has_error():

@@ -196,12 +196,6 @@ def _local_only_silo(cfg: FedConfig, d: task.SiloData) -> dict[str, float]:
     return task.local_evaluate(cfg, d, coder)
 
 
-def local_only(cfg: FedConfig, silos: list[task.SiloData]) -> dict[str, Any]:
-    """Each silo trains alone (one after the other), scored on its own data."""
-    t0 = time.perf_counter()
-    return _row([(d.name, _local_only_silo(cfg, d)) for d in silos], t0)
-
-
 def centralized(cfg: FedConfig, silos: list[task.SiloData]) -> dict[str, Any]:
     """All silos' training views pooled (the upper bound), scored per silo."""
     t0 = time.perf_counter()

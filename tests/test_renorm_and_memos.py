@@ -4,13 +4,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from client import partitions as P
 from client import task
 from client.partitions import PartitionSpec, partition_indices
 from hashing import fedmodel
+from hashing.backbones import weights_fingerprint
 from hashing.coder import BatchRenorm1d, HashCoder, batch_renorm
 from hashing.fedconfig import FedConfig
 from hashing.train import TrainConfig, encode, train_head
@@ -133,20 +133,28 @@ def test_memo_hit_skips_flwr_datasets_and_keeps_the_warning(digits, tmp_path):
 # ------------------------------------------------------------------ backbone fingerprint memo
 
 def test_backbone_identity_matches_the_built_backbone_and_is_memoised(tmp_path):
+    def forget():  # this process's copies: the built backbone and what it read from a memo
+        fedmodel._backbones.clear()
+        fedmodel._identities.clear()
+
     cfg = FedConfig(cache_dir=str(tmp_path))
     _, wid, dim = fedmodel.backbone_for(cfg)
-    fedmodel._backbones.clear()
+    forget()
     try:
         assert fedmodel.backbone_identity(cfg) == (wid, dim)  # built (no memo yet), then memoised
         memo = list((tmp_path / "backbones").glob("*.json"))
         assert len(memo) == 1
-        fedmodel._backbones.clear()
+        forget()
         assert fedmodel.backbone_identity(cfg) == (wid, dim)
         assert fedmodel._backbones == {}  # answered from the memo, nothing built
         memo[0].write_text("{broken")
-        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # rebuilt
+        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # kept in-process: the file is not read again
+        assert fedmodel._backbones == {}
+        forget()
+        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # a new process: broken memo, rebuilt
+        assert fedmodel._backbones != {}
     finally:
-        fedmodel._backbones.clear()
+        forget()
 
 
 # ------------------------------------------------------------------ database activations
@@ -159,7 +167,7 @@ def test_evaluation_reuses_the_statistics_phase_activations_exactly(digits, tmp_
     silo = task.make_silo(subset(digits, np.arange(300)), task.partition_spec(cfg, 2), 0)
     data = task.silo_features(cfg, silo)
     model = task.fresh_model(cfg, data.feature_dim)
-    digest = fedmodel.state_digest(fedmodel.split_state(model)[0])
+    digest = weights_fingerprint(fedmodel.split_state(model)[0])
     stats = task.local_stats(cfg, data, model, digest)
     kept = list((tmp_path / "activations").glob(f"*-{digest}.npy"))
     assert len(kept) == 1
@@ -180,7 +188,7 @@ def test_evaluation_reuses_the_statistics_phase_activations_exactly(digits, tmp_
     # a broken file is not used, and the digest of another model finds nothing
     np.save(kept[0], np.full_like(h, np.nan))
     assert task.local_evaluate(cfg, data, model, digest) == without
-    assert task._kept_activations(cfg, data, "0" * 24, cfg.bits) is None
+    assert task._kept_activations(cfg, data, "0" * 16) is None
 
 
 # ------------------------------------------------------------------ references side by side
