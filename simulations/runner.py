@@ -93,6 +93,7 @@ def run_federations(cfgs: list[FedConfig], scenario: dict[str, Any], *, labels: 
     try:
         with _quiet_flower(verbose):
             _start_ray(backend["init_args"])
+            _fast_feeder()
             run_simulation(make_server_app(cfgs, scenario=scenario, on_round=on_round), client_app,
                            num_supernodes=num_silos, backend_config=backend, verbose_logging=verbose)
     except RuntimeError as e:
@@ -124,6 +125,52 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     paths = os.pathsep.join(p for p in sys.path if p)
     os.environ["PYTHONPATH"] = paths + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     ray.init(**init_args, logging_level=logging.ERROR)
+
+
+# How often the simulation engine's feeder moves new messages to the simulated silos (flwr: 0.1 s);
+# FEDHASH_FEED_INTERVAL overrides it (benchmarks/bench_demo.py feeder compares the two).
+FEED_INTERVAL = 0.01
+
+
+def _fast_feeder() -> bool:
+    """Make Flower's simulation engine hand new messages to the simulated silos every 10 ms.
+
+    flwr 1.41's engine (``vce_api.add_messages_to_queue``) moves messages from its LinkState to the
+    actors' queue in a loop that sleeps 0.1 s between passes, so every phase of a round (train,
+    statistics) waited 0-0.1 s before any silo started, in a round of about 1.7 s on 2 cores
+    (BENCHMARKS.md, "With the 10 ms message feeder"). This installs the same loop with a 10 ms
+    pause. It is installed only while Flower's function has the signature it was written against;
+    otherwise Flower's own stays, and the simulation is only slower. Returns whether the fast loop
+    is in place."""
+    import inspect
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    current = getattr(vce_api, "flwr_add_messages_to_queue", vce_api.add_messages_to_queue)
+    if list(inspect.signature(current).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
+        logging.getLogger("fedhash").warning("flwr's simulation feeder changed (%s); keeping its 0.1 s poll",
+                                             inspect.signature(current))
+        return False
+
+    raw = os.environ.get("FEDHASH_FEED_INTERVAL", str(FEED_INTERVAL))
+    try:
+        interval = float(raw)
+        if not 0 < interval <= 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"FEDHASH_FEED_INTERVAL={raw!r} is not a number of seconds in (0, 1]; "
+                          "unset it or give one, e.g. 0.01") from None
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+        while not f_stop.is_set():
+            for node_id in nodes_mapping.keys():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(interval)
+
+    vce_api.flwr_add_messages_to_queue = current  # type: ignore[attr-defined]
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    return True
 
 
 def _stop_ray() -> None:
