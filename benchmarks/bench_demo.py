@@ -4,6 +4,9 @@ warm, the federation's overhead against centralized training, and the demo's tab
     python benchmarks/bench_demo.py                 # 1 cold run (empty feature cache), then 2 warm runs
     python benchmarks/bench_demo.py --warm 3 --no-cold
     python benchmarks/bench_demo.py lora            # LoRA mode, federated, on a small slice: seconds per round
+    python benchmarks/bench_demo.py feeder --pairs 4 --cache ~/.cache/fedhash/features
+                                                    # the demo's supervised federation alone, Flower's 0.1 s
+                                                    # message feeder against fedhash's 10 ms one, alternating
 
 Each run is the real command in a subprocess (interpreter start, imports, Ray start
 included). The overhead ratio compares, inside one run, the wall time of the federated
@@ -106,16 +109,52 @@ def lora(args) -> None:
         print(f"| {r['round']} | {r['seconds']:.1f} | {r['train_loss']:.4f} | {r.get('mean_map', float('nan')):.4f} | {r['bytes_up']:,} |")
 
 
+def feeder(args) -> None:
+    """The demo's supervised federation alone (no references, no unsupervised run), alternating
+    Flower's own feeder poll (FEDHASH_FEED_INTERVAL=0.1) with fedhash's (0.01): per-phase medians."""
+    tmp = Path(tempfile.mkdtemp(prefix="fedhash-bench-feeder-"))
+    cache = Path(args.cache) if args.cache else tmp / "cache"
+    src = (ROOT / "simulations" / "scenarios" / "demo.toml").read_text()
+    lines = [ln for ln in src.splitlines() if not ln.startswith(("references", "also-unsupervised"))]
+    scenario = tmp / "demo-federation.toml"
+    scenario.write_text("\n".join(lines[:1] + ['references = []', "also-unsupervised = false"] + lines[1:]) + "\n")
+    rows = []
+    for i in range(args.pairs):
+        for interval in ("0.1", "0.01"):
+            env = os.environ | {"FEDHASH_CACHE": str(cache), "FEDHASH_FEED_INTERVAL": interval}
+            runs = tmp / f"runs-{i}-{interval}"
+            out = subprocess.run([FEDHASH, "simulate", str(scenario), "--runs-dir", str(runs)], env=env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            if out.returncode:
+                sys.exit(f"fedhash simulate failed ({out.returncode}):\n{out.stdout[-3000:]}")
+            fed = json.loads(next(runs.glob("*/federated/federation.json")).read_text())
+            r = fed["rounds"]
+            rows.append((interval, fed["seconds_rounds"], statistics.median(x["seconds_train"] for x in r),
+                         statistics.median(x["seconds_stats"] for x in r)))
+            print(f"pair {i + 1}, feeder {interval} s: rounds {rows[-1][1]:.2f} s", flush=True)
+    print("\n| feeder poll | runs | training rounds s (median) | train phase s (median of medians) | "
+          "statistics phase s (median of medians) |")
+    print("|---|---|---|---|---|")
+    for interval in ("0.1", "0.01"):
+        sel = [r for r in rows if r[0] == interval]
+        print(f"| {interval} s | {len(sel)} | {statistics.median(r[1] for r in sel):.2f} | "
+              f"{statistics.median(r[2] for r in sel):.3f} | {statistics.median(r[3] for r in sel):.3f} |")
+    ratio = [b[1] / a[1] for a, b in zip(rows[::2], rows[1::2])]
+    print(f"\ntraining rounds, 10 ms feeder / 0.1 s feeder, per pair: {', '.join(f'{x:.3f}' for x in ratio)}; "
+          f"median {statistics.median(ratio):.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="demo", choices=("demo", "lora"))
+    p.add_argument("what", nargs="?", default="demo", choices=("demo", "lora", "feeder"))
+    p.add_argument("--pairs", type=int, default=4, help="feeder: runs of each setting, alternating")
     p.add_argument("--warm", type=int, default=2)
     p.add_argument("--no-cold", action="store_true")
     p.add_argument("--cache", default=None, help="feature cache folder (default: a fresh temporary one)")
     p.add_argument("--set", action="append", default=[], help="passed to fedhash demo as --set KEY=VALUE")
     args = p.parse_args()
     args.set = [x for kv in args.set for x in ("--set", kv)]
-    (demo if args.what == "demo" else lora)(args)
+    {"demo": demo, "lora": lora, "feeder": feeder}[args.what](args)
 
 
 if __name__ == "__main__":
