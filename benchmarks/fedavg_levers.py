@@ -6,6 +6,11 @@ Each argument is one run, comma-separated key=value:
     server=avg|avgm|adam  slr=1 (server learning rate)  mom=0.9 (avgm)  tau=1e-9 (adam)
     stats=views|view0|clean   (which inputs the pooled BatchNorm statistics come from)
     renorm=1|0   (local training with Batch Renormalization against the pooled statistics | plain BatchNorm)
+    mix=a        (renorm's reference: a mix of the batch's own statistics (weight a) and the pooled ones;
+                  0 = renorm, 1 = plain BatchNorm)
+    ghost=m      (renorm plus the noise of a random batch of m: the pooled mean and scale jittered per
+                  bit and step as a batch of m from the union would jitter them)
+    ownbn=1      (also score the final model with each silo's own BatchNorm statistics, FedBN-style)
     stale=1      (local training's renorm reference: the pooled statistics of the previous round's model)
     keepopt=1    (each silo keeps its AdamW state across rounds)
     sub=k        (each round, each silo trains on k random batches only: FedSGD-like)
@@ -66,7 +71,36 @@ def localonly(o):
         res.append(task.local_evaluate(cfg, d, coder)["map"])
     return float(np.mean(res))
 
+import hashing.coder as HC
+_RENORM_FORWARD = HC.BatchRenorm1d.forward
+
+
+def renorm_variant(o):
+    """Install the BatchRenorm1d forward that ``mix=`` / ``ghost=`` ask for (renorm's own otherwise)."""
+    a, m = float(o.get("mix", 0)), float(o.get("ghost", 0))
+    if not a and not m:
+        HC.BatchRenorm1d.forward = _RENORM_FORWARD
+        return
+
+    def forward(self, h):
+        if not (self.training and self.renorm):
+            return torch.nn.BatchNorm1d.forward(self, h)
+        mu_b = h.mean(0)
+        s_b = torch.sqrt(h.var(0, unbiased=False) + self.eps)
+        s_r = torch.sqrt(self.running_var + self.eps)
+        mu_t = a * mu_b.detach() + (1 - a) * self.running_mean
+        s_t = torch.exp(a * torch.log(s_b.detach()) + (1 - a) * torch.log(s_r))
+        x = (h - mu_b) / s_b * (s_b / s_t).detach() + ((mu_b - mu_t) / s_t).detach()
+        if m:
+            k = h.shape[1]
+            x = (x - torch.randn(k) / m ** 0.5) / (1 + torch.randn(k) / (2 * m) ** 0.5).clamp_min(0.5)
+        return x * self.weight + self.bias
+
+    HC.BatchRenorm1d.forward = forward
+
+
 def run(o):
+    renorm_variant(o)
     if "local" in o: return localonly(o)
     if "central" in o: return central(o)
     sup = o["mode"] == "sup"
