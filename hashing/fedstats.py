@@ -20,15 +20,11 @@ import torch
 
 from .coder import HashCoder
 from .errors import CodeLengthError, DataError
+from .train import encode
 
 STAT_KEYS = ("count", "sum", "sumsq", "class_count", "class_sum")
 
 
-def _pre_bn(coder: HashCoder, x: torch.Tensor) -> torch.Tensor:
-    return coder.net[:-1](x)
-
-
-@torch.inference_mode()
 def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None = None,
                num_classes: int = 0, batch_size: int = 4096) -> dict[str, np.ndarray]:
     """Sufficient statistics of one silo for the pooled BatchNorm and prototypes.
@@ -42,14 +38,8 @@ def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None
     n, v, d = f.shape
     if d != coder.in_dim:
         raise CodeLengthError(f"features are {d}-d but the head expects {coder.in_dim}-d; use the same backbone")
-    coder.eval()
-    step = max(1, batch_size // v)  # images per block: batch_size activations
-    h = np.empty((n, v, coder.bits), np.float32)
-    for start in range(0, n, step):
-        blk = torch.from_numpy(np.asarray(f[start : start + step], dtype=np.float32))
-        m = blk.shape[0]
-        h[start : start + m] = _pre_bn(coder, blk.reshape(m * v, d)).reshape(m, v, coder.bits).numpy()
-    return activation_stats(h, labels, num_classes)
+    h = encode(coder, f.reshape(n * v, d), batch_size, pre_bn=True)  # batch_size activations per block
+    return activation_stats(h.reshape(n, v, coder.bits), labels, num_classes)
 
 
 def activation_stats(h: np.ndarray, labels: np.ndarray | None = None, num_classes: int = 0) -> dict[str, np.ndarray]:
