@@ -374,7 +374,7 @@ def _memo_path(keys: np.ndarray, spec: PartitionSpec, cache_dir: str | os.PathLi
     of the spec that shapes the cut, and flwr-datasets' version (its partitioners draw the cut)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from hashing.features import default_cache_dir
+    from hashing.features import cache_root
 
     try:
         fds = version("flwr-datasets")
@@ -385,7 +385,7 @@ def _memo_path(keys: np.ndarray, spec: PartitionSpec, cache_dir: str | os.PathLi
             "min_size": spec.min_silo_size, "seed": spec.seed}
     h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     h.update(np.ascontiguousarray(keys, dtype=np.int64).data)
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root = cache_root(cache_dir)
     return root / "partitions" / f"{h.hexdigest()[:24]}.npz"
 
 

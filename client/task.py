@@ -26,7 +26,7 @@ from hashing.codes import logits_to_codes
 from hashing.data import ImageSet, load_dataset
 from hashing.errors import ConfigError, DataError
 from hashing.fedconfig import FedConfig
-from hashing.features import cached_features, default_cache_dir
+from hashing.features import cache_root, cached_features
 from hashing.fedmodel import backbone_for, backbone_identity, build_model, head_of
 from hashing.finetune import LoraHasher, backbone_features, train_lora
 from hashing.index import SiloIndex
@@ -209,7 +209,7 @@ def _activation_path(cfg: FedConfig, data: SiloData, params_digest: str | None) 
         return None
     h = hashlib.sha256(Path(source).name.encode())  # the feature cache entry: data, backbone, weights, size
     h.update(np.ascontiguousarray(sp.train, dtype="<i8").tobytes())
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    root = cache_root(cfg.cache_dir)
     return root / "activations" / f"{h.hexdigest()[:16]}-{params_digest}.npy"
 
 

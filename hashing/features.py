@@ -35,6 +35,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FEDHASH_CACHE", Path.home() / ".cache" / "fedhash" / "features"))
 
 
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """The cache folder a config's ``cache-dir`` names; empty or None means :func:`default_cache_dir`."""
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
 @dataclass(frozen=True)
 class FeatureKey:
     data: str  # ImageSet.fingerprint()

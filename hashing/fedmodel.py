@@ -18,7 +18,7 @@ import torch
 
 from . import atomic
 from .backbones import create_backbone, resolve_weights, weights_fingerprint
-from .features import default_cache_dir
+from .features import cache_root
 from .coder import HashCoder
 from .fedconfig import FedConfig
 from .finetune import LoraHasher, build_lora_hasher
@@ -88,7 +88,7 @@ def _identity_memo(cfg: FedConfig) -> Path | None:
     what = {"backbone": cfg.backbone, "weights_sha256": atomic.sha256_file(path), "timm": version("timm"),
             "torch": torch.__version__, "format": 1}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    root = cache_root(cfg.cache_dir)
     return root / "backbones" / f"{digest}.json"
 
 
