@@ -17,6 +17,7 @@ The silo's data comes from the node config: ``partition-id`` in simulation,
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -31,6 +32,7 @@ from hashing.errors import FedhashError
 from hashing.fedconfig import FedConfig
 
 from . import task
+from .dp_mods import train_clipping_mod
 
 app = ClientApp()
 
@@ -83,7 +85,7 @@ def _maybe_fail(data, server_round: int) -> None:
                 raise RuntimeError(f"injected failure of {data.name} in round {server_round} (FEDHASH_FAIL)")
 
 
-@app.train()
+@app.train(mods=[train_clipping_mod])  # client-level DP with client-side clipping; a no-op otherwise
 def train(msg: Message, context: Context) -> Message:
     cfg, data, model, prototypes, down, digest = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
@@ -99,6 +101,12 @@ def train(msg: Message, context: Context) -> Message:
                             "bytes-down": down, "bytes-up": up})
     if ev is not None:
         metrics["map"], metrics["eval-bit-balance"] = ev["map"], ev["bit-balance"]
+    if "dp-history" in m:  # sample-level DP: Opacus's record of this round's steps, for the server's ledger
+        hist = m["dp-history"]
+        metrics["dp-noise"] = [float(h[0]) for h in hist]
+        metrics["dp-sample-rate"] = [float(h[1]) for h in hist]
+        metrics["dp-steps"] = [int(h[2]) for h in hist]
+        metrics["dp-epsilon-planned"] = float(m["dp-epsilon-planned"])
     return Message(RecordDict({"arrays": ArrayRecord(params), "metrics": metrics, "silo": _silo_record(data)}),
                    reply_to=msg)
 
@@ -106,9 +114,17 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
     cfg, data, model, _, down, digest = _setup(msg, context)
-    s = {k: torch.from_numpy(v) for k, v in task.local_stats(cfg, data, model, digest).items()}
+    plan = None
+    if cfg.dp != "none":  # the DP head's one release of feature moments (round 0), not activation statistics
+        moments, plan = task.release_moments(cfg, data)
+        s = {k: torch.from_numpy(v) for k, v in moments.items()}
+    else:
+        s = {k: torch.from_numpy(v) for k, v in task.local_stats(cfg, data, model, digest).items()}
     metrics = MetricRecord({"num-examples": int(len(data.silo.splits.train)), "bytes-down": down,
                             "bytes-up": fedmodel.state_nbytes(s)})
+    if plan is not None:
+        metrics["dp-noise"], metrics["dp-sample-rate"], metrics["dp-steps"] = [plan.moments_noise], [1.0], [1]
+        metrics["dp-epsilon-planned"] = plan.epsilon
     return Message(RecordDict({"stats": ArrayRecord(s), "metrics": metrics, "silo": _silo_record(data)}), reply_to=msg)
 
 
@@ -127,7 +143,8 @@ def index(msg: Message, context: Context) -> Message:
     version = str(msg.content["config"]["model-version"])
     out = task.node_out_dir(cfg, context.node_config)
     try:
-        path, n = task.build_index(cfg, data, model, version, out)
+        privacy = json.loads(str(msg.content["config"].get("privacy", '{"unit": "none"}')))
+        path, n = task.build_index(cfg, data, model, version, out, privacy)
     except OSError as e:
         raise FedhashError(f"silo {data.name}: cannot write its index under {out} ({e}); "
                            "set the node's out-dir to a writable folder") from e

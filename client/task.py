@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hashing import fedstats
+from hashing import dp, fedstats
 from hashing.atomic import atomic_path
 from hashing.codes import logits_to_codes
 from hashing.data import ImageSet, load_dataset
@@ -161,11 +161,48 @@ def train_config(cfg: FedConfig, server_round: int) -> TrainConfig:
 # --------------------------------------------------------------------------- the silo's jobs
 
 
+def dp_plan(cfg: FedConfig, data: SiloData) -> dp.DPPlan:
+    """The silo's sample-level DP plan for the whole run (noise multipliers from the target ε)."""
+    return dp.plan(len(data.silo.splits.train), target_epsilon=cfg.dp_epsilon, delta=cfg.dp_delta,
+                   noise_multiplier=cfg.dp_noise, max_grad_norm=cfg.dp_clip, batch_size=cfg.batch_size,
+                   local_epochs=cfg.local_epochs, rounds=cfg.num_server_rounds, moments_ratio=cfg.dp_moments_ratio,
+                   max_noise=cfg.dp_max_noise, silo=f"silo '{data.name}'")
+
+
+def _noise_rng(cfg: FedConfig, data: SiloData, what: str) -> np.random.Generator:
+    """The moments release's noise: seeded by the run's seed and the silo, so a simulated scenario is
+    reproducible (Opacus runs with secure_mode off likewise; README, "Differential privacy")."""
+    h = hashlib.sha256(f"{cfg.seed}/{data.silo.ids_fingerprint()}/{what}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(h[:8], "little"))
+
+
+def release_moments(cfg: FedConfig, data: SiloData) -> tuple[dict[str, np.ndarray], dp.DPPlan | None]:
+    """The silo's feature moments for the DP head, once, before training.
+
+    Sample-level DP: sums over the clean training images with the Gaussian noise of the silo's plan
+    (accounted with its DP-SGD). Client-level DP: the exact means (count 1); the server adds the noise
+    to their sum, the privacy unit being the silo."""
+    x = data.clean[data.silo.splits.train]
+    if cfg.dp == "sample":
+        p = dp_plan(cfg, data)
+        return dp.release_moments(x, p.moments_noise, _noise_rng(cfg, data, "moments")), p
+    m = dp.release_moments(x, 0.0, _noise_rng(cfg, data, "moments"))
+    n = float(m["count"][0])
+    return {"count": np.array([1.0]), "sum": m["sum"] / n, "outer": m["outer"] / n}, None
+
+
 def local_train(cfg: FedConfig, data: SiloData, model: torch.nn.Module, server_round: int, *,
-                prototypes: np.ndarray | None, prox_mu: float = 0.0, progress: bool = False) -> dict[str, float]:
+                prototypes: np.ndarray | None, prox_mu: float = 0.0, progress: bool = False) -> dict[str, Any]:
     tcfg = train_config(cfg, server_round)
     sup = tcfg.supervised
     t0 = time.perf_counter()
+    if cfg.dp == "sample":
+        p = dp_plan(cfg, data)
+        res = dp.train_dp_head(model, data.train_views, p, lr=tcfg.lr, lr_min=tcfg.lr_min,
+                               weight_decay=tcfg.weight_decay, lam=tcfg.lam, eps=tcfg.eps, local_epochs=tcfg.epochs,
+                               batch_size=tcfg.batch_size, seed=tcfg.seed, progress=progress)
+        return {"train-loss": res["loss"], "bit-balance": res["bit_balance"], "train-seconds": time.perf_counter() - t0,
+                "dp-history": res["history"], "dp-epsilon-planned": p.epsilon}
     if isinstance(model, LoraHasher):
         hist = train_lora(model, data.silo.ds, data.silo.splits.train, tcfg, size=cfg.size,
                           prototypes=prototypes if sup else None, prox_mu=prox_mu, progress=progress)
@@ -282,11 +319,13 @@ def site_dir(out_dir: str, silo_name: str) -> Path:
 
 
 def build_index(cfg: FedConfig, data: SiloData, model: torch.nn.Module, model_version: str,
-                out_dir: str) -> tuple[Path, int]:
-    """Encode the silo's database with the global function and save its SiloIndex (atomic)."""
+                out_dir: str, privacy: Mapping[str, Any] | None = None) -> tuple[Path, int]:
+    """Encode the silo's database with the global function and save its SiloIndex (atomic), stamped
+    with the model version and the privacy guarantee the function was trained under."""
     sp = data.silo.splits
     codes = logits_to_codes(encode_silo(cfg, data, model, sp.database))
     index = SiloIndex(cfg.bits, model_version, backbone=cfg.backbone)
+    index.privacy = dict(privacy or {"unit": "none"})
     index.add(codes, sp.database.astype(np.int64), model_version=model_version)
     path = site_dir(out_dir, data.name) / "index.faiss"
     path.parent.mkdir(parents=True, exist_ok=True)

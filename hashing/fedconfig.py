@@ -18,6 +18,8 @@ from .errors import ConfigError
 
 MODES = ("probe", "lora")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+DP_UNITS = ("none", "sample", "client")
+DP_CLIPPING = ("server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity", "domain")
 # Flower message types of the fedhash protocol beyond train / evaluate
 MSG_STATS = "query.stats"
@@ -60,6 +62,17 @@ class FedConfig:
     # local training normalises a silo's batch against the pooled BatchNorm statistics of all
     # silos (Batch Renormalization) instead of the batch's own; see hashing.coder.BatchRenorm1d
     batch_renorm: bool = True
+    # differential privacy (README, "Differential privacy"): the privacy unit is one image ("sample":
+    # Opacus DP-SGD on the DP head, per silo) or one silo's whole update ("client": Flower's DP wrappers)
+    dp: str = "none"
+    dp_epsilon: float = 0.0         # sample: target ε per silo for the whole run (0 = use dp-noise)
+    dp_delta: float = 1e-5
+    dp_noise: float = 0.0           # noise multiplier (sample: DP-SGD's, when dp-epsilon is 0; client: the wrapper's)
+    dp_clip: float = 0.3            # sample: per-image gradient norm bound; client: update norm bound (initial, adaptive)
+    dp_moments_ratio: float = 1.0   # sample: noise multiplier of the one feature-moments release / DP-SGD's
+    dp_max_noise: float = 20.0      # sample: a target ε that needs more DP-SGD noise than this is refused
+    dp_dims: int = 256              # sample: principal axes the DP head projects on (its rotation is bits x dp-dims)
+    dp_clipping: str = "server-fixed"  # client: which Flower wrapper clips the updates
     # server
     strategy: str = "fedavg"
     num_server_rounds: int = 10
@@ -124,6 +137,28 @@ class FedConfig:
             bad("query_frac", f"is {self.query_frac}; use a fraction in (0, 1)")
         if self.lr <= 0:
             bad("lr", "must be > 0")
+        if self.dp not in DP_UNITS:
+            bad("dp", f"is {self.dp!r}; use one of {', '.join(DP_UNITS)}")
+        if self.dp_clipping not in DP_CLIPPING:
+            bad("dp_clipping", f"is {self.dp_clipping!r}; use one of {', '.join(DP_CLIPPING)}")
+        for key in ("dp_epsilon", "dp_noise", "dp_max_noise"):
+            if not getattr(self, key) >= 0:
+                bad(key, f"is {getattr(self, key)}; it must be >= 0")
+        if self.dp != "none":
+            if not 0 < self.dp_delta < 1:
+                bad("dp_delta", f"is {self.dp_delta}; use a probability in (0, 1), below 1/N, e.g. 1e-5")
+            if self.dp_clip <= 0:
+                bad("dp_clip", f"is {self.dp_clip}; the clipping norm must be > 0")
+            if self.mode != "probe":
+                bad("dp", f"is {self.dp!r} with mode = {self.mode!r}; DP training runs in probe mode (set mode = \"probe\")")
+        if self.dp == "sample":
+            if self.supervised:
+                bad("dp", "is \"sample\" with supervised = true; sample-level DP trains unsupervised CroVCA (its class "
+                          "prototypes would need an accounted release): set supervised = false")
+            if self.dp_epsilon <= 0 and self.dp_noise <= 0:
+                bad("dp_epsilon", "and 'dp-noise' are both 0; sample-level DP needs a target ε or a noise multiplier")
+        if self.dp == "client" and self.dp_noise <= 0:
+            bad("dp_noise", "is 0; client-level DP needs a noise multiplier > 0")
         if self.server_lr < 0:
             bad("server_lr", f"is {self.server_lr}; use a rate > 0, or 0 for the strategy's default")
         if not 0.0 <= self.server_momentum < 1.0:
@@ -143,7 +178,14 @@ class FedConfig:
         d = {k: getattr(self, k) for k in ("backbone", "weights", "size", "bits", "mode", "variant")}
         if self.mode == "lora":
             d |= {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}
+        if self.dp != "none":  # the DP head is another function
+            d |= {"dp": self.dp, "dp_dims": self.dp_dims}
         return d
+
+    def dp_config(self) -> dict[str, Any]:
+        """What defines the run's privacy guarantee (must match on --resume)."""
+        return {k: getattr(self, k) for k in ("dp", "dp_epsilon", "dp_delta", "dp_noise", "dp_clip",
+                                               "dp_moments_ratio", "dp_max_noise", "dp_dims", "dp_clipping")}
 
     def data_config(self) -> dict[str, Any]:
         """What defines the silos (their data and splits)."""

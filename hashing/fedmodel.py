@@ -20,6 +20,7 @@ from . import atomic
 from .backbones import create_backbone, resolve_weights, weights_fingerprint
 from .features import cache_root
 from .coder import HashCoder
+from .dp import DP_BUFFERS, DPHashCoder
 from .fedconfig import FedConfig
 from .finetune import LoraHasher, build_lora_hasher
 from .lora import load_trainable_state, state_nbytes, trainable_state
@@ -28,6 +29,8 @@ from .model import model_version
 log = logging.getLogger("fedhash.fedmodel")
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+# buffers the server sets (never averaged): BatchNorm's, and the DP head's frozen projection
+SERVER_BUFFERS = BN_BUFFERS + DP_BUFFERS
 PROTOTYPES = "prototypes"
 
 _backbones: dict[tuple, tuple[torch.nn.Module, str, int]] = {}
@@ -98,19 +101,21 @@ def build_model(cfg: FedConfig, feature_dim: int) -> torch.nn.Module:
         return build_lora_hasher(cfg.backbone, cfg.weights or None, cfg.bits, r=cfg.lora_r, alpha=cfg.lora_alpha,
                                  variant=cfg.variant, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
+    if cfg.dp != "none":  # under any DP: the head whose statistics are released once, not pooled each round
+        return DPHashCoder(feature_dim, cfg.bits, cfg.dp_dims)
     return HashCoder(feature_dim, cfg.bits, cfg.variant)
 
 
-def head_of(model: torch.nn.Module) -> HashCoder:
+def head_of(model: torch.nn.Module) -> HashCoder | DPHashCoder:
     return model.head if isinstance(model, LoraHasher) else model
 
 
 def is_bn_buffer(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in BN_BUFFERS
+    return name.rsplit(".", 1)[-1] in SERVER_BUFFERS
 
 
 def split_state(model: torch.nn.Module) -> tuple["OrderedDict[str, torch.Tensor]", "OrderedDict[str, torch.Tensor]"]:
-    """(parameters, BatchNorm buffers) of the trainable state; never the frozen backbone."""
+    """(parameters, server-set buffers) of the trainable state; never the frozen backbone."""
     params, buffers = OrderedDict(), OrderedDict()
     for k, v in trainable_state(model).items():
         (buffers if is_bn_buffer(k) else params)[k] = v

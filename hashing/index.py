@@ -102,6 +102,7 @@ class SiloIndex:
             raise ConfigError("SiloIndex needs a model_version (the hash function's version string)")
         self.model_version = str(model_version)
         self.backbone = str(backbone)
+        self.privacy: dict[str, Any] = {}  # the guarantee the hash function was trained under (federated runs)
         if kind not in KINDS:
             raise ConfigError(f"unknown index kind {kind!r}; use one of {', '.join(KINDS)}")
         self.kind = kind
@@ -175,6 +176,7 @@ class SiloIndex:
             "kind": self.kind,
             "params": dict(self.params),
             "created": self.created,
+            "privacy": dict(getattr(self, "privacy", {})),
         }
 
     def __repr__(self) -> str:
@@ -458,6 +460,7 @@ class SiloIndex:
         obj.kind = meta["kind"]
         obj.params = dict(meta.get("params", {}))
         obj.created = meta.get("created")
+        obj.privacy = dict(meta.get("privacy", {}))
         obj._sorted_ids = None
         obj._attach(index)
         # search-time parameters are what the metadata says, whatever FAISS serialised

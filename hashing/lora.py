@@ -215,7 +215,8 @@ def _live_trainable(module: nn.Module) -> "OrderedDict[str, torch.Tensor]":
         trainable = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
         for n, p in trainable:
             out[prefix + n] = p
-        if trainable and not isinstance(m, tuner_cls) and "lora_" not in mname:
+        shared = trainable or getattr(m, "federated_buffers", False)  # the DP head's frozen, server-set buffers
+        if shared and not isinstance(m, tuner_cls) and "lora_" not in mname:
             for n, b in m.named_buffers(recurse=False):
                 if b is not None and not b.is_complex():  # floating, integer (and bool) buffers
                     out[prefix + n] = b

@@ -39,7 +39,7 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 def save_checkpoint(out_dir: str | Path, *, server_round: int, params: Mapping[str, np.ndarray],
                     globals_: Mapping[str, np.ndarray], strategy_state: Mapping[str, Any], model_version: str,
                     cfg: FedConfig, weights_id: str, silos: Mapping[str, str], history: list[dict],
-                    scenario: Mapping[str, Any] | None = None) -> Path:
+                    scenario: Mapping[str, Any] | None = None, privacy: Mapping[str, Any] | None = None) -> Path:
     """Write ``checkpoints/round-XXXX.pt`` atomically (temp file, then rename)."""
     rec = {
         "format": FORMAT, "round": int(server_round), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -49,6 +49,7 @@ def save_checkpoint(out_dir: str | Path, *, server_round: int, params: Mapping[s
         "model_version": model_version, "function_config": cfg.function_config() | {"weights_id": weights_id},
         "data_config": cfg.data_config(), "config": cfg.to_dict(), "scenario": dict(scenario or {}),
         "silos": dict(silos), "libraries": library_versions(), "history": list(history),
+        "privacy": dict(privacy or {"unit": "none"}),  # the guarantee the weights were trained under
     }
     buf = io.BytesIO()
     torch.save(rec, buf)
@@ -82,6 +83,13 @@ def check_resume(rec: Mapping[str, Any], cfg: FedConfig, weights_id: str, path: 
     if diff:
         raise ModelVersionError(f"cannot resume from {path}: it was trained with {', '.join(diff)}; "
                                 "resume with the same settings or start a fresh out-dir")
+    pwant = cfg.dp_config()
+    phave = {k: rec.get("config", {}).get(k.replace("_", "-"), FedConfig.__dataclass_fields__[k].default) for k in pwant}
+    pdiff = [f"{k.replace('_', '-')}={phave[k]!r} (now {pwant[k]!r})" for k in pwant if phave[k] != pwant[k]]
+    if pdiff:
+        raise ModelVersionError(f"cannot resume from {path}: it was trained under other privacy settings, "
+                                f"{', '.join(pdiff)}; its ε would not hold: resume with the same dp settings or "
+                                "start a fresh out-dir")
     dwant, dhave = cfg.data_config(), rec["data_config"]
     ddiff = [f"{k}={dhave.get(k)!r} (now {dwant.get(k)!r})" for k in sorted(dwant) if dhave.get(k) != dwant.get(k)]
     if ddiff:

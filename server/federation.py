@@ -20,6 +20,7 @@ separate ``evaluate`` message.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -32,11 +33,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from hashing import atomic, fedmodel, fedstats
+from hashing import atomic, dp, fedmodel, fedstats
 from hashing.errors import TrainingError
 from hashing.fedconfig import MSG_INDEX, MSG_STATS, FedConfig
 
 from . import checkpoint as ckpt
+from . import privacy
 from .strategies import make_strategy, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedhash.server")
@@ -82,6 +84,10 @@ class Federation:
         self.params, self.buffers = fedmodel.split_state(model)
         self.prototypes: torch.Tensor | None = None
         self.strategy = make_strategy(cfg)
+        if cfg.dp == "client":
+            self.strategy = privacy.wrap_strategy(self.strategy, cfg, cfg.num_silos)
+        # privacy ledger: silo name -> [(noise multiplier, sample rate, steps), ...] of every release
+        self.ledger: dict[str, list[list[float]]] = {}
         self.history: list[dict] = []
         self.silos: dict[str, str] = {}
         self.start_round = 1
@@ -181,6 +187,7 @@ class Federation:
             sampled = {m.metadata.dst_node_id for m in msgs}
             rest = [n for n in (node_ids or []) if n not in sampled]
             evaluation = self._eval_record(scores | (self._evaluate(server_round - 1, rest) if rest else {}))
+        self._record_releases(ok)
         agg, _ = self.strategy.aggregate_train(server_round, ok)
         if agg is None:
             raise TrainingError(f"round {server_round}: the {cfg.strategy} strategy returned no model; "
@@ -198,6 +205,81 @@ class Federation:
             "trained": [s["name"] for s in silos],
         }
 
+    # ---------------------------------------------------------------- differential privacy
+
+    def _record_releases(self, replies: list[Message]) -> None:
+        """Sample-level DP: each silo's own record of the mechanisms it ran (Opacus's history of its steps,
+        the moments release) goes into the server's ledger, from which its ε is computed."""
+        if self.cfg.dp != "sample":
+            return
+        for m in replies:
+            met = m.content["metrics"]
+            if "dp-noise" not in met:
+                raise TrainingError(f"silo {_silo(m)['name']} trained without reporting its DP steps; "
+                                    "every silo must run the same fedhash")
+            entries = zip(met["dp-noise"], met["dp-sample-rate"], met["dp-steps"])
+            self.ledger.setdefault(_silo(m)["name"], []).extend([float(a), float(b), int(c)] for a, b, c in entries)
+
+    def release_moments(self, node_ids: list[int]) -> dict[str, Any]:
+        """Round 0 under DP: every silo's feature moments, released once (sample-level: noised by the silo;
+        client-level: noised here, on their sum); the DP head's frozen projection and starting rotation
+        (DP-ITQ) follow from them."""
+        cfg = self.cfg
+        msgs = self._messages(node_ids, MSG_STATS, 0)
+        ok = self._send(msgs, "moments", 0)
+        self._enough(ok, len(msgs), 0, "moments release")
+        released = [{k: v.numpy() for k, v in m.content["stats"].to_torch_state_dict().items()} for m in ok]
+        if cfg.dp == "sample":
+            self._record_releases(ok)
+        else:  # client level: the sum of the silos' means, noised once for the whole federation
+            sigma_m = cfg.dp_moments_ratio * privacy.effective_noise(cfg, cfg.num_silos)
+            rng = np.random.default_rng([cfg.seed, 7])
+            std = sigma_m * dp.MOMENT_SENSITIVITY  # one silo's means move the sums by at most this / sigma_m
+            d = len(released[0]["sum"])
+            e = np.triu(rng.normal(0.0, std, (d, d)))
+            released = [{"count": np.array([float(len(released))]),
+                         "sum": sum(r["sum"] for r in released) + rng.normal(0.0, std, d),
+                         "outer": sum(r["outer"] for r in released) + e + np.triu(e, 1).T}]
+            self.ledger.setdefault("federation", []).append([sigma_m, 1.0, 1])
+        mean, cov, _ = dp.pooled_moments(released)
+        fedmodel.load_state(self.model, self.params, self.buffers)
+        dp.init_dp_head(self.head, mean, cov, seed=cfg.seed)
+        self.params, self.buffers = fedmodel.split_state(self.model)
+        for m in ok:
+            s = _silo(m)
+            self.silos[s["name"]] = s.get("ids", "")
+        return {"stats_silos": len(ok), "stats_bytes_up": sum(int(m.content["metrics"]["bytes-up"]) for m in ok)}
+
+    def restandardize(self) -> dict[str, Any]:
+        """Under DP, each round: the bits' scales from the released covariance (post-processing, no message)."""
+        fedmodel.load_state(self.model, self.params, self.buffers)
+        dp.restandardize(self.head)
+        self.params, self.buffers = fedmodel.split_state(self.model)
+        return {"stats_silos": 0, "stats_bytes_up": 0}
+
+    def privacy(self, rounds_done: int) -> dict[str, Any]:
+        """The guarantee so far: mechanism, unit, ε per silo (or per federation), δ, noise, clipping, accountant."""
+        cfg = self.cfg
+        if cfg.dp == "none":
+            return {"unit": "none", "epsilon": float("inf")}
+        if cfg.dp == "sample":
+            eps = {k: dp.epsilon(v, cfg.dp_delta) for k, v in sorted(self.ledger.items())}
+            last = {k: v[-1] for k, v in self.ledger.items() if len(v) > 1}
+            return {"unit": "sample (one image)", "mechanism": dp.MECHANISM, "accountant": dp.ACCOUNTANT,
+                    "delta": cfg.dp_delta, "epsilon": max(eps.values()) if eps else 0.0, "epsilon_per_silo": eps,
+                    "target_epsilon": cfg.dp_epsilon or None, "max_grad_norm": cfg.dp_clip,
+                    "noise_multiplier": {k: v[0] for k, v in last.items()},
+                    "sample_rate": {k: v[1] for k, v in last.items()},
+                    "steps": {k: int(sum(e[2] for e in v[1:])) for k, v in self.ledger.items()},
+                    "moments_noise": {k: v[0][0] for k, v in self.ledger.items() if v},
+                    "rounds": rounds_done, "ledger": self.ledger}
+        hist = self.ledger.get("federation", [])
+        return {"unit": "client (one silo's whole update)", "mechanism": f"Flower {cfg.dp_clipping} clipping + Gaussian noise",
+                "accountant": privacy.ACCOUNTANT, "delta": cfg.dp_delta,
+                "epsilon": privacy.client_level_epsilon(hist, cfg.dp_delta, cfg.num_silos) if hist else 0.0,
+                "noise_multiplier": privacy.effective_noise(cfg, cfg.num_silos), "clipping_norm": cfg.dp_clip,
+                "clipping": cfg.dp_clipping, "silos": cfg.num_silos, "rounds": rounds_done, "ledger": {"federation": hist}}
+
     def _evaluate(self, server_round: int, node_ids: list[int]) -> dict[str, tuple[float, float]]:
         """The ``evaluate`` message: each silo's (mAP, bit balance) under the current global model."""
         ok = self._send(self._messages(node_ids, MessageType.EVALUATE, server_round), "evaluate", server_round)
@@ -214,7 +296,9 @@ class Federation:
     def build_indexes(self, node_ids: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Every silo's index under the final model, and the final model's evaluation."""
         version = self.model_version()
-        msgs = self._messages(node_ids, MSG_INDEX, self.cfg.num_server_rounds, **{"model-version": version})
+        priv = {k: v for k, v in self.privacy(len(self.history)).items() if k != "ledger"}
+        msgs = self._messages(node_ids, MSG_INDEX, self.cfg.num_server_rounds,
+                              **{"model-version": version, "privacy": json.dumps(priv)})
         ok = self._send(msgs, "index", self.cfg.num_server_rounds)
         indexes, scores = {}, {}
         for m in ok:
@@ -234,7 +318,8 @@ class Federation:
             self.out, server_round=server_round, params={k: v.numpy() for k, v in self.params.items()},
             globals_={k: v.numpy() for k, v in self._globals_state().items()},
             strategy_state=strategy_state(self.strategy), model_version=self.model_version(), cfg=self.cfg,
-            weights_id=self.weights_id, silos=self.silos, history=self.history, scenario=self.scenario)
+            weights_id=self.weights_id, silos=self.silos, history=self.history, scenario=self.scenario,
+            privacy=self.privacy(server_round))
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.out)
@@ -250,6 +335,7 @@ class Federation:
         restore_strategy_state(self.strategy, rec["strategy_state"])
         self.history = list(rec["history"])
         self.silos = dict(rec["silos"])
+        self.ledger = {k: [list(e) for e in v] for k, v in rec.get("privacy", {}).get("ledger", {}).items()}
         self.start_round = int(rec["round"]) + 1
         fedmodel.load_state(self.model, self.params, self.buffers)
         log.info("resuming from %s: round %d of %d", path, self.start_round, self.cfg.num_server_rounds)
@@ -257,7 +343,8 @@ class Federation:
     def _write_progress(self, status: str, **extra: Any) -> None:
         atomic.write_json(self.out / "federation.json", {
             "status": status, "config": self.cfg.to_dict(), "scenario": self.scenario, "rounds": self.history,
-            "silos": self.silos, "failures": self.failures, "model_version": self.model_version(), **extra})
+            "silos": self.silos, "failures": self.failures, "model_version": self.model_version(),
+            "privacy": self.privacy(self.history[-1]["round"] if self.history else 0), **extra})
 
     # ---------------------------------------------------------------- the run
 
@@ -267,7 +354,7 @@ class Federation:
         node_ids = _wait_for_nodes(self.grid, cfg.min_train_nodes, cfg.round_timeout)
         try:
             if self.start_round == 1:
-                self.pool_statistics(0, node_ids)
+                self.release_moments(node_ids) if cfg.dp != "none" else self.pool_statistics(0, node_ids)
             t_rounds = time.perf_counter()
             self.startup_seconds = t_rounds - t_run
             for r in range(self.start_round, cfg.num_server_rounds + 1):
@@ -279,7 +366,12 @@ class Federation:
                 evaluation, trained = self.train_round(r, evaluate_previous=due, node_ids=node_ids)
                 rec |= trained
                 t1 = time.perf_counter()
-                rec |= self.pool_statistics(r, node_ids)
+                rec |= self.restandardize() if cfg.dp != "none" else self.pool_statistics(r, node_ids)
+                if cfg.dp == "client":
+                    self.ledger.setdefault("federation", []).append([privacy.effective_noise(cfg, cfg.num_silos), 1.0, 1])
+                if cfg.dp != "none":
+                    priv = self.privacy(r)
+                    rec |= {"epsilon": priv["epsilon"], "epsilon_per_silo": priv.get("epsilon_per_silo", {})}
                 rec["model_version"] = self.model_version()
                 t2 = time.perf_counter()
                 rec |= {"seconds": t2 - t0, "seconds_train": t1 - t0, "seconds_stats": t2 - t1}

@@ -5,6 +5,7 @@
     fedhash export-codes --run runs/<id> --out codes.npz codes of the run's query and database splits
     fedhash simulate simulations/scenarios/<name>.toml   a federated scenario on Flower's simulation engine
     fedhash demo                                         the default scenario: 5 simulated hospitals, end to end
+    fedhash privacy-sweep --scenario dp-demo             the privacy-utility curve (sample- and client-level DP)
 """
 from __future__ import annotations
 
@@ -228,6 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hashing.metrics import float_retrieval_metrics, plot_pr_curves, retrieval_metrics
     from hashing.train import encode
 
+    if (Path(args.run) / "federation.json").exists():
+        return _eval_federated(Path(args.run))
     bits_list = [int(b) for b in args.bits.split(",")]
     run, rc, prep = _open_run(args)
     dcfg, tcfg = prep.cfg, _train_cfg(rc["train"])
@@ -298,6 +301,45 @@ def _markdown(rows: list[dict], k: int, run: Path) -> str:
 # --------------------------------------------------------------------------- export-codes
 
 
+def format_privacy(priv: dict) -> str:
+    """One paragraph: the guarantee a federated model was trained under."""
+    unit = priv.get("unit", "none")
+    if unit == "none":
+        return "privacy: none (no differential privacy)"
+    lines = [f"privacy: {unit}; {priv.get('mechanism', '')}",
+             f"  ε = {priv.get('epsilon', float('nan')):.3f} at δ = {priv.get('delta'):g} ({priv.get('accountant')}), "
+             f"after {priv.get('rounds')} rounds"]
+    if "epsilon_per_silo" in priv:
+        lines.append("  per silo: " + ", ".join(f"{k} ε={v:.3f}" for k, v in priv["epsilon_per_silo"].items()))
+        for key in ("noise_multiplier", "moments_noise", "sample_rate", "steps"):
+            vals = priv.get(key) or {}
+            if vals:
+                lines.append(f"  {key.replace('_', ' ')}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in vals.items()))
+        lines.append(f"  per-image clipping norm {priv.get('max_grad_norm')}")
+    else:
+        lines.append(f"  noise multiplier {priv.get('noise_multiplier'):.4g}, clipping norm {priv.get('clipping_norm')} "
+                     f"({priv.get('clipping')}), {priv.get('silos')} silos")
+    return "\n".join(lines)
+
+
+def _eval_federated(run: Path) -> int:
+    """A federated run folder (fedhash simulate's federated/, or a ServerApp's out-dir): its final
+    per-silo mAP and the privacy guarantee its model was trained under."""
+    try:
+        st = json.loads((run / "federation.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FedhashError(f"{run / 'federation.json'} is unreadable ({e}); the run did not finish writing it") from e
+    last = st["rounds"][-1] if st.get("rounds") else {}
+    print(f"federated run {run}: status {st.get('status')}, model {st.get('model_version')}, "
+          f"{len(st.get('rounds', []))} rounds")
+    for name, m in sorted(last.get("map", {}).items()):
+        print(f"  {name}: mAP@1000 {m:.4f}")
+    if "mean_map" in last:
+        print(f"  mean mAP@1000 {last['mean_map']:.4f}, bit balance {last.get('bit_balance', float('nan')):.3f}")
+    print(format_privacy(st.get("privacy", {"unit": "none"})))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hashing.codes import logits_to_codes
     from hashing.train import encode
@@ -362,6 +404,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_sweep(args: argparse.Namespace) -> int:
+    from .report import format_table  # noqa: F401  (imports the report stack before the simulation)
+    from .scenario import load_scenario
+    from .sweep import format_sweep, parse_epsilons, parse_noises, sweep
+
+    eps = parse_epsilons(args.epsilons)
+    noises = parse_noises(args.client_noise)
+    scn = load_scenario(args.scenario, overrides=_overrides(args.set))
+    run_dir, summary = sweep(scn, eps, noises, client_clip=args.client_clip, nodp_lr=args.nodp_lr,
+                             runs_dir=args.runs_dir)
+    print()
+    print(format_sweep(summary["rows"]))
+    print(f"table: {run_dir / 'table.md'}  plot: {run_dir / 'privacy_utility.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhash", description="Federated image hashing with CroVCA.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -392,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="table of CroVCA vs ITQ, PCA, LSH and float cosine, with PR curves")
-    e.add_argument("--run", required=True, help="a run folder written by fedhash train")
+    e.add_argument("--run", required=True, help="a run folder written by fedhash train, or a federated run folder "
+                                                "(runs/<id>/federated: its mAP and privacy guarantee)")
     e.add_argument("--bits", default="16,32,64", help="comma-separated code lengths")
     e.add_argument("--k", type=int, default=1000, help="mAP@k")
     e.add_argument("--cache-dir", default=None)
@@ -411,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a crashed run in RUN_DIR from its last checkpoint")
     s.set_defaults(func=cmd_simulate)
+
+    v = sub.add_parser("privacy-sweep", help="the privacy-utility curve: sample-level DP at each ε, client-level DP, "
+                                             "LSH and DP-ITQ beside them; table and plot")
+    v.add_argument("--scenario", default="dp-demo", help="a scenario .toml or the name of one (default dp-demo)")
+    v.add_argument("--epsilons", default="inf,8,4,1", help="target ε per silo, comma-separated; inf = no DP")
+    v.add_argument("--client-noise", default="0.5,1,2", help="client-level DP noise multipliers ('' for none)")
+    v.add_argument("--client-clip", type=float, default=0.05, help="client-level DP: update norm bound")
+    v.add_argument("--nodp-lr", type=float, default=1e-3, help="learning rate of the ε = inf run (the demo's)")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
+    v.add_argument("--runs-dir", default="runs")
+    v.set_defaults(func=cmd_privacy_sweep)
 
     d = sub.add_parser("demo", help="the default scenario: 5 simulated hospitals (Dirichlet 0.3, Fashion-MNIST, 64 bits)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")

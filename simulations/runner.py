@@ -112,6 +112,15 @@ def run_federations(cfgs: list[FedConfig], scenario: dict[str, Any], *, labels: 
     return out
 
 
+def check_privacy_plans(cfgs: list[FedConfig], data: list[task.SiloData]) -> None:
+    """Refuse, before anything trains, a sample-level DP config some silo cannot keep: δ of 1/N or more,
+    or a target ε it cannot reach in the configured rounds (the error names the smallest reachable ε)."""
+    for c in cfgs:
+        if c.dp == "sample":
+            for d in data:
+                task.dp_plan(c, d)
+
+
 def _start_ray(init_args: dict[str, Any]) -> None:
     """Start Ray before Flower's simulation engine does, which it then uses as it is.
 
@@ -306,6 +315,7 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
              for sup, sub in zip(modes, subs)]
     for c in fcfgs:
         c.check()
+    check_privacy_plans(fcfgs, data)
     t0 = time.perf_counter()
     statuses = run_federations(fcfgs, scn.to_dict(), labels=tags, progress=progress, verbose=verbose)
     timings["federated (all modes, one simulation)"] = time.perf_counter() - t0

@@ -383,6 +383,13 @@ def one_simulation(cfg, features, cache_dir, tmp_path_factory):
     runs["lora"] = FedConfig.from_dict(SCENARIO | {
         "n-images": 300, "mode": "lora", "batch-size": 32, "num-server-rounds": 1, "cache-dir": str(cache_dir),
         "out-dir": str(root / "lora")}, source="test")
+    dp_base = SCENARIO | {"supervised": False, "num-server-rounds": 1, "cache-dir": str(cache_dir), "lr": 3e-3}
+    runs["dp-sample"] = FedConfig.from_dict(dp_base | {"dp": "sample", "dp-epsilon": 20.0,
+                                                       "out-dir": str(root / "dp-sample")}, source="test")
+    for clip in ("server-fixed", "client-fixed", "client-adaptive"):
+        runs[f"dp-{clip}"] = FedConfig.from_dict(dp_base | {"dp": "client", "dp-noise": 1.0, "dp-clip": 0.05,
+                                                            "dp-clipping": clip, "out-dir": str(root / f"dp-{clip}")},
+                                                 source="test")
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     during: list[int] = []
@@ -486,6 +493,65 @@ def test_lora_mode_end_to_end(one_simulation):
         assert idx.model_version == res["out"]["model_version"] and len(idx) == info["n"] > 0
     assert sum(info["n"] for info in res["out"]["indexes"].values()) < 300
 
+
+
+# --------------------------------------------------------------------------- d2. differential privacy
+
+
+def test_sample_level_dp_end_to_end(one_simulation, capsys):
+    """dp = "sample": Opacus DP-SGD on the DP head in a real Flower run; ε on the server's ledger is Opacus's
+    RDP over what the silos recorded, never above the target, and every artifact carries the guarantee."""
+    from hashing import dp
+
+    assert "dp-sample" not in one_simulation["errors"], one_simulation["errors"]["dp-sample"]
+    res = one_simulation["results"]["dp-sample"]
+    c = res["cfg"]
+    (r,) = res["history"]
+    assert r["clients_ok"] == NUM_SILOS and r["mean_map"] > 0.2 and r["bit_balance"] > 0.5
+    out = Path(c.out_dir)
+    st = json.loads((out / "federation.json").read_text())
+    priv = st["privacy"]
+    assert priv["unit"].startswith("sample") and priv["delta"] == c.dp_delta
+    assert sorted(priv["epsilon_per_silo"]) == [f"silo-{i}" for i in range(NUM_SILOS)]
+    for name, hist in priv["ledger"].items():
+        # the moments release, then the DP-SGD steps Opacus took in the one round
+        assert hist[0][1] == 1.0 and hist[0][2] == 1 and len(hist) == 2
+        eps = dp.epsilon(hist, c.dp_delta)
+        assert priv["epsilon_per_silo"][name] == pytest.approx(eps)
+        # one round of a run planned for one round: the whole target is spent, not more
+        assert 0.95 * c.dp_epsilon <= eps <= c.dp_epsilon * 1.001
+    assert r["epsilon"] == pytest.approx(max(priv["epsilon_per_silo"].values()))
+    # only the rotation is trained and exchanged; the frozen projection is a server-set global
+    assert set(res["params"]) == {"net.1.weight"}
+    rec = ckpt.load_checkpoint(out / "checkpoints" / "round-0001.pt")
+    assert rec["privacy"]["epsilon"] == pytest.approx(priv["epsilon"])
+    assert set(rec["globals"]) == {"net.0.center", "net.0.basis", "net.0.basis_cov", "net.2.running_mean",
+                                   "net.2.running_var"}
+    idx = SiloIndex.load(out / "silos" / "silo-0" / "index.faiss")
+    assert idx.privacy["unit"].startswith("sample") and idx.privacy["epsilon"] == pytest.approx(priv["epsilon"])
+    assert main(["eval", "--run", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"ε = {priv['epsilon']:.3f} at δ = 1e-05" in printed and "silo-2 ε=" in printed
+
+
+@pytest.mark.parametrize("clip", ["server-fixed", "client-fixed", "client-adaptive"])
+def test_client_level_dp_end_to_end(one_simulation, clip):
+    """dp = "client": Flower's wrappers clip and noise the silos' updates; ε per federation from the rounds."""
+    from server import privacy
+
+    key = f"dp-{clip}"
+    assert key not in one_simulation["errors"], one_simulation["errors"][key]
+    res = one_simulation["results"][key]
+    c = res["cfg"]
+    (r,) = res["history"]
+    assert r["clients_ok"] == NUM_SILOS and math.isfinite(r["train_loss"])
+    st = json.loads((Path(c.out_dir) / "federation.json").read_text())
+    priv = st["privacy"]
+    assert priv["unit"].startswith("client") and priv["clipping"] == clip
+    hist = priv["ledger"]["federation"]
+    assert len(hist) == 2  # the moments release, one round
+    assert priv["epsilon"] == pytest.approx(privacy.client_level_epsilon(hist, c.dp_delta, NUM_SILOS))
+    assert priv["epsilon"] > 5  # one silo is the unit: noise 1 over 3 silos, one round, is already a weak guarantee
 
 
 # --------------------------------------------------------------------------- e. bad input, no Ray

@@ -1,0 +1,425 @@
+"""Sample-level differential privacy (hashing/dp.py): why the DP head exists (the influence test),
+the accounting against independent accountants, noise calibration, the moments release, the DP
+head's initialisation, DP-SGD with Opacus, and the refusals that keep a guarantee honest."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hashing import dp
+from hashing.coder import HashCoder
+from hashing.errors import ConfigError, ModelVersionError
+from hashing.fedconfig import FedConfig
+from hashing.loss import crovca_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+D, BITS, DIMS = 64, 16, 32
+DELTA = 1e-5
+
+
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, cov, _ = dp.pooled_moments([dp.release_moments(x, 0.0, np.random.default_rng(0))])
+    return mean, cov
+
+
+def _low_rank(n: int, d: int = D, rank: int = 8, seed: int = 0) -> np.ndarray:
+    """Low-rank signal plus isotropic noise, off-centre (so that centring matters)."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((n, rank)) * np.linspace(4.0, 1.5, rank)
+    w = np.linalg.qr(rng.standard_normal((d, rank)))[0].T
+    return 3.0 * rng.standard_normal(d) / np.sqrt(d) + u @ w + 0.3 * rng.standard_normal((n, d))
+
+
+def _dp_head(seed: int = 0) -> dp.DPHashCoder:
+    torch.manual_seed(seed)
+    head = dp.DPHashCoder(D, BITS, DIMS)
+    mean, cov = _moments(_low_rank(600, seed=seed))
+    dp.init_dp_head(head, mean, cov, seed=seed)
+    return head
+
+
+# --------------------------------------------------------------------------- 1. the influence test
+
+
+class _TwoViews(nn.Module):
+    """HashCoder applied to each view of a (B, 2, d) batch separately (its BatchNorm sees B rows)."""
+
+    def __init__(self, coder: HashCoder):
+        super().__init__()
+        self.coder = coder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.coder(x[:, 0]), self.coder(x[:, 1])], 1)
+
+
+def _per_sample_grads(objective: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Opacus's per-sample gradients (GradSampleModule, hooks mode) of the batch loss."""
+    from opacus import GradSampleModule
+
+    if objective == "dp":
+        model = _dp_head()
+        crit = dp.DPCroVCALoss(dp.reference_precision(model, 0.05), lam=0.1, eps=0.05, reduction="sum")
+
+        def loss_of(z):
+            return crit(z)
+    else:
+        torch.manual_seed(0)
+        coder = HashCoder(D, BITS)
+        coder.norm.weight.requires_grad_(False)  # only the Linear layers get Opacus grad samplers
+        coder.norm.bias.requires_grad_(False)
+        coder.train()
+        model = _TwoViews(coder)
+
+        def loss_of(z):
+            return crovca_loss([z[:, 0], z[:, 1]])[0]
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=False)
+    loss_of(gsm(x)).backward()
+    out = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    gsm._close()
+    return out
+
+
+@pytest.mark.parametrize("objective, others_change", [("dp", False), ("published", True)],
+                         ids=["dp-objective-others-unchanged", "published-crovca-others-change"])
+def test_influence_of_one_sample_on_the_others_per_sample_gradients(objective, others_change):
+    """Change sample 0 of a batch: under the DP objective every other sample's per-sample gradient is
+    untouched (clipping bounds one image's influence); under published CroVCA (BatchNorm + batch
+    logdet) they all move, so per-sample clipping would not bound it."""
+    torch.manual_seed(1)
+    b = 8
+    x = torch.randn(b, 2, D)
+    x2 = x.clone()
+    x2[0] = 3.0 * torch.randn(2, D)
+    g, g2 = _per_sample_grads(objective, x), _per_sample_grads(objective, x2)
+    assert g and all(t.shape[0] == b for t in g.values())
+    # the changed sample's own gradient moves in both cases (the test is not vacuous)
+    assert max(float((g[n][0] - g2[n][0]).abs().max()) for n in g) > 1e-4
+    diff = max(float((g[n][1:] - g2[n][1:]).abs().max()) for n in g)
+    if others_change:
+        assert diff > 1e-4
+    else:
+        for n in g:
+            assert float(g[n][1:].abs().max()) > 1e-6  # the others do have gradients
+            torch.testing.assert_close(g[n][1:], g2[n][1:], atol=1e-6, rtol=0)
+
+
+def test_dp_head_passes_the_per_sample_check_and_published_head_is_refused():
+    dp.check_per_sample(dp.DPHashCoder(D, BITS, DIMS))
+    assert dp.offending_modules(dp.DPHashCoder(D, BITS, DIMS)) == []
+    coder = HashCoder(D, BITS)
+    bad = dp.offending_modules(coder)
+    assert bad and "net.3" in bad[0] and "BatchRenorm1d" in bad[0]
+    with pytest.raises(ConfigError) as e:
+        dp.check_per_sample(coder)
+    msg = str(e.value)
+    assert "net.3" in msg and ("BatchRenorm1d" in msg or "BatchNorm" in msg)
+    plain = nn.Sequential(nn.Linear(D, BITS), nn.BatchNorm1d(BITS))
+    assert dp.offending_modules(plain) == ["1 (BatchNorm1d)"]
+
+
+# --------------------------------------------------------------------------- 2. accounting
+
+
+def _dpacc_event(history):
+    import dp_accounting
+
+    events = []
+    for sigma, q, steps in history:
+        ev = dp_accounting.GaussianDpEvent(sigma)
+        if q < 1.0:
+            ev = dp_accounting.PoissonSampledDpEvent(q, ev)
+        events.append(dp_accounting.SelfComposedDpEvent(ev, steps) if steps > 1 else ev)
+    return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+
+
+@pytest.mark.parametrize("history", [
+    [(0.8, 0.05, 70)],
+    [(1.2, 0.12, 500)],
+    [(3.0, 1.0, 1)],
+    [(1.2, 1.0, 70)],
+    [(1.2, 1.0, 1), (1.2, 0.12, 70)],   # moments release + DP-SGD, as a silo's ledger holds them
+    [(3.0, 1.0, 1), (0.8, 0.05, 500)],
+])
+def test_epsilon_agrees_with_dp_accounting(history):
+    from dp_accounting import pld, rdp
+
+    logging.getLogger().setLevel(logging.ERROR)  # dp_accounting's RDP logs harmless convergence warnings
+    ours = dp.epsilon(history, DELTA)
+    acc = rdp.RdpAccountant()
+    acc.compose(_dpacc_event(history))
+    ref_rdp = acc.get_epsilon(DELTA)
+    acc = pld.PLDAccountant()
+    acc.compose(_dpacc_event(history))
+    ref_pld = acc.get_epsilon(DELTA)
+    assert ours == pytest.approx(ref_rdp, rel=0.03)
+    assert ours >= ref_pld  # PLD is the tighter accountant; RDP must upper-bound it
+    assert ours <= 1.25 * ref_pld
+
+
+def test_epsilon_edge_cases():
+    assert dp.epsilon([], DELTA) == 0.0
+    assert dp.epsilon([(1.0, 0.1, 0)], DELTA) == 0.0
+    assert dp.epsilon([(0.0, 0.1, 5)], DELTA) == float("inf")
+    one = dp.epsilon([(1.0, 0.1, 100)], DELTA)
+    assert dp.epsilon([(1.0, 0.1, 100), (1.0, 0.1, 100)], DELTA) == pytest.approx(dp.epsilon([(1.0, 0.1, 200)], DELTA))
+    assert dp.epsilon([(1.0, 0.1, 200)], DELTA) > one  # composition costs
+
+
+# --------------------------------------------------------------------------- 3. plan
+
+
+PLAN_KW = dict(delta=DELTA, noise_multiplier=0.0, max_grad_norm=0.3, batch_size=256, local_epochs=2, rounds=5,
+               moments_ratio=1.0, max_noise=20.0)
+
+
+@pytest.mark.parametrize("target", [2.0, 8.0])
+def test_plan_calibrates_noise_to_the_target(target):
+    p = dp.plan(2000, target_epsilon=target, **PLAN_KW)
+    assert target * 0.98 <= p.epsilon <= target * 1.0001
+    assert p.epsilon == pytest.approx(dp.epsilon(p.history(), DELTA), rel=1e-9)
+    # the smallest such noise: a little less overshoots the target
+    less = dataclasses.replace(p, noise_multiplier=p.noise_multiplier / 1.001, moments_noise=p.moments_noise / 1.001)
+    assert dp.epsilon(less.history(), DELTA) > target
+    q, spe = dp.steps_per_epoch(2000, 256)
+    assert (p.sample_rate, p.steps_per_round, p.rounds, p.n) == (q, spe * 2, 5, 2000)
+    assert p.moments_noise == pytest.approx(p.noise_multiplier)
+    assert p.history() == [(p.moments_noise, 1.0, 1), (p.noise_multiplier, q, spe * 2 * 5)]
+    assert p.history(0) == [(p.moments_noise, 1.0, 1)]
+
+
+def test_plan_larger_target_needs_less_noise():
+    sig = [dp.plan(2000, target_epsilon=t, **PLAN_KW).noise_multiplier for t in (1.0, 4.0, 16.0)]
+    assert sig[0] > sig[1] > sig[2] > 0
+
+
+def test_plan_refuses_an_unreachable_target_naming_the_smallest_reachable_epsilon():
+    kw = PLAN_KW | {"max_noise": 2.0}
+    q, spe = dp.steps_per_epoch(2000, 256)
+    floor = dp.epsilon([(2.0, 1.0, 1), (2.0, q, spe * 2 * 5)], DELTA)
+    with pytest.raises(ConfigError) as e:
+        dp.plan(2000, target_epsilon=0.01, **kw)
+    assert f"{floor:.3g}" in str(e.value)
+    assert "dp-max-noise" in str(e.value)
+    # just above the floor is reachable
+    assert dp.plan(2000, target_epsilon=floor * 1.01, **kw).noise_multiplier <= 2.0
+
+
+@pytest.mark.parametrize("delta", [1e-3, 5e-3, 1.0])
+def test_plan_refuses_delta_at_or_above_one_over_n(delta):
+    with pytest.raises(ConfigError, match="1/N"):
+        dp.plan(1000, target_epsilon=4.0, **(PLAN_KW | {"delta": delta}))
+    with pytest.raises(ConfigError, match="1/N"):
+        dp.check_delta(delta, 1000)
+
+
+def test_plan_noise_mode_uses_the_given_noise():
+    p = dp.plan(2000, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": 1.5, "moments_ratio": 2.0}))
+    assert p.noise_multiplier == 1.5 and p.moments_noise == 3.0
+    assert p.epsilon == pytest.approx(dp.epsilon(p.history(), DELTA), rel=1e-9)
+    with pytest.raises(ConfigError):
+        dp.plan(2000, target_epsilon=0, **PLAN_KW)  # neither a target nor a noise
+
+
+# --------------------------------------------------------------------------- 4. steps per epoch
+
+
+@pytest.mark.parametrize("n, b", [(2098, 256), (1301, 256), (100, 100), (10, 256)])
+def test_steps_per_epoch_matches_opacus(n, b):
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(torch.zeros(n, 2)), batch_size=b)
+    _, _, dploader = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                                  noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True)
+    q, steps = dp.steps_per_epoch(n, b)
+    assert q == dploader.sample_rate == 1.0 / len(loader)
+    assert steps == len(dploader) == len(loader)
+
+
+# --------------------------------------------------------------------------- 6. the moments release
+
+
+def test_release_moments_without_noise_is_exact():
+    x = np.random.default_rng(0).standard_normal((300, D)) + 0.5
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    r = dp.release_moments(x, 0.0, np.random.default_rng(1))
+    assert r["count"].tolist() == [300.0]
+    np.testing.assert_allclose(r["sum"], xn.sum(0), atol=1e-10)
+    np.testing.assert_allclose(r["outer"], xn.T @ xn, atol=1e-10)
+    with pytest.raises(ConfigError):
+        dp.release_moments(x, -1.0, np.random.default_rng(1))
+
+
+def test_release_moments_noise_has_the_gaussian_mechanism_scale():
+    s = 0.7
+    x = np.random.default_rng(0).standard_normal((50, D))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rng = np.random.default_rng(2)
+    iu = np.triu_indices(D, 1)
+    off, diag, sums = [], [], []
+    for _ in range(20):
+        r = dp.release_moments(x, s, rng)
+        assert np.array_equal(r["outer"], r["outer"].T)
+        e = r["outer"] - xn.T @ xn
+        off.append(e[iu])
+        diag.append(np.diag(e))
+        sums.append(r["sum"] - xn.sum(0))
+    want = s * np.sqrt(2.0)
+    for part in (off, diag, sums):
+        v = np.concatenate(part)
+        assert np.std(v) == pytest.approx(want, rel=0.05)
+        assert abs(np.mean(v)) < 0.1 * want
+
+
+def test_pooled_moments_of_two_silos_are_the_union_moments():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((300, D)) + 1.0
+    b = 2.0 * rng.standard_normal((500, D)) - 0.5
+    mean, cov, n = dp.pooled_moments([dp.release_moments(a, 0.0, rng), dp.release_moments(b, 0.0, rng)])
+    u = np.concatenate([a, b])
+    un = u / np.linalg.norm(u, axis=1, keepdims=True)
+    assert n == 800
+    np.testing.assert_allclose(mean, un.mean(0), atol=1e-10)
+    np.testing.assert_allclose(cov, np.cov(un.T, bias=True), atol=1e-10)
+
+
+# --------------------------------------------------------------------------- 7. the DP head's start
+
+
+def test_init_dp_head_from_exact_moments():
+    x = _low_rank(3000, seed=4)
+    mean, cov = _moments(x)
+    head = dp.DPHashCoder(D, BITS, DIMS)
+    dp.init_dp_head(head, mean, cov, seed=0)
+    a = head.rotation.detach().double()
+    torch.testing.assert_close(a[:, :BITS] @ a[:, :BITS].T, torch.eye(BITS, dtype=a.dtype), atol=1e-4, rtol=0)
+    assert float(a[:, BITS:].abs().max()) == 0.0
+    head.eval()
+    with torch.no_grad():
+        z = head(torch.as_tensor(x, dtype=torch.float32)).double()
+    codes = (z > 0).double()
+    balance = float(1.0 - (2.0 * codes.mean(0) - 1.0).abs().mean())
+    assert balance > 0.8
+    var = z.var(0, unbiased=False)
+    assert float((var - 1.0).abs().max()) < 0.2
+    # restandardize after a change of rotation keeps the standardised logits at unit variance
+    with torch.no_grad():
+        head.rotation.mul_(torch.linspace(0.5, 3.0, BITS)[:, None])
+        dp.restandardize(head)
+        var = head(torch.as_tensor(x, dtype=torch.float32)).double().var(0, unbiased=False)
+    assert float((var - 1.0).abs().max()) < 0.2
+    assert float(head.norm.running_mean.abs().max()) == 0.0
+
+
+# --------------------------------------------------------------------------- 8. DP-SGD with Opacus
+
+
+def _views(n: int, v: int = 2, seed: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = _low_rank(n, seed=seed)
+    return (base[:, None, :] + 0.3 * rng.standard_normal((n, v, D))).astype(np.float32)
+
+
+def _train(views: np.ndarray, mode: str, batch: int, epochs: int = 2, noise: float = 1e-6):
+    n = len(views)
+    p = dp.plan(n, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": noise, "batch_size": batch,
+                                                   "local_epochs": epochs, "rounds": 1}))
+    head = dp.DPHashCoder(D, BITS, DIMS)
+    mean, cov = _moments(views[:, 0])
+    dp.init_dp_head(head, mean, cov, seed=0)
+    start = head.rotation.detach().clone()
+    res = dp.train_dp_head(head, views, p, lr=1e-2, lr_min=1e-3, weight_decay=0.0, lam=0.1, eps=0.05,
+                           local_epochs=epochs, batch_size=batch, seed=3, grad_sample_mode=mode)
+    return head, start, res, p
+
+
+@pytest.fixture(scope="module")
+def trained():
+    views = _views(200)
+    return {mode: _train(views, mode, batch=32) for mode in ("hooks", "ghost")}
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_train_dp_head_runs_and_records_opacus_history(trained, mode):
+    head, start, res, p = trained[mode]
+    steps_per_epoch = int(np.ceil(200 / 32))
+    assert res["steps"] == 2 * steps_per_epoch == p.steps_per_round
+    assert res["history"] == [(p.noise_multiplier, 1.0 / steps_per_epoch, res["steps"])]
+    assert p.history(1)[1] == res["history"][0]  # what was planned is what Opacus accounted
+    assert np.isfinite(res["loss"]) and 0.0 <= res["bit_balance"] <= 1.0
+    assert float((head.rotation.detach() - start).abs().max()) > 1e-4  # it trained
+    assert not head.training
+    lin = head.net[1]
+    for m in head.modules():
+        assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
+    assert not lin._forward_hooks and not lin._backward_hooks
+    assert not any(hasattr(q, "grad_sample") for q in head.parameters())
+    assert [n for n, _ in head.named_parameters()] == ["net.1.weight"]
+
+
+def test_train_dp_head_hooks_and_ghost_agree(trained):
+    torch.testing.assert_close(trained["hooks"][0].rotation.detach(), trained["ghost"][0].rotation.detach(),
+                               atol=1e-5, rtol=0)
+    assert trained["hooks"][2]["loss"] == pytest.approx(trained["ghost"][2]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_train_dp_head_accounts_empty_poisson_batches(mode):
+    """An empty Poisson batch is still a step of the mechanism: Opacus must record it (the server's
+    ledger composes this history), and it must add noise like any other step."""
+    head, start, res, p = _train(_views(20), mode, batch=1, epochs=1)  # q = 1/20: about 1 batch in 3 is empty
+    assert res["steps"] == 20 == p.steps_per_round
+    assert res["history"] == [(p.noise_multiplier, 1.0 / 20, 20)]
+
+
+def test_train_dp_head_refuses_a_single_view():
+    p = dp.plan(200, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": 1.0}))
+    kw = dict(lr=1e-2, lr_min=1e-3, weight_decay=0.0, lam=0.1, eps=0.05, local_epochs=1, batch_size=32, seed=0)
+    with pytest.raises(ConfigError):
+        dp.train_dp_head(dp.DPHashCoder(D, BITS, DIMS), _views(200, v=1), p, **kw)
+
+
+# --------------------------------------------------------------------------- 9. resume refusal
+
+
+def test_checkpoint_resume_refuses_other_privacy_settings(tmp_path):
+    from server.checkpoint import check_resume, load_checkpoint, save_checkpoint
+
+    cfg = FedConfig().replace(dp="sample", dp_epsilon=8.0, supervised=False)
+    path = save_checkpoint(tmp_path, server_round=1, params={"net.1.weight": np.zeros((2, 3), np.float32)},
+                           globals_={"net.0.center": np.zeros(3, np.float32)}, strategy_state={},
+                           model_version="v1", cfg=cfg, weights_id="w", silos={"silo-0": "abc"}, history=[],
+                           privacy={"unit": "sample"})
+    rec = load_checkpoint(path)
+    check_resume(rec, cfg, "w", path)  # the same settings pass
+    check_resume(rec, FedConfig().replace(dp="sample", dp_epsilon=8.0, supervised=False), "w", path)
+    for change in ({"dp_epsilon": 4.0}, {"dp_delta": 1e-6}, {"dp_clip": 1.0}, {"dp_moments_ratio": 2.0}):
+        with pytest.raises(ModelVersionError, match="privacy"):
+            check_resume(rec, cfg.replace(**change), "w", path)
+    with pytest.raises(ModelVersionError):
+        check_resume(rec, FedConfig().replace(supervised=False), "w", path)  # no DP at all now
+
+
+# --------------------------------------------------------------------------- 10. config refusals
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"dp": "sample", "dp_epsilon": 8.0, "supervised": True}, ("'dp'", "supervised")),
+    ({"dp": "sample", "dp_epsilon": 8.0, "supervised": False, "mode": "lora"}, ("'dp'", "lora")),
+    ({"dp": "bogus"}, ("'dp'", "bogus")),
+    ({"dp": "sample", "supervised": False}, ("dp-epsilon",)),
+])
+def test_fedconfig_refuses_invalid_dp_settings(changes, words):
+    with pytest.raises(ConfigError) as e:
+        FedConfig().replace(**changes)
+    for w in words:
+        assert w in str(e.value)
+    FedConfig().replace(dp="sample", dp_epsilon=8.0, supervised=False)  # the valid one passes
