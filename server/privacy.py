@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClippi
                                      DifferentialPrivacyServerSideAdaptiveClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 
+from hashing import dp
 from hashing.errors import ConfigError
 from hashing.fedconfig import FedConfig
 
@@ -156,15 +157,6 @@ def client_level_epsilon(history: Sequence[Sequence[float]], delta: float, num_s
     ``num_silos`` is kept for that reason only (a silo sampled in fewer rounds than the run has is
     still accounted for every round it could have been in).
     """
-    from opacus.accountants import RDPAccountant
-
     if num_silos < 1:
         raise ValueError(f"num_silos is {num_silos}; it must be at least 1")
-    entries = [(float(z), 1.0, int(steps)) for z, _q, steps in history if int(steps) > 0]
-    if not entries:
-        return 0.0
-    if any(z <= 0 for z, _, _ in entries):
-        return float("inf")
-    acc = RDPAccountant()
-    acc.history = entries
-    return float(acc.get_epsilon(delta=delta))
+    return dp.epsilon([(z, 1.0, steps) for z, _q, steps in history], delta)
