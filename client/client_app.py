@@ -85,6 +85,15 @@ def _maybe_fail(data, server_round: int) -> None:
                 raise RuntimeError(f"injected failure of {data.name} in round {server_round} (FEDHASH_FAIL)")
 
 
+def _report_releases(metrics: MetricRecord, history, planned_epsilon: float) -> None:
+    """Sample-level DP: the (noise multiplier, sample rate, steps) of the mechanisms this message ran on
+    the silo's data, as metric lists the server's ledger reads (Federation._record_releases)."""
+    metrics["dp-noise"] = [float(h[0]) for h in history]
+    metrics["dp-sample-rate"] = [float(h[1]) for h in history]
+    metrics["dp-steps"] = [int(h[2]) for h in history]
+    metrics["dp-epsilon-planned"] = float(planned_epsilon)
+
+
 @app.train(mods=[train_clipping_mod])  # client-level DP with client-side clipping; a no-op otherwise
 def train(msg: Message, context: Context) -> Message:
     cfg, data, model, prototypes, down, digest = _setup(msg, context)
@@ -102,11 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     if ev is not None:
         metrics["map"], metrics["eval-bit-balance"] = ev["map"], ev["bit-balance"]
     if "dp-history" in m:  # sample-level DP: Opacus's record of this round's steps, for the server's ledger
-        hist = m["dp-history"]
-        metrics["dp-noise"] = [float(h[0]) for h in hist]
-        metrics["dp-sample-rate"] = [float(h[1]) for h in hist]
-        metrics["dp-steps"] = [int(h[2]) for h in hist]
-        metrics["dp-epsilon-planned"] = float(m["dp-epsilon-planned"])
+        _report_releases(metrics, m["dp-history"], m["dp-epsilon-planned"])
     return Message(RecordDict({"arrays": ArrayRecord(params), "metrics": metrics, "silo": _silo_record(data)}),
                    reply_to=msg)
 
@@ -123,8 +128,7 @@ def stats(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": int(len(data.silo.splits.train)), "bytes-down": down,
                             "bytes-up": fedmodel.state_nbytes(s)})
     if plan is not None:
-        metrics["dp-noise"], metrics["dp-sample-rate"], metrics["dp-steps"] = [plan.moments_noise], [1.0], [1]
-        metrics["dp-epsilon-planned"] = plan.epsilon
+        _report_releases(metrics, [(plan.moments_noise, 1.0, 1)], plan.epsilon)
     return Message(RecordDict({"stats": ArrayRecord(s), "metrics": metrics, "silo": _silo_record(data)}), reply_to=msg)
 
 

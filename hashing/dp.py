@@ -30,15 +30,16 @@ import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codes import check_bits
+from .codes import check_bits, logits_to_codes
 from .errors import ConfigError, DataError, TrainingError
+from .loss import bit_balance
 
 ACCOUNTANT = "opacus-rdp"
 MECHANISM = "DP-SGD (Opacus, Poisson sampling, per-sample clipping) + Gaussian release of feature moments"
@@ -309,9 +310,6 @@ class DPPlan:
         return [(self.moments_noise, 1.0, 1)] + ([(self.noise_multiplier, self.sample_rate, self.steps_per_round * r)]
                                                  if r else [])
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def epsilon(history: Sequence[Sequence[float]], delta: float) -> float:
     """ε of a composition of (noise multiplier, sample rate, steps) entries: Opacus's RDP accountant."""
@@ -480,7 +478,7 @@ def _train_dp_head(head: DPHashCoder, views: np.ndarray, p: DPPlan, *, lr: float
             sched.step()
             steps += 1
             losses.append(value)
-            balance.append(float(1.0 - (2.0 * (z.detach() > 0).float().mean((0, 1)) - 1.0).abs().mean()))
+            balance.append(bit_balance(z.unbind(1)))
             bar.update(1)
     bar.close()
     head.eval()
@@ -515,8 +513,7 @@ class LinearCodes:
         return self.projection.shape[1]
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        z = (row_normalise(x) - self.center) @ self.projection
-        return np.packbits((z > 0).astype(np.uint8), axis=1, bitorder="little")
+        return logits_to_codes((row_normalise(x) - self.center) @ self.projection)
 
 
 def dp_itq_baseline(silo_features: Sequence[np.ndarray], bits: int, target_epsilon: float, delta: float,

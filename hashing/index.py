@@ -176,7 +176,7 @@ class SiloIndex:
             "kind": self.kind,
             "params": dict(self.params),
             "created": self.created,
-            "privacy": dict(getattr(self, "privacy", {})),
+            "privacy": dict(self.privacy),
         }
 
     def __repr__(self) -> str:

@@ -405,7 +405,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_sweep(args: argparse.Namespace) -> int:
-    from .report import format_table  # noqa: F401  (imports the report stack before the simulation)
     from .scenario import load_scenario
     from .sweep import format_sweep, parse_epsilons, parse_noises, sweep
 

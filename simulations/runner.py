@@ -266,13 +266,19 @@ def itq(cfg: FedConfig, silos: list[task.SiloData]) -> dict[str, Any]:
     t0 = time.perf_counter()
     train = np.concatenate([np.asarray(d.clean[d.silo.splits.train], dtype=np.float32) for d in silos])
     model = fit_baseline("itq", train, cfg.bits, seed=cfg.seed)
+    return _row(score_encoder(model, silos), t0)
+
+
+def score_encoder(model, silos: list[task.SiloData]) -> list[tuple[str, dict[str, float]]]:
+    """(silo name, silo_map result) of each silo's query split against its own database, coded by a
+    fitted hash whose ``encode`` maps clean features to packed codes (ITQ, the DP baselines)."""
     scores = []
     for d in silos:
         sp = d.silo.splits
         q = model.encode(np.asarray(d.clean[sp.query], np.float32))
         db = model.encode(np.asarray(d.clean[sp.database], np.float32))
         scores.append((d.name, task.silo_map(d, q, db)))
-    return _row(scores, t0)
+    return scores
 
 
 def _federated_row(status: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from hashing.errors import ConfigError
 from hashing.fedconfig import FedConfig
 
 from .cli import new_run_dir
-from .runner import check_privacy_plans, run_federations
+from .runner import check_privacy_plans, run_federations, score_encoder
 from .scenario import Scenario
 
 
@@ -65,18 +65,13 @@ def parse_noises(text: str) -> list[float]:
     return out
 
 
-def _silo_score(d: task.SiloData, model) -> dict[str, float]:
-    sp = d.silo.splits
-    return task.silo_map(d, model.encode(np.asarray(d.clean[sp.query])), model.encode(np.asarray(d.clean[sp.database])))
-
-
 def _baseline_rows(data: list[task.SiloData], bits: int, eps: float, delta: float, seed: int) -> list[dict[str, Any]]:
     feats = [np.asarray(d.clean[d.silo.splits.train]) for d in data]
     rows = []
     for name, fit in (("LSH", dp.dp_lsh_baseline), ("DP-ITQ", dp.dp_itq_baseline)):
         t0 = time.perf_counter()
         model, sigma = fit(feats, bits, eps, delta, seed)
-        scores = [_silo_score(d, model) for d in data]
+        scores = [res for _, res in score_encoder(model, data)]
         rows.append({"method": name, "unit": "sample" if math.isfinite(eps) else "none", "target": eps,
                      "epsilon": eps, "noise": sigma, "map": float(np.mean([s["map"] for s in scores])),
                      "bit_balance": float(np.mean([s["bit-balance"] for s in scores])),
