@@ -15,8 +15,11 @@ and weights come from a file on disk.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,11 +27,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .cache import cache_root
 from .errors import ConfigError, WeightsError
 
 __all__ = [
     "DEFAULT_BACKBONE",
     "RANDOM",
+    "backbone_for",
+    "backbone_identity",
     "bundled_weights_path",
     "create_backbone",
     "create_classifier",
@@ -325,3 +331,72 @@ def weights_fingerprint(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- #
+# One backbone per process, and its identity without building it
+# --------------------------------------------------------------------------- #
+log = logging.getLogger("fedhash.backbones")
+_backbones: dict[tuple, tuple[nn.Module, str, int]] = {}
+_identities: dict[tuple, tuple[str, int]] = {}  # (fingerprint, width) read from backbone_identity's disk memo
+_lock = threading.Lock()
+
+
+def backbone_for(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> tuple[nn.Module, str, int]:
+    """The frozen backbone (built once per process, channels-last), its weights fingerprint and feature width."""
+    key = (name, weights or None)
+    with _lock:
+        if key not in _backbones:
+            model, dim = create_backbone(name, weights or None)
+            model = model.to(memory_format=torch.channels_last)
+            _backbones[key] = (model, weights_fingerprint(model), dim)
+        return _backbones[key]
+
+
+def backbone_identity(name: str = DEFAULT_BACKBONE, weights: str | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> tuple[str, int]:
+    """(weights fingerprint, feature width) of a backbone, without building it when it can.
+
+    Building a timm backbone imports timm and torchvision (seconds per process), and a node whose
+    features are cached needs only these two values, the cache key. They are memoised on disk under
+    ``cache_dir`` (default: the feature cache), keyed by the backbone name, the sha256 of the weights
+    file and the timm and torch versions; random weights (no file) are always built."""
+    key = (name, weights or None)
+    with _lock:
+        if key in _backbones:
+            return _backbones[key][1], _backbones[key][2]
+        if key in _identities:  # read from the disk memo before: no second hash of the weights file
+            return _identities[key]
+    memo = _identity_memo(name, weights, cache_dir)
+    if memo is not None and memo.exists():
+        try:
+            got = json.loads(memo.read_text())
+            ident = str(got["weights_fingerprint"]), int(got["feature_dim"])
+            with _lock:
+                _identities[key] = ident
+            return ident
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: build below and write it again
+    _, wid, dim = backbone_for(name, weights)
+    if memo is not None:
+        from . import atomic
+
+        try:
+            atomic.write_json(memo, {"backbone": name, "weights_fingerprint": wid, "feature_dim": dim})
+        except OSError as e:
+            log.warning("could not memoise the backbone's fingerprint under %s (%s)", memo.parent, e)
+    return wid, dim
+
+
+def _identity_memo(name: str, weights: str | None, cache_dir) -> Path | None:
+    from importlib.metadata import version
+
+    from . import atomic
+
+    path = resolve_weights(name, weights or None)
+    if path is None or not path.is_file():
+        return None  # random weights, or a missing file (backbone_for names the problem)
+    what = {"backbone": name, "weights_sha256": atomic.sha256_file(path), "timm": version("timm"),
+            "torch": torch.__version__, "format": 1}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root(cache_dir) / "backbones" / f"{digest}.json"

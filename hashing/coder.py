@@ -14,16 +14,19 @@ The last layer is a :class:`BatchRenorm1d`: a ``BatchNorm1d`` (same state dict, 
 behaviour) that can train with Batch Renormalization against its running statistics.
 Federated clients use that: the running statistics they receive are the exact pooled
 statistics of all silos, and a silo's batch holds only its own data.
+
+``HashCoder`` is the ``probe`` kind of :mod:`hashing.hashers` (and the head of the ``lora`` kind).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from .codes import check_bits
 from .errors import ConfigError, TrainingError
+from .hashers import FeatureHead, register
 
 VARIANTS = ("small", "large")
 
@@ -61,7 +64,11 @@ class BatchRenorm1d(nn.BatchNorm1d):
         return x * self.weight + self.bias if self.affine else x
 
 
-class HashCoder(nn.Module):
+class HashCoder(FeatureHead):
+    """CroVCA's hash head on backbone features (the ``probe`` kind of hash function)."""
+
+    kind = "probe"
+
     def __init__(self, in_dim: int, bits: int, variant: str = "small", hidden: int | None = None):
         super().__init__()
         self.bits = check_bits(bits)
@@ -89,26 +96,13 @@ class HashCoder(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits z (the BatchNorm output), shape (n, bits)."""
-        return self.net(x)
-
-    @property
-    def norm(self) -> BatchRenorm1d:
-        return self.net[-1]
+    def architecture(self) -> dict[str, Any]:
+        return {"in_dim": self.in_dim, "variant": self.variant, "hidden": self.hidden}
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, bits={self.bits}, variant={self.variant!r}, hidden={self.hidden}"
 
 
-@contextmanager
-def batch_renorm(coder: HashCoder, on: bool = True):
-    """Train ``coder`` with Batch Renormalization against its current running statistics
-    inside the block (see :class:`BatchRenorm1d`); plain BatchNorm again afterwards."""
-    norm = coder.norm
-    before = norm.renorm
-    norm.renorm = bool(on)
-    try:
-        yield coder
-    finally:
-        norm.renorm = before
+@register("probe")
+def _probe(*, feature_dim: int, bits: int, variant: str = "small", hidden: int | None = None) -> HashCoder:
+    return HashCoder(feature_dim, bits, variant, hidden)

@@ -8,8 +8,10 @@ multi-label data, a multi-hot matrix ``(n, C)``.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+
+log = logging.getLogger("fedhash.data")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -80,11 +84,12 @@ class ImageSet:
 def load_dataset(spec: str, *, strict: bool = False, limit: int | None = None) -> ImageSet:
     """One door to every data source.
 
-    ``spec`` is ``fashion-mnist``, ``digits``, a folder of IDX files, a folder of
-    ``class_name/*.png|jpg``, or a CSV manifest ``path,labels``.
+    ``spec`` is ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``), ``digits``, a folder of IDX
+    files (Fashion-MNIST or MNIST anywhere else), a folder of ``class_name/*.png|jpg``, or a CSV
+    manifest ``path,labels``.
     """
     if spec in ("fashion-mnist", "fashion_mnist", "fmnist"):
-        ds = load_idx_folder(os.environ.get("FEDHASH_FASHION_MNIST", FASHION_MNIST_DIR), name="fashion-mnist")
+        ds = load_idx_folder(FASHION_MNIST_DIR, name="fashion-mnist")
     elif spec in ("digits", "sklearn-digits"):
         ds = load_digits()
     else:
@@ -208,12 +213,8 @@ def _finish(name: str, paths: list[str], label_sets: list[list[str]], strict: bo
         for i, ls in enumerate(label_sets):
             labels[i, [col[c] for c in ls]] = 1
     if bad:
-        import warnings
-
-        warnings.warn(
-            f"{name}: skipped {len(bad)} unreadable image(s), first: {bad[0][0]} ({bad[0][1]}); use --strict to stop instead",
-            stacklevel=2,
-        )
+        log.warning("%s: skipped %d unreadable image(s), first: %s (%s); use --strict to stop instead",
+                    name, len(bad), bad[0][0], bad[0][1])
     return ImageSet(name=name, labels=labels, classes=classes, paths=paths, skipped=bad)
 
 
@@ -263,6 +264,34 @@ def load_manifest(path: str | os.PathLike, *, strict: bool = False) -> ImageSet:
             f"fix them (relative paths are read from {path.parent})"
         )
     return _finish(f"manifest:{path}", paths, label_sets, strict)
+
+
+ANIMAL_MNIST_INSTALL = "pip install --no-deps animal-mnist"
+
+
+@functools.lru_cache(maxsize=1)
+def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """Animal-MNIST's (10,000 images 28x28 uint8, labels 0..9) from the installed package's gzipped pickles.
+
+    The package is not imported (its loaders import TensorFlow): its data files are read directly.
+    """
+    import importlib.util
+    import pickle
+
+    spec = importlib.util.find_spec("animal_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"domain 'animal-mnist' needs the PyPI package animal-mnist, which is not installed: {ANIMAL_MNIST_INSTALL}")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "Animal_MNIST")
+    try:
+        with gzip.open(os.path.join(folder, "animal_data_version_3.gz"), "rb") as f:
+            x = np.asarray(pickle.load(f))
+        with gzip.open(os.path.join(folder, "animal_label_version_3.gz"), "rb") as f:
+            y = np.asarray(pickle.load(f))
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise DataError(f"cannot read animal-mnist's data in {folder} ({e}); reinstall it: {ANIMAL_MNIST_INSTALL} --force-reinstall") from e
+    if x.ndim != 3 or len(x) != len(y) or len(x) == 0:
+        raise DataError(f"animal-mnist's data in {folder} has an unexpected shape {x.shape} / {y.shape}; reinstall it: {ANIMAL_MNIST_INSTALL}")
+    return x.astype(np.uint8), y.astype(np.int64).reshape(-1)
 
 
 # --------------------------------------------------------------------------- splits

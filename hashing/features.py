@@ -23,21 +23,13 @@ from tqdm.auto import tqdm
 
 from . import atomic
 from .backbones import data_config, feature_dim, weights_fingerprint
+from .cache import cache_root
 from .data import ImageSet
 from .errors import ConfigError
-from .views import AUG_VERSION, augment, normalise, resize, to_batch
+from .views import AUG_VERSION, augment, load_batch, normalise, resize
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDHASH_CACHE", Path.home() / ".cache" / "fedhash" / "features"))
-
-
-def cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    """The cache folder a config's ``cache-dir`` names; empty or None means :func:`default_cache_dir`."""
-    return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
 @dataclass(frozen=True)
@@ -93,13 +85,6 @@ def micro_batch(size: int) -> int:
 
 def _out_shape(n: int, views: int, dim: int) -> tuple[int, ...]:
     return (n, dim) if views == 0 else (n, views, dim)
-
-
-def load_batch(ds: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
-    """Images idx as a float batch in [0, 1]; files of different sizes are brought to ``size`` first."""
-    if ds.images is not None:
-        return to_batch(ds.images[idx])
-    return torch.cat([resize(to_batch([ds.image(int(i))]), size) for i in idx])
 
 
 @torch.inference_mode()
@@ -175,7 +160,7 @@ def cached_features(
         data=ds.fingerprint(), indices=_indices_digest(idx), backbone=backbone_name,
         weights=weights_id, size=int(size), views=int(views), seed=int(seed),
     )
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = cache_root(cache_dir)
     stem = cache_dir / key.digest()
     npy, meta = stem.with_suffix(".npy"), stem.with_suffix(".json")
     cached = _try_load(npy, meta, key, len(idx))

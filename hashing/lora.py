@@ -7,9 +7,9 @@
 * :func:`wrap_lora` injects the adapters in place with ``peft.inject_adapter_in_model``
   (the model stays the timm model; no ``PeftModel`` wrapper), freezes every base
   weight and leaves only ``lora_`` parameters trainable.
-* :func:`trainable_state` / :func:`load_trainable_state` are the exact arrays a
-  client sends and receives: trainable parameters plus the buffers of the modules
-  that own them (e.g. a hash head's BatchNorm statistics), in module order.
+* :class:`LoraHasher` is the ``lora`` kind of :mod:`hashing.hashers`: the wrapped backbone
+  followed by a :class:`~hashing.coder.HashCoder`, on images. Its trainable state
+  (:mod:`hashing.state`) is the LoRA tensors and the head, never the frozen backbone.
 
 Train with :func:`set_lora_train`, not ``model.train()``: it keeps the frozen
 backbone in eval mode (its BatchNorm statistics must not drift on one silo) and
@@ -18,25 +18,20 @@ switches only the LoRA dropout to training behaviour.
 
 from __future__ import annotations
 
-import sys
-from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, WeightsError
-from .backbones import state_mismatch
+from .backbones import create_backbone, data_config, weights_fingerprint
+from .coder import HashCoder
+from .errors import ConfigError, TrainingError
+from .hashers import Hasher, Inputs, register
+from .state import tuner_layer_cls
+from .views import augment, load_batch, normalise, resize
 
-__all__ = [
-    "lora_targets",
-    "wrap_lora",
-    "is_lora_wrapped",
-    "set_lora_train",
-    "trainable_state",
-    "load_trainable_state",
-    "state_nbytes",
-]
+__all__ = ["lora_targets", "wrap_lora", "is_lora_wrapped", "set_lora_train", "LoraHasher", "build_lora_hasher"]
 
 
 # --------------------------------------------------------------------------- #
@@ -106,23 +101,9 @@ def lora_targets(model: nn.Module, name: str | None = None, *, stages: int = 2,
 # --------------------------------------------------------------------------- #
 # Wrapping
 # --------------------------------------------------------------------------- #
-class _NoTunerLayer:
-    """Stands for peft's BaseTunerLayer while peft is not imported: nothing is an instance."""
-
-
-def _tuner_layer_cls():
-    # A module can hold peft adapter layers only once peft is imported; importing it (and with it
-    # transformers) takes seconds, which a probe-mode client or server should not pay per process.
-    if "peft" not in sys.modules:
-        return _NoTunerLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return BaseTunerLayer
-
-
 def is_lora_wrapped(model: nn.Module) -> bool:
     """Whether ``model`` holds any peft adapter layer."""
-    cls = _tuner_layer_cls()
+    cls = tuner_layer_cls()
     return any(isinstance(m, cls) for m in model.modules())
 
 
@@ -204,60 +185,89 @@ def _under_frozen(model: nn.Module, mname: str) -> bool:
 
 
 # --------------------------------------------------------------------------- #
-# Federation state
+# The hasher
 # --------------------------------------------------------------------------- #
-def _live_trainable(module: nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """Live references, in module order: trainable params, then the owning module's buffers."""
-    tuner_cls = _tuner_layer_cls()
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    for mname, m in module.named_modules():
-        prefix = f"{mname}." if mname else ""
-        trainable = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
-        for n, p in trainable:
-            out[prefix + n] = p
-        shared = trainable or getattr(m, "federated_buffers", False)  # the DP head's frozen, server-set buffers
-        if shared and not isinstance(m, tuner_cls) and "lora_" not in mname:
-            for n, b in m.named_buffers(recurse=False):
-                if b is not None and not b.is_complex():  # floating, integer (and bool) buffers
-                    out[prefix + n] = b
-    return out
+class LoraHasher(Hasher):
+    """A LoRA-wrapped frozen backbone followed by a HashCoder: images -> logits z (the ``lora`` kind).
+
+    Probe mode trains the head on cached backbone features; this kind runs the (adapted) backbone on
+    fresh augmentations every step, so it works on images."""
+
+    kind = "lora"
+
+    def __init__(self, backbone: nn.Module, head: HashCoder, name: str | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.name = name
+        self.bits = head.bits
+        self.preprocess = data_config(backbone)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.head.norm
+
+    def architecture(self) -> dict[str, Any]:
+        cfg = getattr(self.backbone, "fedhash_lora", {})
+        return self.head.architecture() | {"lora_r": cfg.get("r"), "lora_alpha": cfg.get("alpha"),
+                                           "lora_dropout": cfg.get("dropout"), "lora_targets": cfg.get("targets")}
+
+    def _views(self, x: torch.Tensor, size: int, g: torch.Generator | None, clean: bool = False) -> torch.Tensor:
+        v = resize(x, size) if clean else augment(x, size, g)
+        return normalise(v.clone(), self.preprocess["mean"], self.preprocess["std"]).contiguous(
+            memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def backbone_features(self, inputs: Inputs, idx: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        """Pooled (LoRA-adapted) backbone features of the clean view of images ``idx``: (n, d) float32."""
+        self.eval()
+        out = []
+        for s in range(0, len(idx), batch_size):
+            x = load_batch(inputs.ds, np.asarray(idx[s : s + batch_size]), inputs.size)
+            out.append(self.backbone(self._views(x, inputs.size, None, clean=True)).float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.head.in_dim), np.float32)
+
+    def encode(self, inputs: Inputs, idx: np.ndarray) -> np.ndarray:
+        return self.head.encode_features(self.backbone_features(inputs, idx))
+
+    def activations(self, inputs: Inputs, idx: np.ndarray) -> np.ndarray:
+        return self.head.encode_features(self.backbone_features(inputs, idx), 4096, pre_norm=True)
+
+    def check_inputs(self, inputs: Inputs, supervised: bool) -> None:
+        if inputs.n_train < 2:
+            raise TrainingError(f"need at least 2 training images, got {inputs.n_train}; give the silo more data")
+        if not self.trainable_parameters():
+            raise ConfigError("the model has no trainable parameters; wrap the backbone with LoRA first")
+
+    def view_batch(self, inputs: Inputs, idx: np.ndarray, rng: np.random.Generator,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two fresh augmentations of each image (the backbone runs on them: nothing is cached)."""
+        x = load_batch(inputs.ds, inputs.train[idx], inputs.size)
+        return self._views(x, inputs.size, g), self._views(x, inputs.size, g)
+
+    def train_mode(self) -> None:
+        set_lora_train(self, True)
 
 
-def trainable_state(module: nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """The arrays federation exchanges: detached CPU clones, deterministic module order.
-
-    Every parameter with ``requires_grad=True`` plus the buffers (BatchNorm
-    ``running_mean``/``running_var``/``num_batches_tracked``, ...) of the modules that
-    own a trainable parameter, except LoRA layers themselves. Frozen backbone
-    weights and statistics are never included.
-    """
-    return OrderedDict((k, v.detach().to("cpu", copy=True).clone()) for k, v in _live_trainable(module).items())
+@register("lora", reads_features=False)
+def _lora(*, feature_dim: int, bits: int, backbone: str, weights: str | None = None, r: int = 16,
+          alpha: float = 16.0, dropout: float = 0.1, variant: str = "small") -> LoraHasher:
+    return build_lora_hasher(backbone, weights, bits, r=r, alpha=alpha, dropout=dropout, variant=variant,
+                             feature_dim=feature_dim)
 
 
-def state_nbytes(state: Mapping[str, Any]) -> int:
-    """Total bytes of a state (tensors or numpy arrays)."""
-    total = 0
-    for v in state.values():
-        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
-        total += t.numel() * t.element_size()
-    return total
-
-
-def load_trainable_state(module: nn.Module, state: Mapping[str, Any]) -> None:
-    """Copy ``state`` (from :func:`trainable_state`, tensors or numpy arrays) into ``module`` in place.
-
-    Strict: the names must be exactly those of ``trainable_state(module)`` and every
-    shape must match, else WeightsError naming the first few offenders (nothing is
-    loaded then).
-    """
-    live = _live_trainable(module)
-    tensors = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in state.items()}
-    problems = state_mismatch(live, tensors)
-    if problems:
-        raise WeightsError(
-            "trainable state does not fit this model: " + ", ".join(problems)
-            + ": build the model with the same backbone, LoRA targets/rank and head as the sender"
-        )
-    with torch.no_grad():
-        for k, target in live.items():
-            target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
+def build_lora_hasher(backbone_name: str, weights: str | None, bits: int, *, r: int = 16, alpha: float = 16.0,
+                      dropout: float = 0.1, variant: str = "small", feature_dim: int | None = None) -> LoraHasher:
+    """Backbone with its offline weights, LoRA adapters and a fresh head (seed torch first:
+    :func:`hashing.hashers.create_hasher` does)."""
+    backbone, dim = create_backbone(backbone_name, weights or None)
+    if feature_dim is not None and int(feature_dim) != dim:
+        raise ConfigError(f"backbone {backbone_name} gives {dim}-d features, not {feature_dim}; use its own width")
+    weights_id = weights_fingerprint(backbone)  # of the plain backbone, as hashing.backbones.backbone_identity
+    backbone = wrap_lora(backbone, r=r, alpha=alpha, dropout=dropout, name=backbone_name)
+    hasher = LoraHasher(backbone, HashCoder(dim, bits, variant), backbone_name)
+    hasher.weights_id = weights_id
+    return hasher

@@ -175,6 +175,25 @@ def bit_balance(views) -> float:
     return float(1.0 - (2.0 * b.mean(0) - 1.0).abs().mean())
 
 
+class CroVCA:
+    """The training loop's objective (:func:`hashing.train.train`): each of the two views through the
+    model in its own pass (BatchNorm normalises each view's batch), then :func:`crovca_loss`.
+
+    ``labels`` (labels of the training images, by position) make it supervised; ``prototypes`` (C, K)
+    are global class prototypes (pooled by the server) that replace the batch's own."""
+
+    def __init__(self, *, lam: float, eps: float, labels=None, prototypes=None):
+        self.lam, self.eps = lam, eps
+        self.labels = torch.as_tensor(labels) if labels is not None else None
+        self.prototypes = torch.as_tensor(prototypes, dtype=torch.float32) if prototypes is not None and labels is not None else None
+
+    def __call__(self, model, xa: torch.Tensor, xb: torch.Tensor, idx, step: int):
+        views = [model(xa), model(xb)]
+        y = self.labels[idx] if self.labels is not None else None
+        loss, parts = crovca_loss(views, y, self.prototypes, lam=self.lam, eps=self.eps, step=step)
+        return loss, loss.item(), parts
+
+
 def crovca_loss(views, labels=None, prototypes: torch.Tensor | None = None, lam: float = 0.1,
                 eps: float = 0.05, step=None) -> tuple[torch.Tensor, dict[str, float]]:
     """CroVCA loss = L_align + lam * L_reg, and its parts as floats.

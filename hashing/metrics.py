@@ -523,35 +523,3 @@ def float_retrieval_metrics(
     out = _summary(res, _k_name(k), p_at, radius)
     out.update({"distance": "cosine", "n_queries": int(qf.shape[0]), "n_db": int(dbf.shape[0])})
     return out
-
-
-# --------------------------------------------------------------------------- plotting
-
-
-def plot_pr_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: str = "") -> None:
-    """Plot precision (y) against recall (x) per named curve; write a PNG atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .atomic import atomic_path
-
-    fig = Figure(figsize=(5.5, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, pr in curves.items():
-        p = np.asarray(pr["precision"], dtype=np.float64)
-        r = np.asarray(pr["recall"], dtype=np.float64)
-        ok = np.isfinite(p) & np.isfinite(r)
-        ax.plot(r[ok], p[ok], marker=".", markersize=3, linewidth=1.2, label=str(name))
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.02)
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
-    if curves:
-        ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")

@@ -1,8 +1,18 @@
-"""A trained hash function on disk, and its model version.
+"""What identifies a hash function, its model version, and the one model file format.
 
-The model version is a hash of the trainable weights and the config that
-defines the function (backbone, weights, input size, bits, head). Every index
-and every query carries it: codes of different hash functions never meet.
+The **identity** of a hash function is everything but its weights that decides its codes: its kind,
+the backbone and the fingerprint of the backbone's weights, the input size, the code length and the
+head's architecture (:func:`identity`). The **model version** hashes the identity and the trainable
+state (parameters and server-set buffers). Every index and every query carries it: codes of
+different hash functions never meet.
+
+**A model file** (``model.pt``; also the ``model`` entry of every federated checkpoint) is one
+record, whether centralized ``fedhash train`` or a federation wrote it:
+
+    {"format": 2, "identity": {...}, "model_version": "...", "params": {...}, "buffers": {...},
+     "privacy": {...the guarantee it was trained under...}, "extra": {...provenance...}}
+
+:func:`load_model` reads a model file, a federated checkpoint or a federated run folder alike.
 """
 from __future__ import annotations
 
@@ -10,21 +20,29 @@ import hashlib
 import io
 import json
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from . import atomic
-from .coder import HashCoder
-from .errors import FedhashError
+from .errors import FedhashError, ModelVersionError
+from .hashers import Hasher, create_hasher
 
-FORMAT = 1
+FORMAT = 2
+NO_PRIVACY = {"unit": "none"}
 
 
-def model_version(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> str:
-    """sha256 (first 16 hex digits) over the config (JSON, sorted) and every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode())
+def identity(hasher: Hasher, *, backbone: str, weights_id: str, size: int) -> dict[str, Any]:
+    """Everything but the weights that defines ``hasher``'s codes (JSON-able; one definition for all runs)."""
+    return {"kind": hasher.kind, "backbone": str(backbone), "weights_id": str(weights_id), "size": int(size),
+            "bits": int(hasher.bits)} | hasher.architecture()
+
+
+def model_version(state: Mapping[str, torch.Tensor], ident: Mapping[str, Any]) -> str:
+    """sha256 (first 16 hex digits) over the identity (JSON, sorted) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(dict(ident), sort_keys=True, default=str).encode())
     for name, t in state.items():
         t = t.detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
@@ -33,41 +51,85 @@ def model_version(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) 
     return h.hexdigest()[:16]
 
 
-def function_config(coder: HashCoder, backbone: str, weights: str, size: int) -> dict:
-    """What, besides the weights, defines the hash function."""
-    return {"backbone": backbone, "weights": weights, "size": int(size), "bits": coder.bits,
-            "in_dim": coder.in_dim, "variant": coder.variant, "hidden": coder.hidden}
+def version_of(params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], ident: Mapping[str, Any]) -> str:
+    """The model version of a state given as (parameters, server-set buffers)."""
+    return model_version(OrderedDict(list(params.items()) + list(buffers.items())), ident)
 
 
-def save_model(path: str | Path, coder: HashCoder, *, backbone: str, weights: str, size: int,
-               extra: Mapping[str, Any] | None = None) -> str:
-    """Write the head and its function config atomically; return the model version."""
-    state = OrderedDict((k, v.detach().cpu().clone()) for k, v in coder.state_dict().items())
-    cfg = function_config(coder, backbone, weights, size)
-    version = model_version(state, cfg)
+def record(params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor], ident: Mapping[str, Any], *,
+           privacy: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The model record of a state (see the module docstring)."""
+    params = OrderedDict((k, torch.as_tensor(v)) for k, v in params.items())
+    buffers = OrderedDict((k, torch.as_tensor(v)) for k, v in buffers.items())
+    return {"format": FORMAT, "identity": dict(ident), "model_version": version_of(params, buffers, ident),
+            "params": params, "buffers": buffers, "privacy": dict(privacy or NO_PRIVACY), "extra": dict(extra or {})}
+
+
+def save_model(path: str | Path, hasher: Hasher, ident: Mapping[str, Any], *,
+               privacy: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> str:
+    """Write ``hasher``'s model record atomically; return its model version."""
+    rec = record(*hasher.state(), ident, privacy=privacy, extra=extra)
+    write_record(path, rec)
+    return rec["model_version"]
+
+
+def write_record(path: str | Path, rec: Mapping[str, Any]) -> None:
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "state": state, "config": cfg, "model_version": version,
-                "extra": dict(extra or {})}, buf)
+    torch.save(dict(rec), buf)
     atomic.write_bytes(path, buf.getvalue())
-    return version
 
 
-def load_model(path: str | Path) -> tuple[HashCoder, dict]:
-    """Load a head saved by :func:`save_model`; returns (coder in eval mode, record without the state)."""
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The model record in ``path``: a model file, a federated checkpoint, or a federated run folder
+    (its ``model.pt``). Its weights are checked against its model version."""
     path = Path(path)
-    if not path.exists():
-        raise FedhashError(f"no model at {path}; train one first (fedhash train)")
+    if path.is_dir():
+        if not (path / "model.pt").is_file():
+            raise FedhashError(f"{path} holds no model.pt; pass a run folder that finished training, or its model file")
+        path = path / "model.pt"
+    if not path.is_file():
+        raise FedhashError(f"no model at {path}; train one first (fedhash train, fedhash simulate)")
     try:
         rec = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = rec["config"]
-        coder = HashCoder(cfg["in_dim"], cfg["bits"], cfg["variant"], cfg["hidden"] if cfg["variant"] == "large" else None)
-        coder.load_state_dict(rec["state"])
-    except FedhashError:
-        raise
     except Exception as e:
-        raise FedhashError(f"model file {path} is unreadable or not a fedhash model ({type(e).__name__}: {e}); retrain it") from e
-    if model_version(rec["state"], cfg) != rec["model_version"]:
-        raise FedhashError(f"model file {path}: weights do not match its recorded model version (corrupt?); retrain it")
-    coder.eval()
-    rec = {k: v for k, v in rec.items() if k != "state"}
-    return coder, rec
+        raise FedhashError(f"model file {path} is unreadable or not a fedhash model ({type(e).__name__}: {e}); "
+                           "retrain it") from e
+    if isinstance(rec, dict) and isinstance(rec.get("model"), dict):
+        rec = rec["model"]  # a federated checkpoint holds the model record of its round
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT or "identity" not in rec:
+        raise FedhashError(f"model file {path} is not a fedhash model of format {FORMAT} (it has "
+                           f"{rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r}); "
+                           "retrain it with this fedhash")
+    if version_of(rec["params"], rec["buffers"], rec["identity"]) != rec["model_version"]:
+        raise ModelVersionError(f"model file {path}: its weights do not match its recorded model version "
+                                f"{rec['model_version']} (corrupt or edited?); retrain it")
+    return rec
+
+
+def build(ident: Mapping[str, Any], *, weights: str | None = None) -> Hasher:
+    """An empty hasher of the identity ``ident`` (the state still to be loaded). A LoRA hasher needs its
+    backbone's weights: ``weights`` (the site's own file; default: the weights that ship with fedhash)."""
+    kind = ident["kind"]
+    opts: dict[str, Any] = {"feature_dim": ident["in_dim"], "bits": ident["bits"]}
+    if kind == "dp":
+        opts["dims"] = ident["dims"]
+    else:
+        opts["variant"] = ident["variant"]
+    if kind == "lora":
+        opts |= {"backbone": ident["backbone"], "weights": weights, "r": ident["lora_r"], "alpha": ident["lora_alpha"]}
+    elif ident.get("variant") == "large":
+        opts["hidden"] = ident["hidden"]
+    hasher = create_hasher(kind, **opts)
+    if kind == "lora" and getattr(hasher, "weights_id", None) != ident["weights_id"]:
+        raise ModelVersionError(f"the backbone weights given ({weights or 'the bundled ones'}) are not the ones the "
+                                f"model was trained on (fingerprint {ident['weights_id']}); pass that weights file")
+    return hasher
+
+
+def load_model(path: str | Path, *, weights: str | None = None) -> tuple[Hasher, dict[str, Any]]:
+    """(hasher in eval mode, its record without the state) from a model file, checkpoint or run folder."""
+    rec = read_record(path)
+    hasher = build(rec["identity"], weights=weights)
+    hasher.load_state(rec["params"], rec["buffers"])
+    hasher.eval()
+    return hasher, {k: v for k, v in rec.items() if k not in ("params", "buffers")}

@@ -1,11 +1,27 @@
-"""Small matplotlib figures for run folders, written atomically as PNG (Agg, no display)."""
+"""Every figure fedhash draws, one public API: arrays in, a PNG out (Agg, no display, written atomically).
+
+    plot_loss            training loss per step and per epoch          (fedhash train)
+    plot_bit_balance     fraction of 1s per bit                        (fedhash train)
+    plot_table_bars      mAP by method and code length                 (fedhash eval)
+    plot_pr_curves       precision against recall per method           (fedhash eval)
+    plot_partition       class counts per silo                         (fedhash simulate)
+    plot_map_rounds      mAP by round, per silo and mean, references   (fedhash simulate)
+    plot_map_silos       final mAP per silo and method                 (fedhash simulate)
+    plot_round_metric    any per-round scalar                          (fedhash simulate)
+    plot_comm            bytes down and up per round                   (fedhash simulate)
+    plot_privacy_utility mAP against ε per method                      (fedhash privacy-sweep)
+
+The report and the commands turn their records into the series these take; nothing here knows a run folder.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .atomic import atomic_path
+
+Series = tuple[Sequence[float], Sequence[float]]  # (x, y)
 
 
 def _figure(w: float = 6.0, h: float = 3.5):
@@ -21,6 +37,15 @@ def _save(fig, path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+# --------------------------------------------------------------------------- training
 
 
 def plot_loss(step_loss: Sequence[float], steps_per_epoch: int, path, title: str = "CroVCA training loss") -> None:
@@ -51,8 +76,11 @@ def plot_bit_balance(bit_means: np.ndarray, path, title: str = "bit balance (fra
     _save(fig, path)
 
 
+# --------------------------------------------------------------------------- evaluation
+
+
 def plot_table_bars(rows: list[dict], metric: str, path, title: str) -> None:
-    """Grouped bars: methods x bit lengths for one metric."""
+    """Grouped bars: methods x bit lengths for one metric; rows without bits are dashed lines."""
     methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"]))
     bits = sorted({r["bits"] for r in rows if r["bits"]})
     fig = _figure(7.0, 3.8)
@@ -69,4 +97,174 @@ def plot_table_bars(rows: list[dict], metric: str, path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_pr_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path, title: str = "") -> None:
+    """Precision (y) against recall (x) per named curve (``{"precision": [...], "recall": [...]}``)."""
+    fig = _figure(5.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, pr in curves.items():
+        p = np.asarray(pr["precision"], dtype=np.float64)
+        r = np.asarray(pr["recall"], dtype=np.float64)
+        ok = np.isfinite(p) & np.isfinite(r)
+        ax.plot(r[ok], p[ok], marker=".", markersize=3, linewidth=1.2, label=str(name))
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if curves:
+        ax.legend(loc="best", fontsize=8)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- federations
+
+
+def plot_partition(hist: np.ndarray, silo_names: Sequence[str], class_names: Sequence[str], path,
+                   title: str | None = None) -> None:
+    """Stacked bars of class counts per silo; ``hist`` (silos, classes) as from ``hashing.silos.label_histogram``."""
+    import matplotlib
+
+    hist = np.asarray(hist)
+    n = len(silo_names)
+    fig = _figure(max(5.0, 0.7 * n + 3.0), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(n)
+    bottom = np.zeros(n)
+    width = hist.shape[1] if hist.ndim == 2 else 0
+    cmap = matplotlib.colormaps["tab20" if width > 10 else "tab10"]
+    for j in range(width):
+        label = class_names[j] if j < len(class_names) else str(j)
+        ax.bar(x, hist[:, j], bottom=bottom, color=cmap(j % cmap.N), label=label, width=0.8)
+        bottom += hist[:, j]
+    ax.set_xticks(x)
+    ax.set_xticklabels(list(silo_names), rotation=30 if n > 6 else 0, ha="right" if n > 6 else "center")
+    ax.set_ylabel("images")
+    ax.set_title(title or "class counts per silo")
+    if 0 < width <= 20:
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
+    _save(fig, path)
+
+
+_REFERENCE_STYLES = {"local-only": ("0.55", (0, (2, 2))), "centralized": ("k", (0, (6, 3))),
+                     "itq": ("0.55", (0, (6, 2, 1, 2)))}
+
+
+def plot_map_rounds(mean: Series, per_silo: Mapping[str, Series], references: Mapping[str, float], path,
+                    title: str = "mAP@1000 by round") -> bool:
+    """Mean mAP per round (thick), each silo's (thin), dashed lines at the references' final means.
+    Nothing is written (False) when there is no point to draw."""
+    x, y = mean
+    if not len(x) and not any(len(s[0]) for s in per_silo.values()):
+        return False
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (sx, sy) in per_silo.items():
+        if len(sx):
+            ax.plot(sx, sy, linewidth=0.8, alpha=0.6, label=name)
+    if len(x):
+        ax.plot(x, y, "o-", color="k", linewidth=2.0, markersize=4, label="federated, mean")
+    for m, v in references.items():
+        color, dash = _REFERENCE_STYLES.get(m, ("0.3", (0, (1, 1))))
+        ax.axhline(v, color=color, linestyle=dash, linewidth=1.2, label=f"{m} mean ({v:.3f})")
+    _integer_x(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mAP@1000")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, path)
+    return True
+
+
+def plot_map_silos(groups: Sequence[str], values: Mapping[str, Sequence[float | None]], path,
+                   title: str = "final mAP@1000 per silo") -> bool:
+    """Grouped bars: ``groups`` (silos, then "mean") on x, one bar per method of ``values``."""
+    if not values or not groups:
+        return False
+    fig = _figure(max(6.0, 1.1 * len(groups) + 2.0), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(values)
+    for j, (m, vals) in enumerate(values.items()):
+        ax.bar(np.arange(len(groups)) + j * width, [np.nan if v is None else v for v in vals], width, label=m)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(values) - 1) / 2, list(groups), rotation=15)
+    ax.set_ylabel("mAP@1000")
+    ax.set_ylim(0, 1.0)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(True, axis="y", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def plot_round_metric(series: Series, path, ylabel: str, title: str) -> bool:
+    """One per-round scalar against round; nothing written (False) when the series is empty."""
+    x, y = series
+    if not len(x):
+        return False
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(x, y, "o-", markersize=4)
+    _integer_x(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def plot_comm(down: Series, up: Series, path, title: str = "communication per round") -> bool:
+    """Bytes sent down (server to clients) and up per round, in MiB; False when neither series has a point."""
+    if not len(down[0]) and not len(up[0]):
+        return False
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    if len(down[0]):
+        ax.plot(down[0], np.asarray(down[1]) / 2**20, "o-", markersize=4, label="down (server to clients)")
+    if len(up[0]):
+        ax.plot(up[0], np.asarray(up[1]) / 2**20, "s--", markersize=4, label="up (clients to server)")
+    _integer_x(ax)
+    ax.set_xlabel("round")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+_SWEEP_STYLES = {"DP-CroVCA": "o-", "DP-ITQ": "s--", "LSH": "^:"}
+
+
+def plot_privacy_utility(curves: Mapping[str, Series], path, *, no_dp: float | None = None,
+                         client_level: Series | None = None, ticks: Sequence[float] = (), bits: int = 64,
+                         delta: float = 1e-5, title: str = "Privacy–utility on the demo's silos") -> None:
+    """mAP against ε (log scale) per method; the no-DP mAP and 0.85 of it as horizontal lines; the
+    client-level DP points (ε per silo-update) beside them."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for method, (x, y) in curves.items():
+        if len(x):
+            ax.plot(x, y, _SWEEP_STYLES.get(method, "o-"), label=method)
+    if no_dp is not None:
+        ax.axhline(no_dp, color="k", lw=1, label="CroVCA, no DP")
+        ax.axhline(0.85 * no_dp, color="k", lw=0.8, ls="--", label="0.85 × no DP")
+    if client_level is not None and len(client_level[0]):
+        ax.plot(*client_level, "d-.", color="tab:red", label="client-level DP (ε per silo-update)")
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(list(ticks), [f"{e:g}" for e in ticks])
+    ax.set_xlabel(f"ε (δ = {delta:g})")
+    ax.set_ylabel(f"mean mAP@1000, {bits} bits")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)

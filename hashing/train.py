@@ -1,151 +1,177 @@
-"""Centralized CroVCA on cached backbone features (probe mode): one loop, one screen.
+"""The one training loop, for every kind of hash function (:mod:`hashing.hashers`), centralized or
+federated, with or without differential privacy.
 
-``features`` is ``(n, V, d)``: V augmented views per training image. Each step
-takes a batch of images and two distinct cached views of each, runs the head on
-both, and minimises the CroVCA loss. AdamW, cosine learning rate to ``lr_min``.
+Each step takes a batch of training images, two views of each (cached features in probe and dp mode,
+fresh augmentations in LoRA mode: ``hasher.view_batch``), and minimises the objective: CroVCA
+(:class:`hashing.loss.CroVCA`), or under DP-SGD its per-image form. AdamW, cosine learning rate from
+``schedule.lr`` to ``schedule.lr_min``, FedProx's proximal term when ``prox_mu`` > 0. DP-SGD reaches
+the loop through Opacus's ``make_private`` (:class:`hashing.privacy.dpsgd.DPSGD`), which wraps the
+module, the optimizer, the objective and the batches; the loop itself stays the same.
 """
 from __future__ import annotations
 
-import threading
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .coder import HashCoder, batch_renorm
-from .errors import ConfigError, TrainingError
-from .loss import crovca_loss
+from .config import Config
+from .errors import ConfigError
+from .hashers import TORCH_RNG, Hasher, Inputs, create_hasher
+from .loss import CroVCA
 
 
-# Held while seeding torch's global generator and drawing from it, so that trainings run side by
-# side in threads (fedhash simulate's references) each get their seed's initialisation.
-_TORCH_RNG = threading.Lock()
+@dataclass(frozen=True)
+class Schedule:
+    """What one call of :func:`train` runs: its epochs, the learning rate (cosine from ``lr`` to
+    ``lr_min``), the seed of its batches and views, and whether the final BatchNorm trains with Batch
+    Renormalization against its running statistics (federated silos, whose running statistics are
+    the pooled ones of all silos)."""
 
-
-@dataclass
-class TrainConfig:
-    bits: int = 64
-    supervised: bool = False
-    epochs: int = 5
-    batch_size: int = 256
-    lr: float = 1e-3
-    lr_min: float = 1e-6
-    weight_decay: float = 1e-2
-    lam: float = 0.1
-    eps: float = 0.05
-    variant: str = "small"
-    seed: int = 0
-    # Batch Renormalization against the head's running statistics (federated clients, whose
-    # running statistics are the pooled ones of all silos); see hashing.coder.BatchRenorm1d
+    epochs: int
+    lr: float
+    lr_min: float
+    seed: int
     renorm: bool = False
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @classmethod
+    def centralized(cls, cfg: Config) -> "Schedule":
+        """``fedhash train``: ``epochs`` epochs from ``lr`` to ``lr-min``."""
+        return cls(cfg.epochs, cfg.lr, cfg.lr_min, cfg.seed)
+
+    @classmethod
+    def federated_round(cls, cfg: Config, server_round: int) -> "Schedule":
+        """Round ``server_round``'s slice of one cosine schedule over all rounds, ``local-epochs`` long."""
+
+        def lr_at(t: float) -> float:
+            return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))
+
+        r, total = int(server_round), cfg.num_server_rounds
+        return cls(cfg.local_epochs, lr_at((r - 1) / total), lr_at(r / total), cfg.seed * 100003 + r, cfg.batch_renorm)
+
+    @classmethod
+    def reference(cls, cfg: Config) -> "Schedule":
+        """The federation's references (local-only, centralized): one cosine schedule over as many epochs as
+        the federation ran in all, plain BatchNorm (a reference trains on the data it sees whole)."""
+        return cls(cfg.num_server_rounds * cfg.local_epochs, cfg.lr, cfg.lr_min, cfg.seed * 100003 + 1)
 
 
 @dataclass
 class History:
     step_loss: list[float] = field(default_factory=list)
-    epoch: list[dict] = field(default_factory=list)
+    epoch: list[dict] = field(default_factory=list)  # per epoch: the means of the loss and its parts
+    steps: int = 0
     seconds: float = 0.0
+    releases: list[tuple[float, float, int]] = field(default_factory=list)  # under DP-SGD: what ε composes
+
+    @property
+    def loss(self) -> float:
+        return float(self.epoch[-1]["loss"]) if self.epoch else float("nan")
+
+    @property
+    def bit_balance(self) -> float:
+        return float(self.epoch[-1].get("bit_balance", float("nan"))) if self.epoch else float("nan")
 
 
-def _views_pair(rng: np.random.Generator, n: int, v: int) -> tuple[np.ndarray, np.ndarray]:
-    a = rng.integers(0, v, size=n)
-    b = (a + rng.integers(1, v, size=n)) % v if v > 1 else a
-    return a, b
+class Batches:
+    """Each epoch a fresh permutation of the ``n`` training positions, cut into batches of ``batch_size``;
+    the ragged last batch is dropped (BatchNorm needs a real batch)."""
+
+    def __init__(self, n: int, batch_size: int, rng: np.random.Generator):
+        self.n, self.bs, self.rng = n, min(batch_size, n), rng
+
+    def __len__(self) -> int:
+        return max(1, self.n // self.bs)
+
+    def __iter__(self):
+        perm = self.rng.permutation(self.n)
+        for i in range(len(self)):
+            yield perm[i * self.bs : (i + 1) * self.bs]
 
 
-def train_head(
-    features: np.ndarray,
-    labels: np.ndarray | None,
-    cfg: TrainConfig,
-    *,
-    coder: HashCoder | None = None,
-    progress: bool = True,
-    prototypes: np.ndarray | None = None,
-    prox_mu: float = 0.0,
-) -> tuple[HashCoder, History]:
-    """Train a HashCoder with CroVCA on cached features ``(n, V, d)``; labels given means supervised.
+def train(hasher: Hasher, inputs: Inputs, cfg: Config, schedule: Schedule, *, labels: np.ndarray | None = None,
+          prototypes: np.ndarray | None = None, prox_mu: float = 0.0, private=None,
+          progress: bool = False) -> History:
+    """Train ``hasher`` in place on ``inputs``' training images; ``labels`` (by position) for supervised CroVCA.
 
-    Federated use: ``prototypes`` (C, K) are global class prototypes (pooled by
-    the server) that replace the batch-local ones in supervised mode;
-    ``prox_mu`` > 0 adds FedProx's mu/2 * ||w - w_start||^2 to the loss, w_start
-    being the head's weights when the call begins.
-    """
-    if features.ndim != 3:
-        raise ConfigError(f"training features must be (n, views, dim), got shape {features.shape}")
-    n, v, d = features.shape
-    if n < 2:
-        raise TrainingError(f"need at least 2 training images, got {n}; give the silo more data")
+    ``prototypes`` (C, K): global class prototypes (federated, supervised). ``private``: a
+    :class:`hashing.privacy.dpsgd.DPSGD` (sample-level DP). From ``cfg``: batch-size, weight-decay,
+    lam, eps, supervised."""
     if cfg.supervised and labels is None:
         raise ConfigError("supervised training needs labels; the data set has none")
-    if not cfg.supervised and v < 2:
-        raise ConfigError("unsupervised CroVCA needs at least 2 cached views per image; raise views")
-    with _TORCH_RNG:  # torch's global generator is one per process: seed and draw the init in one piece
-        torch.manual_seed(cfg.seed)
-        coder = coder or HashCoder(d, cfg.bits, cfg.variant)
-    rng = np.random.default_rng(cfg.seed)
-    if coder.in_dim != d or coder.bits != cfg.bits:
-        raise ConfigError(f"head expects {coder.in_dim}-d features and {coder.bits} bits, got {d}-d and {cfg.bits}")
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // bs)  # drop the ragged last batch: BatchNorm needs a real batch
-    total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(coder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=cfg.lr_min)
-    lab_t = torch.as_tensor(np.asarray(labels)) if labels is not None else None
-    protos = torch.as_tensor(np.asarray(prototypes, dtype=np.float32)) if prototypes is not None and cfg.supervised else None
-    anchor = [p.detach().clone() for p in coder.parameters()] if prox_mu > 0 else None
+    hasher.check_inputs(inputs, cfg.supervised)
+    n = inputs.n_train
+    with TORCH_RNG:  # LoRA's dropout and DP-SGD's sampling and noise draw from torch's global generator
+        torch.manual_seed(schedule.seed)
+    rng = np.random.default_rng(schedule.seed)
+    g = torch.Generator().manual_seed(schedule.seed)
+    params = hasher.trainable_parameters()
+    hasher.train_mode()
+    opt = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=cfg.weight_decay)
+    model, batches = hasher, Batches(n, cfg.batch_size, rng)
+    if private is None:
+        objective = CroVCA(lam=cfg.lam, eps=cfg.eps, labels=labels if cfg.supervised else None, prototypes=prototypes)
+    else:
+        if prox_mu > 0:
+            raise ConfigError("FedProx's proximal term is not a per-image loss, so DP-SGD cannot bound it; "
+                              "use strategy = \"fedavg\" under dp = \"sample\"")
+        objective = private.objective(hasher, lam=cfg.lam, eps=cfg.eps)
+        model, opt, objective, batches = private.make_private(hasher, opt, objective, n, cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(getattr(opt, "original_optimizer", opt),
+                                                       T_max=max(schedule.epochs * len(batches), 1),
+                                                       eta_min=schedule.lr_min)
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     hist = History()
     t0 = time.perf_counter()
-    coder.train()
-    with batch_renorm(coder, cfg.renorm):
-        step = 0
-        for epoch in range(cfg.epochs):
-            perm = rng.permutation(n)
-            sums = {"loss": 0.0, "align": 0.0, "reg": 0.0, "bit_balance": 0.0}
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
-            for i in bar:
-                idx = np.sort(perm[i * bs : (i + 1) * bs])
-                a, b = _views_pair(rng, len(idx), v)
-                batch = features[idx]  # one read of the (memory-mapped) cache
-                x1 = torch.from_numpy(batch[np.arange(len(idx)), a].astype(np.float32))
-                x2 = torch.from_numpy(batch[np.arange(len(idx)), b].astype(np.float32))
-                views = [coder(x1), coder(x2)]
-                y = lab_t[idx] if cfg.supervised else None
-                loss, parts = crovca_loss(views, y, protos, lam=cfg.lam, eps=cfg.eps, step=step)
-                if anchor is not None:
-                    loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(coder.parameters(), anchor))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                loss_value = loss.item()
-                hist.step_loss.append(loss_value)
-                sums["loss"] += loss_value
-                for k in ("align", "reg", "bit_balance"):
-                    sums[k] += parts[k]
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-            hist.epoch.append({k: s / steps_per_epoch for k, s in sums.items()} | {"epoch": epoch + 1})
+    try:
+        with hasher.renorm(schedule.renorm):
+            for epoch in range(schedule.epochs):
+                sums: dict[str, float] = {}
+                count = 0
+                bar = tqdm(batches, desc=f"epoch {epoch + 1}/{schedule.epochs}", leave=False, disable=not progress)
+                for b in bar:
+                    idx = np.sort(np.asarray(b))
+                    opt.zero_grad(set_to_none=True)
+                    if len(idx) == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
+                        private.noise_only_step(opt, params)
+                    else:
+                        xa, xb = hasher.view_batch(inputs, idx, rng, g)
+                        loss, value, parts = objective(model, xa, xb, idx, hist.steps)
+                        if anchor is not None:
+                            loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                            value = loss.item()
+                        loss.backward()
+                        opt.step()
+                        hist.step_loss.append(value)
+                        count += 1
+                        for k, v in {"loss": value, **parts}.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        bar.set_postfix(loss=f"{value:.4f}")
+                    sched.step()
+                    hist.steps += 1
+                means = {k: s / count for k, s in sums.items()} if count else {"loss": float("nan")}
+                hist.epoch.append(means | {"epoch": epoch + 1})
+    finally:
+        if private is not None:
+            hist.releases = private.releases()
+            private.close()
     hist.seconds = time.perf_counter() - t0
-    coder.eval()
-    return coder, hist
+    hasher.eval()
+    return hist
 
 
-@torch.inference_mode()
-def encode(coder: HashCoder, features: np.ndarray, batch_size: int = 8192, *, pre_bn: bool = False) -> np.ndarray:
-    """Logits z (n, bits), float32, of clean-view features (n, d), head in eval mode.
-
-    ``pre_bn``: the activations entering the final BatchNorm instead; ``coder.norm`` (eval mode)
-    maps them to exactly the logits this function returns without it (same blocks, same kernels)."""
-    coder.eval()
-    net = coder.net[:-1] if pre_bn else coder
-    out = np.empty((len(features), coder.bits), dtype=np.float32)
-    for s in range(0, len(features), batch_size):
-        out[s : s + batch_size] = net(torch.from_numpy(np.asarray(features[s : s + batch_size], dtype=np.float32))).numpy()
-    if not np.isfinite(out).all():
-        raise TrainingError("the head produced non-finite logits; the model is broken, retrain it")
-    return out
+def fit(views: np.ndarray, labels: np.ndarray | None = None, cfg: Config | None = None, *,
+        schedule: Schedule | None = None, progress: bool = False) -> tuple[Hasher, History]:
+    """A fresh probe head (CroVCA's HashCoder) trained on cached training views ``(n, V, d)``: the
+    library's door for centralized training. ``labels`` make it supervised (``cfg.supervised`` too);
+    ``schedule`` defaults to ``Schedule.centralized(cfg)``."""
+    cfg = cfg or Config()
+    schedule = schedule or Schedule.centralized(cfg)
+    if views.ndim != 3:
+        raise ConfigError(f"training features must be (n, views, dim), got shape {views.shape}")
+    hasher = create_hasher("probe", feature_dim=views.shape[2], bits=cfg.bits, variant=cfg.variant, seed=schedule.seed)
+    hist = train(hasher, Inputs.of_features(views), cfg, schedule, labels=labels, progress=progress)
+    return hasher, hist

@@ -1,4 +1,5 @@
-"""Views of an image: the clean view for indexing and queries, augmented views for training.
+"""Views of an image: the clean view for indexing and queries, augmented views for training, and
+the whole-image transforms a simulated silo's domain applies (:func:`invert`, :func:`gaussian_blur`).
 
 Augmentations follow the public CroVCA recipe: RandomResizedCrop (scale 0.4-1,
 ratio 3/4-4/3), horizontal flip, colour jitter (p .8), grayscale (p .2),
@@ -10,11 +11,17 @@ grayscale) are left out: on one channel they do nothing.
 """
 from __future__ import annotations
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .data import ImageSet
 
 AUG_VERSION = "crovca-batched-v1"  # part of the feature-cache key: bump when the recipe changes
 
@@ -25,6 +32,13 @@ def to_batch(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(arr)
     t = t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
     return t.float().div_(255.0)
+
+
+def load_batch(ds: "ImageSet", idx: np.ndarray, size: int) -> torch.Tensor:
+    """Images idx as a float batch in [0, 1]; files of different sizes are brought to ``size`` first."""
+    if ds.images is not None:
+        return to_batch(ds.images[idx])
+    return torch.cat([resize(to_batch([ds.image(int(i))]), size) for i in idx])
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -125,3 +139,35 @@ def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     mean = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+# --------------------------------------------------------------------------- whole-image transforms
+
+
+def invert(images: np.ndarray) -> np.ndarray:
+    """``255 - x`` of uint8 images."""
+    return (255 - images).astype(np.uint8)
+
+
+def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of uint8 images ``(n, H, W)`` or ``(n, H, W, 3)`` (separable, reflected edges), as uint8."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(-0.5 * (t / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = np.empty_like(images)
+    for start in range(0, len(images), 2048):  # bounded float memory on large silos
+        a = images[start : start + 2048].astype(np.float32)
+        for axis in (1, 2):
+            r = min(radius, a.shape[axis] - 1)  # reflect needs pad < size
+            pad = [(0, 0)] * a.ndim
+            pad[axis] = (r, r)
+            padded = np.pad(a, pad, mode="reflect" if r > 0 else "edge")
+            kk = kernel[radius - r : radius + r + 1]
+            kk = kk / kk.sum()
+            acc = np.zeros_like(a)
+            for j, w in enumerate(kk):
+                acc += w * np.take(padded, np.arange(j, j + a.shape[axis]), axis=axis)
+            a = acc
+        out[start : start + 2048] = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return out

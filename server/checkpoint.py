@@ -1,4 +1,11 @@
-"""One checkpoint per round, atomic, with provenance; and the door back in (--resume)."""
+"""One checkpoint per round, atomic, with provenance; and the door back in (``resume = true``).
+
+A checkpoint (``checkpoints/round-XXXX.pt``) holds the round's global model as a model record (the
+one format of :mod:`hashing.model`, so ``fedhash eval``, ``export-codes`` and the retrieval commands
+read a checkpoint as they read ``model.pt``) and what the server needs to go on: the prototypes, the
+strategy's server-optimiser state, the history of rounds, the privacy ledger, the silos' sample-id
+fingerprints, the config and scenario, and the library versions.
+"""
 from __future__ import annotations
 
 import io
@@ -14,10 +21,10 @@ import numpy as np
 import torch
 
 from hashing import atomic
+from hashing.config import Config
 from hashing.errors import FedhashError, ModelVersionError
-from hashing.fedconfig import FedConfig
 
-FORMAT = 1
+FORMAT = 2
 LIBRARIES = ("fedhash", "flwr", "flwr-datasets", "torch", "timm", "peft", "faiss-cpu", "numpy", "opacus")
 _NAME = re.compile(r"round-(\d{4})\.pt$")
 
@@ -36,20 +43,27 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir: str | Path, *, server_round: int, params: Mapping[str, np.ndarray],
-                    globals_: Mapping[str, np.ndarray], strategy_state: Mapping[str, Any], model_version: str,
-                    cfg: FedConfig, weights_id: str, silos: Mapping[str, str], history: list[dict],
-                    scenario: Mapping[str, Any] | None = None, privacy: Mapping[str, Any] | None = None) -> Path:
-    """Write ``checkpoints/round-XXXX.pt`` atomically (temp file, then rename)."""
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in checkpoint_dir(out_dir).glob("round-*.pt") if (m := _NAME.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def _tensors(d: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v)) for k, v in d.items()}
+
+
+def save_checkpoint(out_dir: str | Path, *, server_round: int, model: Mapping[str, Any], cfg: Config,
+                    prototypes: Any | None, strategy_state: Mapping[str, Any], silos: Mapping[str, str],
+                    history: list[dict], ledger: Mapping[str, list], scenario: Mapping[str, Any] | None = None) -> Path:
+    """Write ``checkpoints/round-XXXX.pt`` atomically (temp file, then rename); ``model`` is a model record."""
     rec = {
         "format": FORMAT, "round": int(server_round), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "params": {k: torch.from_numpy(np.array(v)) for k, v in params.items()},
-        "globals": {k: torch.from_numpy(np.array(v)) for k, v in globals_.items()},
-        "strategy_state": {a: {k: torch.from_numpy(np.array(v)) for k, v in d.items()} for a, d in strategy_state.items()},
-        "model_version": model_version, "function_config": cfg.function_config() | {"weights_id": weights_id},
-        "data_config": cfg.data_config(), "config": cfg.to_dict(), "scenario": dict(scenario or {}),
+        "model": dict(model),
+        "prototypes": None if prototypes is None else torch.as_tensor(np.array(prototypes)),
+        "strategy_state": {a: _tensors(d) for a, d in strategy_state.items()},
+        "config": cfg.to_dict(), "data_config": cfg.data_config(), "scenario": dict(scenario or {}),
         "silos": dict(silos), "libraries": library_versions(), "history": list(history),
-        "privacy": dict(privacy or {"unit": "none"}),  # the guarantee the weights were trained under
+        "ledger": {k: [list(e) for e in v] for k, v in ledger.items()},
     }
     buf = io.BytesIO()
     torch.save(rec, buf)
@@ -58,33 +72,37 @@ def save_checkpoint(out_dir: str | Path, *, server_round: int, params: Mapping[s
     return path
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in checkpoint_dir(out_dir).glob("round-*.pt") if (m := _NAME.search(p.name))]
-    return max(found)[1] if found else None
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint as numpy arrays: its model record's ``params``, ``buffers``, ``identity``,
+    ``model_version`` and ``privacy`` at the top level beside the server's own state."""
     try:
         rec = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if rec.get("format") != FORMAT:
+            raise ValueError(f"format {rec.get('format')!r}, this fedhash reads format {FORMAT}")
+        m = rec["model"]
+        out = {k: v for k, v in rec.items() if k != "model"}
+        out |= {"identity": m["identity"], "model_version": m["model_version"], "privacy": m["privacy"],
+                "params": {k: v.numpy() for k, v in m["params"].items()},
+                "buffers": {k: v.numpy() for k, v in m["buffers"].items()}}
     except Exception as e:
         raise FedhashError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
                            "delete it to resume from the round before") from e
-    rec["params"] = {k: v.numpy() for k, v in rec["params"].items()}
-    rec["globals"] = {k: v.numpy() for k, v in rec["globals"].items()}
-    rec["strategy_state"] = {a: {k: v.numpy() for k, v in d.items()} for a, d in rec["strategy_state"].items()}
-    return rec
+    out["prototypes"] = None if rec["prototypes"] is None else rec["prototypes"].numpy()
+    out["strategy_state"] = {a: {k: v.numpy() for k, v in d.items()} for a, d in rec["strategy_state"].items()}
+    return out
 
 
-def check_resume(rec: Mapping[str, Any], cfg: FedConfig, weights_id: str, path: Path) -> None:
-    """A resumed run must compute the same hash function on the same silos."""
-    want = cfg.function_config() | {"weights_id": weights_id}
-    have = rec["function_config"]
-    diff = [f"{k}={have.get(k)!r} (now {want.get(k)!r})" for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+def check_resume(rec: Mapping[str, Any], cfg: Config, identity: Mapping[str, Any], path: Path) -> None:
+    """A resumed run must compute the same hash function on the same silos, under the same privacy settings."""
+    have = rec["identity"]
+    diff = [f"{k}={have.get(k)!r} (now {identity.get(k)!r})" for k in sorted(set(identity) | set(have))
+            if have.get(k) != identity.get(k)]
     if diff:
         raise ModelVersionError(f"cannot resume from {path}: it was trained with {', '.join(diff)}; "
                                 "resume with the same settings or start a fresh out-dir")
     pwant = cfg.dp_config()
-    phave = {k: rec.get("config", {}).get(k.replace("_", "-"), FedConfig.__dataclass_fields__[k].default) for k in pwant}
+    defaults = Config()
+    phave = {k: rec.get("config", {}).get(k.replace("_", "-"), getattr(defaults, k)) for k in pwant}
     pdiff = [f"{k.replace('_', '-')}={phave[k]!r} (now {pwant[k]!r})" for k in pwant if phave[k] != pwant[k]]
     if pdiff:
         raise ModelVersionError(f"cannot resume from {path}: it was trained under other privacy settings, "

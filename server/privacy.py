@@ -26,29 +26,27 @@ single-digit ε with 5 silos costs much accuracy. Sample-level DP (one image,
 
 Aggregation under ``dp = "client"``: FedAvg weights silos by their number of examples, which would
 give a big silo a sensitivity larger than ``clip / n`` while Flower calibrates the noise to
-``clip / n``. :func:`wrap_strategy` therefore makes the wrapped strategy average the (clipped)
+``clip / n``. :func:`wrap_strategy` therefore needs a strategy that averages the (clipped)
 updates with equal weights, and allows only strategies whose aggregate is that mean (FedAvg,
-FedProx): the others (server momentum or adaptive optimisers, median, trimmed mean, Krum) add the
+FedProx; ``server.strategies.make_strategy`` builds them so): the others (server momentum or adaptive optimisers, median, trimmed mean, Krum) add the
 noise after a non-linear step or keep un-noised state, and Flower's calibration does not hold.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from flwr.app import Message
 from flwr.serverapp import strategy as fl
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
                                      DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideAdaptiveClipping,
                                      DifferentialPrivacyServerSideFixedClipping)
 
-from hashing import dp
+from hashing.config import Config
 from hashing.errors import ConfigError
-from hashing.fedconfig import FedConfig
+from hashing.federated.protocol import UNIT_WEIGHT
+from hashing.privacy.accountant import epsilon
 
 ACCOUNTANT = "RDP (Opacus RDPAccountant), Gaussian mechanism per round, no sampling amplification"
-UNIT_WEIGHT = "dp-unit-weight"  # the metric every reply gets under client-level DP: FedAvg then averages equally
 DP_STRATEGIES = ("fedavg", "fedprox")
 WRAPPERS = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
@@ -67,14 +65,14 @@ def clipped_count_stddev(noise: float, num_sampled_clients: int) -> float:
     return max(num_sampled_clients / 20.0, float(noise))
 
 
-def wrap_strategy(strategy: fl.Strategy, cfg: FedConfig, num_sampled_clients: int) -> fl.Strategy:
+def wrap_strategy(strategy: fl.Strategy, cfg: Config, num_sampled_clients: int) -> fl.Strategy:
     """``strategy`` inside the Flower DP wrapper that ``cfg.dp_clipping`` names, when ``cfg.dp`` is
     "client"; else ``strategy`` itself.
 
     Noise multiplier ``cfg.dp_noise``, clipping norm ``cfg.dp_clip`` (the initial one for the
     adaptive wrappers, which then track the median update norm: target quantile 0.5, rate 0.2).
     Flower's own accountant is not used (:func:`client_level_epsilon` does the accounting). The
-    inner strategy is made to average the replies with equal weights (see the module docstring)."""
+    inner strategy must average the replies with equal weights (see the module docstring)."""
     if cfg.dp != "client":
         return strategy
     if cfg.strategy not in DP_STRATEGIES:
@@ -82,7 +80,9 @@ def wrap_strategy(strategy: fl.Strategy, cfg: FedConfig, num_sampled_clients: in
                           f"noise is calibrated to a plain mean of the updates: use one of {', '.join(DP_STRATEGIES)}")
     if num_sampled_clients < 1:
         raise ConfigError(f"client-level DP needs at least one sampled silo per round, not {num_sampled_clients}")
-    _equal_weights(strategy)
+    if getattr(strategy, "weighted_by_key", None) != UNIT_WEIGHT:
+        raise ConfigError(f"client-level DP needs a strategy that averages with equal weights, not "
+                          f"{type(strategy).__name__}; build it with server.strategies.make_strategy")
     cls = WRAPPERS[cfg.dp_clipping]
     if cfg.dp_clipping.endswith("fixed"):
         return cls(strategy, cfg.dp_noise, cfg.dp_clip, num_sampled_clients)
@@ -90,25 +90,7 @@ def wrap_strategy(strategy: fl.Strategy, cfg: FedConfig, num_sampled_clients: in
                clipped_count_stddev=clipped_count_stddev(cfg.dp_noise, num_sampled_clients))
 
 
-def _equal_weights(strategy: fl.Strategy) -> None:
-    """Make a FedAvg-style strategy average its replies' arrays with equal weights (in place)."""
-    if not hasattr(strategy, "weighted_by_key"):
-        raise ConfigError(f"client-level DP needs a FedAvg-style strategy, not {type(strategy).__name__}")
-    inner = strategy.aggregate_train
-
-    def aggregate_train(server_round: int, replies: Iterable[Message]) -> Any:
-        replies = list(replies)
-        for m in replies:
-            if not m.has_error():
-                for rec in m.content.metric_records.values():
-                    rec[UNIT_WEIGHT] = 1
-        return inner(server_round, replies)
-
-    strategy.weighted_by_key = UNIT_WEIGHT
-    strategy.aggregate_train = aggregate_train  # the DP wrapper calls self.strategy.aggregate_train
-
-
-def update_noise(cfg: FedConfig, num_sampled_clients: int) -> float:
+def update_noise(cfg: Config, num_sampled_clients: int) -> float:
     """The noise multiplier of the Gaussian noise Flower adds to the mean update (std = this * clip / n).
 
     Fixed clipping: ``cfg.dp_noise``. Adaptive clipping: read back from the wrapper, which raises it
@@ -123,7 +105,7 @@ def update_noise(cfg: FedConfig, num_sampled_clients: int) -> float:
     return float(wrapper.noise_multiplier)
 
 
-def effective_noise(cfg: FedConfig, num_sampled_clients: int) -> float:
+def effective_noise(cfg: Config, num_sampled_clients: int) -> float:
     """The noise multiplier one round's release is accounted at (one Gaussian mechanism of it).
 
     Fixed clipping: ``cfg.dp_noise``. Adaptive clipping: also ``cfg.dp_noise``, *not* the larger
@@ -159,4 +141,4 @@ def client_level_epsilon(history: Sequence[Sequence[float]], delta: float, num_s
     """
     if num_silos < 1:
         raise ValueError(f"num_silos is {num_silos}; it must be at least 1")
-    return dp.epsilon([(z, 1.0, steps) for z, _q, steps in history], delta)
+    return epsilon([(z, 1.0, steps) for z, _q, steps in history], delta)

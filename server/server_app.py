@@ -3,38 +3,37 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from hashing.fedconfig import FedConfig
+from hashing.config import Config
 
 from .federation import Federation, RoundHook
 
 
-def make_server_app(cfg: FedConfig | Sequence[FedConfig] | None = None, *, scenario: Mapping[str, Any] | None = None,
-                    on_round: RoundHook | None = None, result: dict | None = None) -> ServerApp:
+def make_server_app(cfg: Config | Sequence[Config] | None = None, *, scenario: Mapping[str, Any] | None = None,
+                    on_round: RoundHook | None = None, result: dict | None = None,
+                    on_grid: Callable[[Grid, Config], None] | None = None) -> ServerApp:
     """A ServerApp for ``cfg``; without one, the run config of the Flower run is read.
 
-    Several configs run one after the other on the same SuperNodes (``fedhash
-    simulate`` runs both CroVCA modes in one simulation); ``result`` then maps each
-    config's out-dir to its outcome.
-    """
+    Several configs run one after the other on the same SuperNodes (``fedhash simulate`` runs both
+    CroVCA modes in one simulation); ``result`` then maps each config's out-dir to its outcome.
+    ``on_grid(grid, cfg)`` is called once with the grid before the first run (``fedhash simulate``'s
+    engine tweaks, ``simulations.engine``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedhash").setLevel(logging.INFO)
-        if hasattr(grid, "pull_interval"):
-            # Flower's in-memory (simulation) grid polls for replies every 0.1 s by default; a round has
-            # two message phases, so that wait is a visible share of a 2 s round. The poll is a cheap lookup.
-            grid.pull_interval = 0.01
         if cfg is None:
-            cfgs = [FedConfig.from_dict(dict(context.run_config), source="run config")]
+            cfgs = [Config.from_dict(dict(context.run_config), source="run config")]
         else:
-            cfgs = [cfg] if isinstance(cfg, FedConfig) else list(cfg)
+            cfgs = [cfg] if isinstance(cfg, Config) else list(cfg)
+        if on_grid is not None:
+            on_grid(grid, cfgs[0])
         for c in cfgs:
             out = Federation(grid, c, scenario=scenario, on_round=on_round).run()
             if result is not None:

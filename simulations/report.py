@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hashing import atomic
+from hashing import atomic, plots
 from hashing.errors import FedhashError
 
 log = logging.getLogger("fedhash")
@@ -281,121 +281,28 @@ def _mean_map_series(rounds: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, n
     return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
 
-# --------------------------------------------------------------------------- plots
+# --------------------------------------------------------------------------- plots (hashing.plots draws them)
 
 
-def _figure(w: float = 6.0, h: float = 3.5):
-    from hashing.plots import _figure as figure
-
-    return figure(w, h)
-
-
-def _save(fig, path: Path) -> None:
-    from hashing.plots import _save as save
-
-    save(fig, path)
-
-
-def _integer_rounds(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def plot_map_rounds(rounds: Sequence[Mapping[str, Any]], final: Mapping[str, Any], silos: Sequence[Any] | None,
-                    path: Path, title: str = "mAP@1000 by round") -> bool:
-    """Mean mAP per round (thick), each silo's mAP (thin), dashed lines at the references' final means."""
-    x, y = _mean_map_series(rounds)
+def _plot_map_rounds(rounds: Sequence[Mapping[str, Any]], final: Mapping[str, Any], silos: Sequence[Any] | None,
+                     path: Path) -> bool:
+    """Mean mAP per round, each silo's mAP, and the references' final means."""
     names = _silo_names(silos, rounds=rounds)
     per = {n: _series([{"round": r.get("round"), "v": (r.get("map") or {}).get(n)} for r in rounds], "v")
            for n in names}
-    if not len(x) and not any(len(v[0]) for v in per.values()):
-        return False
-    fig = _figure(7.0, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    for n, (sx, sy) in per.items():
-        if len(sx):
-            ax.plot(sx, sy, linewidth=0.8, alpha=0.6, label=n)
-    if len(x):
-        ax.plot(x, y, "o-", color="k", linewidth=2.0, markersize=4, label="federated, mean")
-    styles = {"local-only": ("0.55", (0, (2, 2))), "centralized": ("k", (0, (6, 3))), "itq": ("0.55", (0, (6, 2, 1, 2)))}
-    for m in REFERENCE_ORDER:
-        v = method_mean(_row(final, m)) if m in (final or {}) else None
-        if v is not None:
-            color, dash = styles[m]
-            ax.axhline(v, color=color, linestyle=dash, linewidth=1.2, label=f"{m} mean ({v:.3f})")
-    _integer_rounds(ax)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mAP@1000")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save(fig, path)
-    return True
+    refs = {m: v for m in REFERENCE_ORDER if m in (final or {}) and (v := method_mean(_row(final, m))) is not None}
+    return plots.plot_map_rounds(_mean_map_series(rounds), per, refs, path)
 
 
-def plot_map_silos(final: Mapping[str, Any], silos: Sequence[Any] | None, path: Path,
-                   title: str = "final mAP@1000 per silo") -> bool:
+def _plot_map_silos(final: Mapping[str, Any], silos: Sequence[Any] | None, path: Path) -> bool:
     """Grouped bars: silos on x, one bar per method; a last group for the mean."""
     methods = [m for m in method_order(final or {}) if _row(final, m)]
     names = _silo_names(silos, final)
     if not methods or not names:
         return False
-    groups = names + ["mean"]
-    fig = _figure(max(6.0, 1.1 * len(groups) + 2.0), 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        r = _row(final, m)
-        per = r.get("per_silo") or {}
-        vals = [_num(per.get(n)) for n in names] + [method_mean(r)]
-        ax.bar(np.arange(len(groups)) + j * width, [np.nan if v is None else v for v in vals], width, label=m)
-    ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2, groups, rotation=15)
-    ax.set_ylabel("mAP@1000")
-    ax.set_ylim(0, 1.0)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(True, axis="y", alpha=0.3)
-    _save(fig, path)
-    return True
-
-
-def plot_round_metric(rounds: Sequence[Mapping[str, Any]], key: str, path: Path, ylabel: str, title: str) -> bool:
-    """One per-round scalar against round; nothing written (False) when no round holds it."""
-    x, y = _series(rounds, key)
-    if not len(x):
-        return False
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(x, y, "o-", markersize=4)
-    _integer_rounds(ax)
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    _save(fig, path)
-    return True
-
-
-def plot_comm(rounds: Sequence[Mapping[str, Any]], path: Path, title: str = "communication per round") -> bool:
-    """Bytes sent down (server to clients) and up per round, in MiB; False when no round reports bytes."""
-    down, up = _series(rounds, "bytes_down"), _series(rounds, "bytes_up")
-    if not len(down[0]) and not len(up[0]):
-        return False
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    if len(down[0]):
-        ax.plot(down[0], down[1] / 2**20, "o-", markersize=4, label="down (server to clients)")
-    if len(up[0]):
-        ax.plot(up[0], up[1] / 2**20, "s--", markersize=4, label="up (clients to server)")
-    _integer_rounds(ax)
-    ax.set_xlabel("round")
-    ax.set_ylabel("MiB")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return True
+    values = {m: [_num((_row(final, m).get("per_silo") or {}).get(n)) for n in names] + [method_mean(_row(final, m))]
+              for m in methods}
+    return plots.plot_map_silos(names + ["mean"], values, path)
 
 
 # --------------------------------------------------------------------------- report.md
@@ -538,27 +445,28 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> dict
           f"# mAP@{K} per silo: {summary.get('run_id') or run_dir.name}\n\n" + format_table(final, silos, markdown=True))
 
     jobs = {
-        "map_rounds": lambda p: plot_map_rounds(rounds, final, silos, p),
-        "map_silos": lambda p: plot_map_silos(final, silos, p),
-        "bit_balance": lambda p: plot_round_metric(rounds, "bit_balance", p, "bit balance",
-                                                   "bit balance of the global codes by round"),
-        "loss": lambda p: plot_round_metric(rounds, "train_loss", p, "train loss", "training loss by round"),
-        "comm": lambda p: plot_comm(rounds, p),
+        "map_rounds": lambda p: _plot_map_rounds(rounds, final, silos, p),
+        "map_silos": lambda p: _plot_map_silos(final, silos, p),
+        "bit_balance": lambda p: plots.plot_round_metric(_series(rounds, "bit_balance"), p, "bit balance",
+                                                         "bit balance of the global codes by round"),
+        "loss": lambda p: plots.plot_round_metric(_series(rounds, "train_loss"), p, "train loss",
+                                                  "training loss by round"),
+        "comm": lambda p: plots.plot_comm(_series(rounds, "bytes_down"), _series(rounds, "bytes_up"), p),
     }
-    plots: dict[str, str] = {}
+    drawn: dict[str, str] = {}
     for key, job in jobs.items():
         p = run_dir / f"{key}.png"
         try:
             if job(p):
                 paths[key] = p
-                plots[key] = p.name
+                drawn[key] = p.name
         except Exception as e:  # a plot is a view of numbers already on disk: never lose the report for one
             log.warning("report: could not draw %s (%s: %s)", p.name, type(e).__name__, e)
     part = summary.get("partition_plot")
     if part and (run_dir / str(part)).is_file():
-        plots["partition"] = str(part)
+        drawn["partition"] = str(part)
 
-    write("report", "report.md", atomic.write_text, render_report(summary, plots))
+    write("report", "report.md", atomic.write_text, render_report(summary, drawn))
     return paths
 
 

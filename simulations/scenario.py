@@ -1,4 +1,4 @@
-"""Scenario files: one TOML per study, every key a knob of the federated run (FedConfig, kebab-case)
+"""Scenario files: one TOML per study, every key a knob of the federated run (Config, kebab-case)
 plus a few of the study itself.
 
     name = "demo"
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hashing.errors import ConfigError
-from hashing.fedconfig import FedConfig
+from hashing.config import Config
 
 REFERENCES = ("local-only", "centralized", "itq")
 STUDY_KEYS = ("name", "description", "references", "also-unsupervised")
@@ -36,7 +36,7 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 @dataclass
 class Scenario:
     name: str
-    cfg: FedConfig
+    cfg: Config
     description: str = ""
     references: tuple[str, ...] = REFERENCES
     also_unsupervised: bool = False
@@ -44,9 +44,9 @@ class Scenario:
     raw: dict[str, Any] = field(default_factory=dict)
     mode_overrides: dict[bool, dict[str, Any]] = field(default_factory=dict)  # supervised? -> knobs
 
-    def config_for(self, supervised: bool) -> FedConfig:
+    def config_for(self, supervised: bool) -> Config:
         """The run config of one CroVCA mode: the scenario's knobs plus that mode's own."""
-        return FedConfig.from_dict(self.mode_overrides.get(supervised, {}) | {"supervised": supervised},
+        return Config.from_dict(self.mode_overrides.get(supervised, {}) | {"supervised": supervised},
                                    source=self.source, base=self.cfg)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,14 +90,14 @@ def scenario_from_dict(raw: dict[str, Any], *, source: str = "scenario", overrid
         for prefix, sup in MODE_PREFIXES.items():
             if str(k).startswith(prefix):
                 per_mode.setdefault(sup, {})[str(k)[len(prefix):]] = raw.pop(k)
-    cfg = FedConfig.from_dict(raw, source=source)
+    cfg = Config.from_dict(raw, source=source)
     for prefix, sup in MODE_PREFIXES.items():  # a bad per-mode key fails here, named with its prefix
         knobs = per_mode.get(sup, {})
         shared = [k for k in knobs if k.replace("-", "_") in SHARED_KEYS]
         if shared:
             raise ConfigError(f"{source}: '{prefix}{shared[0]}': both CroVCA modes share the silos, features and "
                               "folders; only training and server knobs can differ per mode")
-        FedConfig.from_dict(knobs, source=source, base=cfg, key_prefix=prefix)
+        Config.from_dict(knobs, source=source, base=cfg, key_prefix=prefix)
     name = study.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{source}: 'name' must be a non-empty string")

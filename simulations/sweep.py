@@ -20,16 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from client import task
-from client.partitions import make_silos
-from hashing import atomic, dp
+from client import site
+from hashing import atomic, plots
+from hashing.config import Config
 from hashing.errors import ConfigError
-from hashing.fedconfig import FedConfig
+from hashing.privacy import baselines
+from hashing.silos import make_silos, source_dataset
 
-from .cli import new_run_dir
-from .runner import check_privacy_plans, run_federations, score_encoder
+from . import console
+from .references import score_encoder
+from .runner import check_privacy_plans, run_federations, silo_features_for_references
+from .runs import new_run_dir
 from .scenario import Scenario
 
 
@@ -65,10 +67,10 @@ def parse_noises(text: str) -> list[float]:
     return out
 
 
-def _baseline_rows(data: list[task.SiloData], bits: int, eps: float, delta: float, seed: int) -> list[dict[str, Any]]:
+def _baseline_rows(data: list[site.SiloData], bits: int, eps: float, delta: float, seed: int) -> list[dict[str, Any]]:
     feats = [np.asarray(d.clean[d.silo.splits.train]) for d in data]
     rows = []
-    for name, fit in (("LSH", dp.dp_lsh_baseline), ("DP-ITQ", dp.dp_itq_baseline)):
+    for name, fit in (("LSH", baselines.dp_lsh_baseline), ("DP-ITQ", baselines.dp_itq_baseline)):
         t0 = time.perf_counter()
         model, sigma = fit(feats, bits, eps, delta, seed)
         scores = [res for _, res in score_encoder(model, data)]
@@ -84,32 +86,37 @@ def sweep(scn: Scenario, epsilons: list[float], client_noises: list[float], *, c
     base = scn.config_for(False) if scn.cfg.supervised else scn.cfg
     if base.supervised:
         raise ConfigError("the privacy sweep runs unsupervised CroVCA; set supervised = false in the scenario")
-    ds = task.load_source(base)
-    silos = make_silos(ds, task.partition_spec(base, base.num_silos), cache_dir=base.cache_dir or None)
+    silos = make_silos(source_dataset(base), base)
     run_dir = new_run_dir(runs_dir, f"{scn.name}-privacy-sweep")
-    data = [task.silo_features(dataclasses.replace(base, dp="none"), s)
-            for s in tqdm(silos, desc="silo features", unit="silo", disable=not progress)]
-    cfgs: list[FedConfig] = []
+    with console.run_log(run_dir / "log.txt") as log_path:
+        return _sweep(scn, base, silos, run_dir, log_path, epsilons, client_noises, client_clip=client_clip,
+                      nodp_lr=nodp_lr, progress=progress)
+
+
+def _sweep(scn: Scenario, base: Config, silos, run_dir: Path, log_path: Path, epsilons: list[float],
+           client_noises: list[float], *, client_clip: float, nodp_lr: float, progress: bool):
+    data = silo_features_for_references(dataclasses.replace(base, dp="none"), silos, progress)
+    cfgs: list[Config] = []
     labels: list[str] = []
     points: list[dict[str, Any]] = []
     for eps in epsilons:
         if math.isinf(eps):
-            c = FedConfig.from_dict({"dp": "none", "lr": nodp_lr}, source="privacy-sweep", base=base)
+            c = Config.from_dict({"dp": "none", "lr": nodp_lr}, source="privacy-sweep", base=base)
             points.append({"method": "CroVCA (published)", "unit": "none", "target": eps})
         else:
-            c = FedConfig.from_dict({"dp": "sample", "dp-epsilon": eps, "dp-noise": 0.0}, source="privacy-sweep", base=base)
+            c = Config.from_dict({"dp": "sample", "dp-epsilon": eps, "dp-noise": 0.0}, source="privacy-sweep", base=base)
             points.append({"method": "DP-CroVCA", "unit": "sample", "target": eps})
         cfgs.append(c)
         labels.append(f"ε={eps:g}")
     for z in client_noises:
-        cfgs.append(FedConfig.from_dict({"dp": "client", "dp-noise": z, "dp-clip": client_clip}, source="privacy-sweep",
+        cfgs.append(Config.from_dict({"dp": "client", "dp-noise": z, "dp-clip": client_clip}, source="privacy-sweep",
                                         base=base))
         points.append({"method": f"client-level DP ({base.dp_clipping})", "unit": "client", "target": z})
         labels.append(f"client σ={z:g}")
     check_privacy_plans([c for c in cfgs if c.dp == "sample"], data)  # refused before anything trains
     cfgs = [dataclasses.replace(c, out_dir=str(run_dir / f"point-{i:02d}")) for i, c in enumerate(cfgs)]
     t0 = time.perf_counter()
-    statuses = run_federations(cfgs, scn.to_dict(), labels=labels, progress=progress)
+    statuses = run_federations(cfgs, scn.to_dict(), labels=labels, progress=progress, log_path=log_path)
     rows = []
     for pt, c, st in zip(points, cfgs, statuses):
         last = st["rounds"][-1]
@@ -127,7 +134,7 @@ def sweep(scn: Scenario, epsilons: list[float], client_noises: list[float], *, c
     table = format_sweep(rows)
     atomic.write_text(run_dir / "table.md", f"# Privacy–utility sweep: {scn.name}, {base.bits} bits, δ = {base.dp_delta:g}\n\n"
                       + table + "\n\n" + NOTE + "\n")
-    plot_sweep(rows, run_dir / "privacy_utility.png", base.bits)
+    plot_sweep(rows, run_dir / "privacy_utility.png", base.bits, base.dp_delta)
     return run_dir, summary
 
 
@@ -154,34 +161,14 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: Path, bits: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    finite = sorted({r["target"] for r in rows if r["unit"] != "client" and math.isfinite(r["target"])})
-    for method, style in (("DP-CroVCA", "o-"), ("DP-ITQ", "s--"), ("LSH", "^:")):
+def plot_sweep(rows: list[dict[str, Any]], path: Path, bits: int, delta: float = 1e-5) -> None:
+    """The privacy-utility figure: mAP against ε per method, the no-DP mAP, client-level DP beside them."""
+    curves = {}
+    for method in ("DP-CroVCA", "DP-ITQ", "LSH"):
         pts = sorted((r["target"], r["map"]) for r in rows if r["method"] == method and math.isfinite(r["target"]))
-        if pts:
-            ax.plot(*zip(*pts), style, label=method)
-    for r in rows:
-        if r["unit"] == "none" and r["method"].startswith("CroVCA"):
-            ax.axhline(r["map"], color="k", lw=1, label="CroVCA, no DP")
-            ax.axhline(0.85 * r["map"], color="k", lw=0.8, ls="--", label="0.85 × no DP")
+        curves[method] = (tuple(p[0] for p in pts), tuple(p[1] for p in pts))
+    no_dp = next((r["map"] for r in rows if r["unit"] == "none" and r["method"].startswith("CroVCA")), None)
     cl = sorted((r["epsilon"], r["map"]) for r in rows if r["unit"] == "client" and math.isfinite(r["epsilon"]))
-    if cl:
-        ax.plot(*zip(*cl), "d-.", color="tab:red", label="client-level DP (ε per silo-update)")
-    ax.set_xscale("log")
-    if finite:
-        ax.set_xticks(finite, [f"{e:g}" for e in finite])
-    ax.set_xlabel("ε (δ = 1e-5)")
-    ax.set_ylabel(f"mean mAP@1000, {bits} bits")
-    ax.set_title("Privacy–utility on the demo's silos")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    ticks = sorted({r["target"] for r in rows if r["unit"] != "client" and math.isfinite(r["target"])})
+    plots.plot_privacy_utility(curves, path, no_dp=no_dp, client_level=(tuple(c[0] for c in cl), tuple(c[1] for c in cl)),
+                               ticks=ticks, bits=bits, delta=delta)

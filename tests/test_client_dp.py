@@ -13,9 +13,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import strategy as fl
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.dp_mods import train_clipping_mod
+from client.mods import train_clipping_mod
 from hashing.errors import ConfigError
-from hashing.fedconfig import FedConfig
+from hashing.config import Config as FedConfig
 from server import privacy
 from server.strategies import make_strategy
 

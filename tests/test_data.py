@@ -49,11 +49,13 @@ def test_digits(digits):
     assert len(digits) == 1797 and digits.images.max() == 255 and digits.images.dtype == np.uint8
 
 
-def test_folder_skips_corrupt_and_strict_refuses(tmp_path):
+def test_folder_skips_corrupt_and_strict_refuses(tmp_path, caplog):
     root = _folder(tmp_path)
     (root / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+    with caplog.at_level("WARNING", logger="fedhash.data"):
         ds = load_folder(root)
+    (rec,) = [r for r in caplog.records if "skipped 1 unreadable" in r.getMessage()]
+    assert "broken.png" in rec.getMessage() and "\n" not in rec.getMessage()  # one clean line
     assert len(ds) == 6 and len(ds.skipped) == 1 and ds.skipped[0][0].endswith("broken.png")
     assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert ds.image(0).shape == (12, 12, 3)

@@ -1,4 +1,4 @@
-"""Sample-level differential privacy (hashing/dp.py): why the DP head exists (the influence test),
+"""Sample-level differential privacy (hashing/privacy/): why the DP head exists (the influence test),
 the accounting against independent accountants, noise calibration, the moments release, the DP
 head's initialisation, DP-SGD with Opacus, and the refusals that keep a guarantee honest."""
 from __future__ import annotations
@@ -11,11 +11,24 @@ import pytest
 import torch
 from torch import nn
 
-from hashing import dp
 from hashing.coder import HashCoder
+from hashing.config import Config as FedConfig
 from hashing.errors import ConfigError, ModelVersionError
-from hashing.fedconfig import FedConfig
+from hashing.hashers import Inputs
 from hashing.loss import crovca_loss
+from hashing.privacy import accountant, objective, release
+from hashing.privacy import head as dphead
+from hashing.privacy.dpsgd import DPSGD
+from hashing.train import Schedule, train
+
+
+def train_dp_head(head, views, p, *, lr, lr_min, weight_decay, lam, eps, local_epochs, batch_size, seed,
+                  grad_sample_mode="ghost"):
+    """The one training loop under DP-SGD, as a silo runs it; its record as a dict."""
+    cfg = FedConfig(supervised=False, batch_size=batch_size, weight_decay=weight_decay, lam=lam, eps=eps)
+    hist = train(head, Inputs.of_features(views), cfg, Schedule(local_epochs, lr, lr_min, seed),
+                 private=DPSGD(p, grad_sample_mode))
+    return {"loss": hist.loss, "bit_balance": hist.bit_balance, "steps": hist.steps, "history": hist.releases}
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -24,7 +37,7 @@ DELTA = 1e-5
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, cov, _ = dp.pooled_moments([dp.release_moments(x, 0.0, np.random.default_rng(0))])
+    mean, cov, _ = release.pooled_moments([release.release_moments(x, 0.0, np.random.default_rng(0))])
     return mean, cov
 
 
@@ -36,11 +49,11 @@ def _low_rank(n: int, d: int = D, rank: int = 8, seed: int = 0) -> np.ndarray:
     return 3.0 * rng.standard_normal(d) / np.sqrt(d) + u @ w + 0.3 * rng.standard_normal((n, d))
 
 
-def _dp_head(seed: int = 0) -> dp.DPHashCoder:
+def _dp_head(seed: int = 0) -> dphead.DPHashCoder:
     torch.manual_seed(seed)
-    head = dp.DPHashCoder(D, BITS, DIMS)
+    head = dphead.DPHashCoder(D, BITS, DIMS)
     mean, cov = _moments(_low_rank(600, seed=seed))
-    dp.init_dp_head(head, mean, cov, seed=seed)
+    release.init_dp_head(head, mean, cov, seed=seed)
     return head
 
 
@@ -58,13 +71,13 @@ class _TwoViews(nn.Module):
         return torch.stack([self.coder(x[:, 0]), self.coder(x[:, 1])], 1)
 
 
-def _per_sample_grads(objective: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _per_sample_grads(which: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Opacus's per-sample gradients (GradSampleModule, hooks mode) of the batch loss."""
     from opacus import GradSampleModule
 
-    if objective == "dp":
+    if which == "dp":
         model = _dp_head()
-        crit = dp.DPCroVCALoss(dp.reference_precision(model, 0.05), lam=0.1, eps=0.05, reduction="sum")
+        crit = objective.DPCroVCALoss(objective.reference_precision(model, 0.05), lam=0.1, eps=0.05, reduction="sum")
 
         def loss_of(z):
             return crit(z)
@@ -110,17 +123,17 @@ def test_influence_of_one_sample_on_the_others_per_sample_gradients(objective, o
 
 
 def test_dp_head_passes_the_per_sample_check_and_published_head_is_refused():
-    dp.check_per_sample(dp.DPHashCoder(D, BITS, DIMS))
-    assert dp.offending_modules(dp.DPHashCoder(D, BITS, DIMS)) == []
+    dphead.check_per_sample(dphead.DPHashCoder(D, BITS, DIMS))
+    assert dphead.offending_modules(dphead.DPHashCoder(D, BITS, DIMS)) == []
     coder = HashCoder(D, BITS)
-    bad = dp.offending_modules(coder)
+    bad = dphead.offending_modules(coder)
     assert bad and "net.3" in bad[0] and "BatchRenorm1d" in bad[0]
     with pytest.raises(ConfigError) as e:
-        dp.check_per_sample(coder)
+        dphead.check_per_sample(coder)
     msg = str(e.value)
     assert "net.3" in msg and ("BatchRenorm1d" in msg or "BatchNorm" in msg)
     plain = nn.Sequential(nn.Linear(D, BITS), nn.BatchNorm1d(BITS))
-    assert dp.offending_modules(plain) == ["1 (BatchNorm1d)"]
+    assert dphead.offending_modules(plain) == ["1 (BatchNorm1d)"]
 
 
 # --------------------------------------------------------------------------- 2. accounting
@@ -150,7 +163,7 @@ def test_epsilon_agrees_with_dp_accounting(history):
     from dp_accounting import pld, rdp
 
     logging.getLogger().setLevel(logging.ERROR)  # dp_accounting's RDP logs harmless convergence warnings
-    ours = dp.epsilon(history, DELTA)
+    ours = accountant.epsilon(history, DELTA)
     acc = rdp.RdpAccountant()
     acc.compose(_dpacc_event(history))
     ref_rdp = acc.get_epsilon(DELTA)
@@ -163,12 +176,12 @@ def test_epsilon_agrees_with_dp_accounting(history):
 
 
 def test_epsilon_edge_cases():
-    assert dp.epsilon([], DELTA) == 0.0
-    assert dp.epsilon([(1.0, 0.1, 0)], DELTA) == 0.0
-    assert dp.epsilon([(0.0, 0.1, 5)], DELTA) == float("inf")
-    one = dp.epsilon([(1.0, 0.1, 100)], DELTA)
-    assert dp.epsilon([(1.0, 0.1, 100), (1.0, 0.1, 100)], DELTA) == pytest.approx(dp.epsilon([(1.0, 0.1, 200)], DELTA))
-    assert dp.epsilon([(1.0, 0.1, 200)], DELTA) > one  # composition costs
+    assert accountant.epsilon([], DELTA) == 0.0
+    assert accountant.epsilon([(1.0, 0.1, 0)], DELTA) == 0.0
+    assert accountant.epsilon([(0.0, 0.1, 5)], DELTA) == float("inf")
+    one = accountant.epsilon([(1.0, 0.1, 100)], DELTA)
+    assert accountant.epsilon([(1.0, 0.1, 100), (1.0, 0.1, 100)], DELTA) == pytest.approx(accountant.epsilon([(1.0, 0.1, 200)], DELTA))
+    assert accountant.epsilon([(1.0, 0.1, 200)], DELTA) > one  # composition costs
 
 
 # --------------------------------------------------------------------------- 3. plan
@@ -180,13 +193,13 @@ PLAN_KW = dict(delta=DELTA, noise_multiplier=0.0, max_grad_norm=0.3, batch_size=
 
 @pytest.mark.parametrize("target", [2.0, 8.0])
 def test_plan_calibrates_noise_to_the_target(target):
-    p = dp.plan(2000, target_epsilon=target, **PLAN_KW)
+    p = accountant.plan(2000, target_epsilon=target, **PLAN_KW)
     assert target * 0.98 <= p.epsilon <= target * 1.0001
-    assert p.epsilon == pytest.approx(dp.epsilon(p.history(), DELTA), rel=1e-9)
+    assert p.epsilon == pytest.approx(accountant.epsilon(p.history(), DELTA), rel=1e-9)
     # the smallest such noise: a little less overshoots the target
     less = dataclasses.replace(p, noise_multiplier=p.noise_multiplier / 1.001, moments_noise=p.moments_noise / 1.001)
-    assert dp.epsilon(less.history(), DELTA) > target
-    q, spe = dp.steps_per_epoch(2000, 256)
+    assert accountant.epsilon(less.history(), DELTA) > target
+    q, spe = accountant.steps_per_epoch(2000, 256)
     assert (p.sample_rate, p.steps_per_round, p.rounds, p.n) == (q, spe * 2, 5, 2000)
     assert p.moments_noise == pytest.approx(p.noise_multiplier)
     assert p.history() == [(p.moments_noise, 1.0, 1), (p.noise_multiplier, q, spe * 2 * 5)]
@@ -194,36 +207,36 @@ def test_plan_calibrates_noise_to_the_target(target):
 
 
 def test_plan_larger_target_needs_less_noise():
-    sig = [dp.plan(2000, target_epsilon=t, **PLAN_KW).noise_multiplier for t in (1.0, 4.0, 16.0)]
+    sig = [accountant.plan(2000, target_epsilon=t, **PLAN_KW).noise_multiplier for t in (1.0, 4.0, 16.0)]
     assert sig[0] > sig[1] > sig[2] > 0
 
 
 def test_plan_refuses_an_unreachable_target_naming_the_smallest_reachable_epsilon():
     kw = PLAN_KW | {"max_noise": 2.0}
-    q, spe = dp.steps_per_epoch(2000, 256)
-    floor = dp.epsilon([(2.0, 1.0, 1), (2.0, q, spe * 2 * 5)], DELTA)
+    q, spe = accountant.steps_per_epoch(2000, 256)
+    floor = accountant.epsilon([(2.0, 1.0, 1), (2.0, q, spe * 2 * 5)], DELTA)
     with pytest.raises(ConfigError) as e:
-        dp.plan(2000, target_epsilon=0.01, **kw)
+        accountant.plan(2000, target_epsilon=0.01, **kw)
     assert f"{floor:.3g}" in str(e.value)
     assert "dp-max-noise" in str(e.value)
     # just above the floor is reachable
-    assert dp.plan(2000, target_epsilon=floor * 1.01, **kw).noise_multiplier <= 2.0
+    assert accountant.plan(2000, target_epsilon=floor * 1.01, **kw).noise_multiplier <= 2.0
 
 
 @pytest.mark.parametrize("delta", [1e-3, 5e-3, 1.0])
 def test_plan_refuses_delta_at_or_above_one_over_n(delta):
     with pytest.raises(ConfigError, match="1/N"):
-        dp.plan(1000, target_epsilon=4.0, **(PLAN_KW | {"delta": delta}))
+        accountant.plan(1000, target_epsilon=4.0, **(PLAN_KW | {"delta": delta}))
     with pytest.raises(ConfigError, match="1/N"):
-        dp.check_delta(delta, 1000)
+        accountant.check_delta(delta, 1000)
 
 
 def test_plan_noise_mode_uses_the_given_noise():
-    p = dp.plan(2000, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": 1.5, "moments_ratio": 2.0}))
+    p = accountant.plan(2000, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": 1.5, "moments_ratio": 2.0}))
     assert p.noise_multiplier == 1.5 and p.moments_noise == 3.0
-    assert p.epsilon == pytest.approx(dp.epsilon(p.history(), DELTA), rel=1e-9)
+    assert p.epsilon == pytest.approx(accountant.epsilon(p.history(), DELTA), rel=1e-9)
     with pytest.raises(ConfigError):
-        dp.plan(2000, target_epsilon=0, **PLAN_KW)  # neither a target nor a noise
+        accountant.plan(2000, target_epsilon=0, **PLAN_KW)  # neither a target nor a noise
 
 
 # --------------------------------------------------------------------------- 4. steps per epoch
@@ -239,7 +252,7 @@ def test_steps_per_epoch_matches_opacus(n, b):
     loader = DataLoader(TensorDataset(torch.zeros(n, 2)), batch_size=b)
     _, _, dploader = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
                                                   noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True)
-    q, steps = dp.steps_per_epoch(n, b)
+    q, steps = accountant.steps_per_epoch(n, b)
     assert q == dploader.sample_rate == 1.0 / len(loader)
     assert steps == len(dploader) == len(loader)
 
@@ -250,12 +263,12 @@ def test_steps_per_epoch_matches_opacus(n, b):
 def test_release_moments_without_noise_is_exact():
     x = np.random.default_rng(0).standard_normal((300, D)) + 0.5
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    r = dp.release_moments(x, 0.0, np.random.default_rng(1))
+    r = release.release_moments(x, 0.0, np.random.default_rng(1))
     assert r["count"].tolist() == [300.0]
     np.testing.assert_allclose(r["sum"], xn.sum(0), atol=1e-10)
     np.testing.assert_allclose(r["outer"], xn.T @ xn, atol=1e-10)
     with pytest.raises(ConfigError):
-        dp.release_moments(x, -1.0, np.random.default_rng(1))
+        release.release_moments(x, -1.0, np.random.default_rng(1))
 
 
 def test_release_moments_noise_has_the_gaussian_mechanism_scale():
@@ -266,7 +279,7 @@ def test_release_moments_noise_has_the_gaussian_mechanism_scale():
     iu = np.triu_indices(D, 1)
     off, diag, sums = [], [], []
     for _ in range(20):
-        r = dp.release_moments(x, s, rng)
+        r = release.release_moments(x, s, rng)
         assert np.array_equal(r["outer"], r["outer"].T)
         e = r["outer"] - xn.T @ xn
         off.append(e[iu])
@@ -283,7 +296,7 @@ def test_pooled_moments_of_two_silos_are_the_union_moments():
     rng = np.random.default_rng(3)
     a = rng.standard_normal((300, D)) + 1.0
     b = 2.0 * rng.standard_normal((500, D)) - 0.5
-    mean, cov, n = dp.pooled_moments([dp.release_moments(a, 0.0, rng), dp.release_moments(b, 0.0, rng)])
+    mean, cov, n = release.pooled_moments([release.release_moments(a, 0.0, rng), release.release_moments(b, 0.0, rng)])
     u = np.concatenate([a, b])
     un = u / np.linalg.norm(u, axis=1, keepdims=True)
     assert n == 800
@@ -297,8 +310,8 @@ def test_pooled_moments_of_two_silos_are_the_union_moments():
 def test_init_dp_head_from_exact_moments():
     x = _low_rank(3000, seed=4)
     mean, cov = _moments(x)
-    head = dp.DPHashCoder(D, BITS, DIMS)
-    dp.init_dp_head(head, mean, cov, seed=0)
+    head = dphead.DPHashCoder(D, BITS, DIMS)
+    release.init_dp_head(head, mean, cov, seed=0)
     a = head.rotation.detach().double()
     torch.testing.assert_close(a[:, :BITS] @ a[:, :BITS].T, torch.eye(BITS, dtype=a.dtype), atol=1e-4, rtol=0)
     assert float(a[:, BITS:].abs().max()) == 0.0
@@ -313,7 +326,7 @@ def test_init_dp_head_from_exact_moments():
     # restandardize after a change of rotation keeps the standardised logits at unit variance
     with torch.no_grad():
         head.rotation.mul_(torch.linspace(0.5, 3.0, BITS)[:, None])
-        dp.restandardize(head)
+        dphead.restandardize(head)
         var = head(torch.as_tensor(x, dtype=torch.float32)).double().var(0, unbiased=False)
     assert float((var - 1.0).abs().max()) < 0.2
     assert float(head.norm.running_mean.abs().max()) == 0.0
@@ -330,13 +343,13 @@ def _views(n: int, v: int = 2, seed: int = 5) -> np.ndarray:
 
 def _train(views: np.ndarray, mode: str, batch: int, epochs: int = 2, noise: float = 1e-6):
     n = len(views)
-    p = dp.plan(n, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": noise, "batch_size": batch,
+    p = accountant.plan(n, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": noise, "batch_size": batch,
                                                    "local_epochs": epochs, "rounds": 1}))
-    head = dp.DPHashCoder(D, BITS, DIMS)
+    head = dphead.DPHashCoder(D, BITS, DIMS)
     mean, cov = _moments(views[:, 0])
-    dp.init_dp_head(head, mean, cov, seed=0)
+    release.init_dp_head(head, mean, cov, seed=0)
     start = head.rotation.detach().clone()
-    res = dp.train_dp_head(head, views, p, lr=1e-2, lr_min=1e-3, weight_decay=0.0, lam=0.1, eps=0.05,
+    res = train_dp_head(head, views, p, lr=1e-2, lr_min=1e-3, weight_decay=0.0, lam=0.1, eps=0.05,
                            local_epochs=epochs, batch_size=batch, seed=3, grad_sample_mode=mode)
     return head, start, res, p
 
@@ -381,31 +394,33 @@ def test_train_dp_head_accounts_empty_poisson_batches(mode):
 
 
 def test_train_dp_head_refuses_a_single_view():
-    p = dp.plan(200, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": 1.0}))
+    p = accountant.plan(200, target_epsilon=0, **(PLAN_KW | {"noise_multiplier": 1.0}))
     kw = dict(lr=1e-2, lr_min=1e-3, weight_decay=0.0, lam=0.1, eps=0.05, local_epochs=1, batch_size=32, seed=0)
     with pytest.raises(ConfigError):
-        dp.train_dp_head(dp.DPHashCoder(D, BITS, DIMS), _views(200, v=1), p, **kw)
+        train_dp_head(dphead.DPHashCoder(D, BITS, DIMS), _views(200, v=1), p, **kw)
 
 
 # --------------------------------------------------------------------------- 9. resume refusal
 
 
 def test_checkpoint_resume_refuses_other_privacy_settings(tmp_path):
+    from hashing.model import record
     from server.checkpoint import check_resume, load_checkpoint, save_checkpoint
 
     cfg = FedConfig().replace(dp="sample", dp_epsilon=8.0, supervised=False)
-    path = save_checkpoint(tmp_path, server_round=1, params={"net.1.weight": np.zeros((2, 3), np.float32)},
-                           globals_={"net.0.center": np.zeros(3, np.float32)}, strategy_state={},
-                           model_version="v1", cfg=cfg, weights_id="w", silos={"silo-0": "abc"}, history=[],
-                           privacy={"unit": "sample"})
+    ident = {"kind": "dp", "weights_id": "w"}
+    model = record({"net.1.weight": np.zeros((2, 3), np.float32)}, {"net.0.center": np.zeros(3, np.float32)}, ident,
+                   privacy={"unit": "sample"})
+    path = save_checkpoint(tmp_path, server_round=1, model=model, cfg=cfg, prototypes=None, strategy_state={},
+                           silos={"silo-0": "abc"}, history=[], ledger={})
     rec = load_checkpoint(path)
-    check_resume(rec, cfg, "w", path)  # the same settings pass
-    check_resume(rec, FedConfig().replace(dp="sample", dp_epsilon=8.0, supervised=False), "w", path)
+    check_resume(rec, cfg, ident, path)  # the same settings pass
+    check_resume(rec, FedConfig().replace(dp="sample", dp_epsilon=8.0, supervised=False), ident, path)
     for change in ({"dp_epsilon": 4.0}, {"dp_delta": 1e-6}, {"dp_clip": 1.0}, {"dp_moments_ratio": 2.0}):
         with pytest.raises(ModelVersionError, match="privacy"):
-            check_resume(rec, cfg.replace(**change), "w", path)
+            check_resume(rec, cfg.replace(**change), ident, path)
     with pytest.raises(ModelVersionError):
-        check_resume(rec, FedConfig().replace(supervised=False), "w", path)  # no DP at all now
+        check_resume(rec, FedConfig().replace(supervised=False), ident, path)  # no DP at all now
 
 
 # --------------------------------------------------------------------------- 10. config refusals

@@ -23,21 +23,23 @@ import psutil
 import pytest
 import torch
 
-from client import task
-from client.partitions import make_silos
-from hashing import fedmodel
+from client import site
+from hashing import backbones, model
+from hashing.config import STRATEGIES, Config
 from hashing.errors import ConfigError, ModelVersionError, TrainingError
-from hashing.fedconfig import STRATEGIES, FedConfig
 from hashing.index import SiloIndex
+from hashing.silos import make_silos
 from server import checkpoint as ckpt
 from simulations.cli import main
+
+FedConfig = Config
 
 NUM_SILOS = 3
 ROUNDS = 2
 SCENARIO = {
     "data": "digits", "n-images": 0, "partitioner": "dirichlet", "alpha": 0.3, "num-silos": NUM_SILOS, "seed": 0,
     "bits": 16, "size": 32, "views": 2, "batch-size": 64, "num-server-rounds": ROUNDS, "min-train-nodes": NUM_SILOS,
-    "supervised": True, "mode": "probe",
+    "supervised": True, "mode": "probe", "client-threads": 1,
 }
 
 
@@ -46,11 +48,10 @@ SCENARIO = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _env(cache_dir):
-    """Features into the session's tmp cache; one torch thread per simulated silo (what fedhash simulate sets)."""
+    """Features into the session's tmp cache (the scenario's client-threads = 1: one torch thread per
+    simulated silo, what fedhash simulate sets)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDHASH_CACHE", str(cache_dir))
-        mp.setenv("FEDHASH_CLIENT_THREADS", "1")
-        mp.delenv("FEDHASH_FAIL", raising=False)
         yield
 
 
@@ -61,13 +62,13 @@ def cfg(cache_dir) -> FedConfig:
 
 @pytest.fixture(scope="module")
 def silos(cfg, digits):
-    return make_silos(digits, task.partition_spec(cfg, NUM_SILOS))
+    return make_silos(digits, cfg)
 
 
 @pytest.fixture(scope="module")
 def features(cfg, silos):
     """Every silo's features in the cache before a simulation starts (as fedhash simulate does)."""
-    return [task.silo_features(cfg, s) for s in silos]
+    return [site.silo_features(cfg, s) for s in silos]
 
 
 def _nbytes(state) -> int:
@@ -75,8 +76,8 @@ def _nbytes(state) -> int:
 
 
 def _backbone_bytes(cfg: FedConfig) -> int:
-    model, _, _ = fedmodel.backbone_for(cfg)
-    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+    net, _, _ = backbones.backbone_for(cfg.backbone, cfg.weights or None)
+    return int(sum(p.numel() * p.element_size() for p in net.parameters()))
 
 
 def _descendants() -> list[psutil.Process]:
@@ -144,14 +145,20 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     t0 = time.perf_counter()
     rc = main(["simulate", str(scn), "--runs-dir", str(runs)])
     t1 = time.perf_counter()
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0
     _assert_no_new_children(before)
+    # a quiet console: fedhash's own progress and results; the libraries' chatter is in the run's log.txt
+    for noise in ("alembic", "DEPRECATED", "fraction_evaluate", "Manually terminating", "FutureWarning"):
+        assert noise not in captured.err and noise not in out, noise
     t2 = time.perf_counter()
 
     (run,) = list(runs.iterdir())
-    for f in ("report.md", "table.md", "rounds.csv", "map_rounds.png", "partition.png", "summary.json"):
+    for f in ("report.md", "table.md", "rounds.csv", "map_rounds.png", "partition.png", "summary.json", "log.txt"):
         assert (run / f).is_file() and (run / f).stat().st_size > 0, f
+    log_txt = (run / "log.txt").read_text()
+    assert "run_simulation" in log_txt and "DEPRECATED" in log_txt  # Flower's notice went to the log
     with open(run / "rounds.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["round"]) for r in rows] == [1, 2]
@@ -192,8 +199,8 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     for r, path in ck.items():
         rec = ckpt.load_checkpoint(path)
         assert rec["round"] == r and rec["model_version"] == rounds[r - 1]["model_version"]
-        fc = rec["function_config"]
-        assert fc["bits"] == 16 and fc["backbone"] == cfg.backbone and fc["size"] == 32 and fc["mode"] == "probe"
+        fc = rec["identity"]
+        assert fc["bits"] == 16 and fc["backbone"] == cfg.backbone and fc["size"] == 32 and fc["kind"] == "probe"
         assert fc["weights_id"] == features[0].weights_id
         assert rec["silos"] == {s.name: s.ids_fingerprint() for s in silos}
         libs = rec["libraries"]
@@ -209,11 +216,10 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     try:
         for r, path in ck.items():
             rec = ckpt.load_checkpoint(path)
-            model = fedmodel.build_model(cfg, features[0].feature_dim)
-            fedmodel.load_state(model, {k: torch.from_numpy(v) for k, v in rec["params"].items()},
-                                {k: torch.from_numpy(v) for k, v in rec["globals"].items()})
+            hasher = site.global_model(cfg, features[0].feature_dim)
+            hasher.load_state(rec["params"], rec["buffers"])
             for d in features:
-                assert rounds[r - 1]["map"][d.name] == pytest.approx(task.local_evaluate(cfg, d, model)["map"],
+                assert rounds[r - 1]["map"][d.name] == pytest.approx(site.evaluate(cfg, d, hasher)["map"],
                                                                      abs=1e-9), (r, d.name)
     finally:
         torch.set_num_threads(threads)
@@ -221,13 +227,20 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     # the last checkpoint's state is the model the indexes were built with
     rec = ckpt.load_checkpoint(ck[2])
     params = {k: torch.from_numpy(v) for k, v in rec["params"].items()}
-    bufs = {k: torch.from_numpy(v) for k, v in rec["globals"].items()}
-    assert fedmodel.version_of(params, bufs, cfg, features[0].weights_id) == version
-    assert rec["globals"][fedmodel.PROTOTYPES].shape == (10, 16)
+    bufs = {k: torch.from_numpy(v) for k, v in rec["buffers"].items()}
+    assert model.version_of(params, bufs, rec["identity"]) == version
+    fresh = site.global_model(cfg, features[0].feature_dim)
+    assert rec["identity"] == model.identity(fresh, backbone=cfg.backbone, weights_id=features[0].weights_id, size=32)
+    assert rec["prototypes"].shape == (10, 16)
+    # the final model is written in the one model format: load_model reads it (and the checkpoint) alike
+    final, mrec = model.load_model(fed / "model.pt")
+    assert mrec["model_version"] == version and mrec["privacy"] == {"unit": "none", "epsilon": math.inf}
+    assert model.load_model(ck[2])[1]["model_version"] == version
+    d0 = features[0]
+    assert np.array_equal(final.encode(d0.inputs, d0.silo.splits.query), hasher.encode(d0.inputs, d0.silo.splits.query))
 
     # the bytes: only the trainable head travels, never the frozen backbone
-    model = fedmodel.build_model(cfg, features[0].feature_dim)
-    p, b = fedmodel.split_state(model)
+    p, b = fresh.state()
     assert set(p) == set(rec["params"]) and not any("backbone" in k for k in p)
     up = _nbytes(p)
     down = up + _nbytes(b) + 10 * 16 * 4  # parameters + BatchNorm buffers + (10 classes x 16 bits) float32 prototypes
@@ -250,8 +263,7 @@ def test_failure_stops_run_then_resume_finishes(cfg, features, tmp_path, monkeyp
     from simulations.runner import run_federated
 
     out = tmp_path / "fed"
-    fcfg = cfg.replace(out_dir=str(out), min_train_nodes=3)
-    monkeypatch.setenv("FEDHASH_FAIL", "silo-1@2")
+    fcfg = cfg.replace(out_dir=str(out), min_train_nodes=3, inject_failures="silo-1@2")
     before = {p.pid for p in _descendants()}
     with pytest.raises(TrainingError) as ei:
         run_federated(fcfg, {}, label="fail", progress=False)
@@ -269,9 +281,8 @@ def test_failure_stops_run_then_resume_finishes(cfg, features, tmp_path, monkeyp
     ck1 = first.read_bytes()
     round1 = status["rounds"][0]
 
-    # resume: the failure is gone; Ray workers inherit the driver's environment at ray.init (each run_simulation)
-    monkeypatch.delenv("FEDHASH_FAIL")
-    status = run_federated(fcfg.replace(resume=True), {}, label="resume", progress=False)
+    # resume: the failure is gone (the config travels with every message)
+    status = run_federated(fcfg.replace(resume=True, inject_failures=""), {}, label="resume", progress=False)
     _assert_no_new_children(before)
     assert status["status"] == "done" and status["failures"] == []
     assert [r["round"] for r in status["rounds"]] == [1, 2]
@@ -290,8 +301,8 @@ def test_failure_tolerated_above_min_train_nodes(cfg, features, tmp_path, monkey
     from simulations.runner import run_federated
 
     out = tmp_path / "fed"
-    monkeypatch.setenv("FEDHASH_FAIL", "silo-1@2")
-    status = run_federated(cfg.replace(out_dir=str(out), min_train_nodes=2), {}, label="tolerant", progress=False)
+    status = run_federated(cfg.replace(out_dir=str(out), min_train_nodes=2, inject_failures="silo-1@2"), {},
+                           label="tolerant", progress=False)
     assert status["status"] == "done"
     fails = status["failures"]
     assert [(f["round"], f["phase"]) for f in fails] == [(2, "train")] and "silo-1" in fails[0]["reason"]
@@ -307,24 +318,27 @@ def test_resume_with_other_settings_is_refused(cfg, tmp_path):
     from server.federation import Federation
 
     out = tmp_path / "fed"
-    _, wid, dim = fedmodel.backbone_for(cfg)
-    model = fedmodel.build_model(cfg, dim)
-    p, b = fedmodel.split_state(model)
-    path = ckpt.save_checkpoint(out, server_round=1, params={k: v.numpy() for k, v in p.items()},
-                                globals_={k: v.numpy() for k, v in b.items()}, strategy_state={},
-                                model_version=fedmodel.version_of(p, b, cfg, wid), cfg=cfg, weights_id=wid,
-                                silos={"silo-0": "0" * 16}, history=[{"round": 1}])
+    _, wid, dim = backbones.backbone_for(cfg.backbone, None)
+    hasher = site.global_model(cfg, dim)
+    ident = model.identity(hasher, backbone=cfg.backbone, weights_id=wid, size=cfg.size)
+    path = ckpt.save_checkpoint(out, server_round=1, model=model.record(*hasher.state(), ident), cfg=cfg,
+                                prototypes=None, strategy_state={}, silos={"silo-0": "0" * 16},
+                                history=[{"round": 1}], ledger={})
     assert path == out / "checkpoints" / "round-0001.pt"
     rec = ckpt.load_checkpoint(path)
-    ckpt.check_resume(rec, cfg, wid, path)  # same settings: fine
+
+    def ident_of(c: Config, weights_id: str = wid) -> dict:
+        return model.identity(site.global_model(c, dim), backbone=c.backbone, weights_id=weights_id, size=c.size)
+
+    ckpt.check_resume(rec, cfg, ident_of(cfg), path)  # same settings: fine
     with pytest.raises(ModelVersionError, match=r"bits=16 \(now 32\)"):
-        ckpt.check_resume(rec, cfg.replace(bits=32), wid, path)
+        ckpt.check_resume(rec, cfg.replace(bits=32), ident_of(cfg.replace(bits=32)), path)
     with pytest.raises(ModelVersionError, match="size"):
-        ckpt.check_resume(rec, cfg.replace(size=48), wid, path)
+        ckpt.check_resume(rec, cfg.replace(size=48), ident_of(cfg.replace(size=48)), path)
     with pytest.raises(ModelVersionError, match="weights_id"):
-        ckpt.check_resume(rec, cfg, "f" * 16, path)
+        ckpt.check_resume(rec, cfg, ident_of(cfg, "f" * 16), path)
     with pytest.raises(ModelVersionError, match="alpha"):
-        ckpt.check_resume(rec, cfg.replace(alpha=1.0), wid, path)
+        ckpt.check_resume(rec, cfg.replace(alpha=1.0), ident_of(cfg), path)
     # the server refuses it before any message is sent (no grid needed to get there)
     with pytest.raises(ModelVersionError, match="bits"):
         Federation(None, cfg.replace(bits=32, out_dir=str(out), resume=True))
@@ -376,7 +390,7 @@ def one_simulation(cfg, features, cache_dir, tmp_path_factory):
 
     from client.client_app import app as client_app
     from server.federation import Federation
-    from simulations.runner import _quiet_flower
+    from simulations.console import quiet_flower
 
     root = tmp_path_factory.mktemp("one-simulation")
     runs = {name: cfg.replace(strategy=name, num_server_rounds=1, out_dir=str(root / name)) for name in STRATEGIES}
@@ -410,7 +424,7 @@ def one_simulation(cfg, features, cache_dir, tmp_path_factory):
 
     before = {p.pid for p in _descendants()}
     t0 = time.perf_counter()
-    with _quiet_flower(False):
+    with quiet_flower(None, False):
         run_simulation(app, client_app, num_supernodes=NUM_SILOS, backend_config=_backend(NUM_SILOS))
     seconds = time.perf_counter() - t0
     _assert_no_new_children(before)
@@ -425,7 +439,7 @@ def test_every_strategy_in_one_simulation(one_simulation, cfg, features):
     # the no-children check of the fixture was not vacuous: Ray's processes were our descendants while it ran
     assert sim["during"], "no Ray processes seen while the simulation ran"
 
-    init = fedmodel.split_state(fedmodel.build_model(cfg, features[0].feature_dim))[0]
+    init = site.global_model(cfg, features[0].feature_dim).state()[0]
     for name in STRATEGIES:
         res = results[name]
         (h,) = res["history"]
@@ -465,9 +479,8 @@ def test_lora_mode_end_to_end(one_simulation):
     print(f"\nLoRA mode: {r['seconds']:.1f} s per round ({NUM_SILOS} silos, 300 images, 32 px)")
     assert r["clients_ok"] == NUM_SILOS and r["mean_map"] > 0 and math.isfinite(r["train_loss"])
 
-    _, wid, dim = fedmodel.backbone_for(lcfg)
-    model = fedmodel.build_model(lcfg, dim)
-    p, b = fedmodel.split_state(model)
+    _, wid, dim = backbones.backbone_for(lcfg.backbone, None)
+    p, b = site.global_model(lcfg, dim).state()
     lora = [k for k in p if "lora_A" in k or "lora_B" in k]
     head = [k for k in p if k.startswith("head.")]
     assert any("lora_A" in k for k in p) and any("lora_B" in k for k in p) and head
@@ -485,8 +498,8 @@ def test_lora_mode_end_to_end(one_simulation):
     assert any(res["params"][k].abs().sum() > 0 for k in lora if "lora_B" in k)
     out = Path(lcfg.out_dir)
     rec = ckpt.load_checkpoint(out / "checkpoints" / "round-0001.pt")
-    assert set(rec["params"]) == set(p) and rec["function_config"]["mode"] == "lora"
-    assert rec["function_config"]["lora_r"] == lcfg.lora_r
+    assert set(rec["params"]) == set(p) and rec["identity"]["kind"] == "lora"
+    assert rec["identity"]["lora_r"] == lcfg.lora_r and rec["identity"]["weights_id"] == wid
     assert rec["model_version"] == res["out"]["model_version"]
     for name, info in res["out"]["indexes"].items():
         idx = SiloIndex.load(out / "silos" / name / "index.faiss")
@@ -501,7 +514,7 @@ def test_lora_mode_end_to_end(one_simulation):
 def test_sample_level_dp_end_to_end(one_simulation, capsys):
     """dp = "sample": Opacus DP-SGD on the DP head in a real Flower run; ε on the server's ledger is Opacus's
     RDP over what the silos recorded, never above the target, and every artifact carries the guarantee."""
-    from hashing import dp
+    from hashing.privacy import accountant
 
     assert "dp-sample" not in one_simulation["errors"], one_simulation["errors"]["dp-sample"]
     res = one_simulation["results"]["dp-sample"]
@@ -516,7 +529,7 @@ def test_sample_level_dp_end_to_end(one_simulation, capsys):
     for name, hist in priv["ledger"].items():
         # the moments release, then the DP-SGD steps Opacus took in the one round
         assert hist[0][1] == 1.0 and hist[0][2] == 1 and len(hist) == 2
-        eps = dp.epsilon(hist, c.dp_delta)
+        eps = accountant.epsilon(hist, c.dp_delta)
         assert priv["epsilon_per_silo"][name] == pytest.approx(eps)
         # one round of a run planned for one round: the whole target is spent, not more
         assert 0.95 * c.dp_epsilon <= eps <= c.dp_epsilon * 1.001
@@ -525,8 +538,8 @@ def test_sample_level_dp_end_to_end(one_simulation, capsys):
     assert set(res["params"]) == {"net.1.weight"}
     rec = ckpt.load_checkpoint(out / "checkpoints" / "round-0001.pt")
     assert rec["privacy"]["epsilon"] == pytest.approx(priv["epsilon"])
-    assert set(rec["globals"]) == {"net.0.center", "net.0.basis", "net.0.basis_cov", "net.2.running_mean",
-                                   "net.2.running_var"}
+    assert set(rec["buffers"]) == {"net.0.center", "net.0.basis", "net.0.basis_cov", "net.2.running_mean",
+                                   "net.2.running_var"} and rec["prototypes"] is None
     idx = SiloIndex.load(out / "silos" / "silo-0" / "index.faiss")
     assert idx.privacy["unit"].startswith("sample") and idx.privacy["epsilon"] == pytest.approx(priv["epsilon"])
     assert main(["eval", "--run", str(out)]) == 0

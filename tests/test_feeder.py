@@ -1,5 +1,6 @@
-"""fedhash simulate's message feeder: Flower's simulation-engine loop that hands new messages to the
-simulated silos, polling every 10 ms instead of 0.1 s (simulations.runner._fast_feeder)."""
+"""fedhash simulate's tweaks of Flower's simulation engine (simulations/engine.py): the message feeder
+that hands new messages to the simulated silos, polling every 10 ms instead of 0.1 s (config key
+feed-interval), and the grid's reply poll (pull-interval)."""
 from __future__ import annotations
 
 import inspect
@@ -9,8 +10,9 @@ import time
 
 import pytest
 
+from hashing.config import Config
 from hashing.errors import ConfigError
-from simulations import runner
+from simulations import engine
 
 vce_api = pytest.importorskip("flwr.server.superlink.fleet.vce.vce_api")
 
@@ -60,22 +62,24 @@ def _run_feeder(state: FakeState, nodes: dict[int, int], seconds: float) -> tupl
     return [q.get_nowait() for _ in range(q.qsize())], time.perf_counter() - t0
 
 
-def test_fast_feeder_replaces_flowers_loop_once(restore_feeder, monkeypatch):
-    monkeypatch.delenv("FEDHASH_FEED_INTERVAL", raising=False)
+FAST = Config().feed_interval  # the default: 10 ms
+
+
+def test_fast_feeder_replaces_flowers_loop_once(restore_feeder):
+    assert FAST == 0.01
     flwr_loop = vce_api.add_messages_to_queue
     assert "f_stop.wait(0.1)" in inspect.getsource(getattr(vce_api, "flwr_add_messages_to_queue", flwr_loop))
-    assert runner._fast_feeder() is True
+    assert engine.fast_feeder(FAST) is True
     assert vce_api.add_messages_to_queue is not vce_api.flwr_add_messages_to_queue
     assert "f_stop.wait(0.1)" in inspect.getsource(vce_api.flwr_add_messages_to_queue)
-    assert runner._fast_feeder() is True  # again: wraps Flower's loop, not its own
+    assert engine.fast_feeder(FAST) is True  # again: wraps Flower's loop, not its own
     assert "f_stop.wait(0.1)" in inspect.getsource(vce_api.flwr_add_messages_to_queue)
     # run_api looks the loop up by name when it starts its thread: the engine gets the new one
     assert "target=add_messages_to_queue" in inspect.getsource(vce_api.run_api)
 
 
-def test_fast_feeder_moves_every_message_in_node_order_and_polls_often(restore_feeder, monkeypatch):
-    monkeypatch.delenv("FEDHASH_FEED_INTERVAL", raising=False)
-    runner._fast_feeder()
+def test_fast_feeder_moves_every_message_in_node_order_and_polls_often(restore_feeder):
+    engine.fast_feeder(FAST)
     state = FakeState({7: ["a1", "a2"], 3: ["b1"]})
     got, stop_s = _run_feeder(state, {7: 0, 3: 1}, 0.3)
     # one message per node per pass, nodes in the mapping's order, none lost or repeated
@@ -84,17 +88,18 @@ def test_fast_feeder_moves_every_message_in_node_order_and_polls_often(restore_f
     passes = state.calls / 2
     assert passes >= 10, f"{passes} passes in 0.3 s: the feeder still polls every 0.1 s"
 
-    # Flower's own interval, through the variable: few passes in the same time
-    monkeypatch.setenv("FEDHASH_FEED_INTERVAL", "0.1")
-    runner._fast_feeder()
+    # Flower's own interval, through the config: few passes in the same time
+    engine.fast_feeder(0.1)
     slow = FakeState({7: [], 3: []})
     _run_feeder(slow, {7: 0, 3: 1}, 0.3)
     assert slow.calls / 2 <= 5
+    # switched off (0): Flower's own loop again
+    assert engine.fast_feeder(0) is False
+    assert vce_api.add_messages_to_queue is vce_api.flwr_add_messages_to_queue
 
 
-def test_a_message_posted_later_reaches_the_queue_within_the_interval(restore_feeder, monkeypatch):
-    monkeypatch.delenv("FEDHASH_FEED_INTERVAL", raising=False)
-    runner._fast_feeder()
+def test_a_message_posted_later_reaches_the_queue_within_the_interval(restore_feeder):
+    engine.fast_feeder(FAST)
     state = FakeState({1: []})
     q: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -114,14 +119,33 @@ def test_a_message_posted_later_reaches_the_queue_within_the_interval(restore_fe
     assert sorted(waits)[2] < 0.05, f"median hand-over {sorted(waits)[2]:.3f} s"
 
 
-@pytest.mark.parametrize("bad", ["fast", "0", "-1", "5"])
-def test_bad_feed_interval_is_one_line_naming_the_variable(restore_feeder, monkeypatch, bad):
-    monkeypatch.setenv("FEDHASH_FEED_INTERVAL", bad)
+@pytest.mark.parametrize("key", ["feed-interval", "pull-interval"])
+@pytest.mark.parametrize("bad", ["fast", "-1", "5"])
+def test_bad_interval_is_one_line_naming_the_key(bad, key):
+    with pytest.raises(ConfigError, match=f"'{key}'") as e:
+        Config.from_dict({key: bad}, source="scenario x.toml")
+    assert "\n" not in str(e.value) and "x.toml" in str(e.value)
+
+
+def test_an_unchecked_flower_version_keeps_flowers_loop(restore_feeder, monkeypatch, caplog):
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
     before = vce_api.add_messages_to_queue
-    with pytest.raises(ConfigError, match="FEDHASH_FEED_INTERVAL") as e:
-        runner._fast_feeder()
-    assert "\n" not in str(e.value)
-    assert vce_api.add_messages_to_queue is before  # nothing installed
+    assert engine.fast_feeder(FAST) is False
+    assert vce_api.add_messages_to_queue is getattr(vce_api, "flwr_add_messages_to_queue", before)
+    assert "9.9.9" in caplog.text and "Flower's own" in caplog.text
+
+
+def test_the_reply_poll_is_set_on_the_simulation_grid_only(monkeypatch):
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    grid = InMemoryGrid.__new__(InMemoryGrid)  # the attribute alone; no LinkState needed
+    grid.pull_interval = 0.1
+    assert engine.tune_grid(grid, Config()) is True and grid.pull_interval == 0.01
+    grid.pull_interval = 0.1
+    assert engine.tune_grid(grid, Config(pull_interval=0.0)) is False and grid.pull_interval == 0.1
+    assert engine.tune_grid(object(), Config()) is False  # a real deployment's grid: untouched
 
 
 def test_a_changed_flower_loop_is_left_alone(restore_feeder, monkeypatch, caplog):
@@ -131,6 +155,6 @@ def test_a_changed_flower_loop_is_left_alone(restore_feeder, monkeypatch, caplog
     monkeypatch.setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)
     if hasattr(vce_api, "flwr_add_messages_to_queue"):
         monkeypatch.delattr(vce_api, "flwr_add_messages_to_queue")
-    assert runner._fast_feeder() is False
+    assert engine.fast_feeder(FAST) is False
     assert vce_api.add_messages_to_queue is add_messages_to_queue
     assert "feeder changed" in caplog.text

@@ -5,8 +5,9 @@ from torch import nn
 
 from hashing.backbones import create_backbone
 from hashing.errors import ConfigError, WeightsError
-from hashing.lora import (is_lora_wrapped, load_trainable_state, lora_targets, set_lora_train, state_nbytes,
-                          trainable_state, wrap_lora)
+from hashing.lora import is_lora_wrapped, lora_targets, set_lora_train, wrap_lora
+from hashing.state import load_state as load_trainable_state
+from hashing.state import state_nbytes, trainable_state
 
 X = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

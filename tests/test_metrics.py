@@ -269,6 +269,8 @@ def test_plot_pr_curves_writes_png(tmp_path):
     q, db, ql, dl = _hamming_case(1)
     res = metrics.retrieval_metrics(q, db, ql, dl, asymmetric=False, k=20)
     out = tmp_path / "plots" / "pr.png"
-    metrics.plot_pr_curves({"hamming": res["pr"], "other": res["pr"]}, out, title="PR")
+    from hashing import plots
+
+    plots.plot_pr_curves({"hamming": res["pr"], "other": res["pr"]}, out, title="PR")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["pr.png"]  # no temp file left behind

@@ -6,14 +6,22 @@ import sys
 import numpy as np
 import torch
 
-from client import partitions as P
-from client import task
-from client.partitions import PartitionSpec, partition_indices
-from hashing import fedmodel
+from pathlib import Path
+
+from client import site
+from hashing import backbones
 from hashing.backbones import weights_fingerprint
-from hashing.coder import BatchRenorm1d, HashCoder, batch_renorm
-from hashing.fedconfig import FedConfig
-from hashing.train import TrainConfig, encode, train_head
+from hashing.coder import BatchRenorm1d, HashCoder
+from hashing.config import Config
+from hashing.hashers import Inputs
+from hashing.silos import partition_indices
+from hashing.train import Schedule, fit, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(**kw) -> Config:
+    return Config.from_dict({"bits": 8, "supervised": False, "epochs": 1, "batch-size": 32} | kw, source="test")
 
 
 # ------------------------------------------------------------------ Batch Renormalization
@@ -35,7 +43,7 @@ def test_renorm_forward_is_the_reference_normalisation_and_leaves_it_unchanged()
     ref = h.eval()(x)  # eval mode: the running statistics
     mean, var = h.norm.running_mean.clone(), h.norm.running_var.clone()
     h.train()
-    with batch_renorm(h):
+    with h.renorm():
         z = h(x)
     assert torch.allclose(z, ref, atol=1e-5)
     assert torch.equal(h.norm.running_mean, mean) and torch.equal(h.norm.running_var, var)  # not updated
@@ -54,7 +62,7 @@ def test_renorm_gradient_is_batchnorm_when_the_batch_matches_the_reference():
         m.norm.running_mean.copy_(hx.mean(0))
         m.norm.running_var.copy_(hx.var(0, unbiased=False))
         m.train()
-    with batch_renorm(a):
+    with a.renorm():
         za = a(x)
     zb = b(x)
     assert torch.allclose(za, zb, atol=1e-10)
@@ -65,35 +73,36 @@ def test_renorm_gradient_is_batchnorm_when_the_batch_matches_the_reference():
         assert torch.allclose(pa.grad, pb.grad, atol=1e-10, rtol=1e-8)
 
 
-def test_train_head_uses_renorm_only_when_asked():
+def test_train_uses_renorm_only_when_asked():
     feats = np.random.default_rng(0).standard_normal((64, 2, 12)).astype(np.float16)
-    cfg = TrainConfig(bits=8, epochs=1, batch_size=32, renorm=True)
+    cfg = _cfg()
     h = _head_with_reference()
     mean = h.norm.running_mean.clone()
-    train_head(feats, None, cfg, coder=h, progress=False)
+    train(h, Inputs.of_features(feats), cfg, Schedule(1, 1e-3, 1e-6, 0, renorm=True))
     assert torch.equal(h.norm.running_mean, mean) and not h.norm.renorm
-    train_head(feats, None, TrainConfig(bits=8, epochs=1, batch_size=32), coder=h, progress=False)
+    train(h, Inputs.of_features(feats), cfg, Schedule(1, 1e-3, 1e-6, 0))
     assert not torch.equal(h.norm.running_mean, mean)  # plain BatchNorm tracks its running statistics
 
 
 def test_batch_renorm_is_a_config_key():
-    assert FedConfig().batch_renorm is True
-    assert FedConfig.from_dict({"batch-renorm": False}).batch_renorm is False
-    assert task.train_config(FedConfig.from_dict({"batch-renorm": False}), 1).renorm is False
-    assert task.train_config(FedConfig(), 1).renorm is True
+    assert Config().batch_renorm is True
+    assert Config.from_dict({"batch-renorm": False}).batch_renorm is False
+    assert Schedule.federated_round(Config.from_dict({"batch-renorm": False}), 1).renorm is False
+    assert Schedule.federated_round(Config(), 1).renorm is True
+    assert Schedule.reference(Config()).renorm is False and Schedule.centralized(Config()).renorm is False
 
 
 # ------------------------------------------------------------------ the partition memo
 
 def test_partition_memo_same_cut_and_rebuilt_when_corrupt(digits, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDHASH_CACHE", str(tmp_path))
-    spec = PartitionSpec(kind="dirichlet", num_silos=4, alpha=0.5, seed=3)
+    spec = Config(partitioner="dirichlet", num_silos=4, alpha=0.5, seed=3)
     first = partition_indices(digits.labels, spec)
     memo = list((tmp_path / "partitions").glob("*.npz"))
     assert len(memo) == 1
     again = partition_indices(digits.labels, spec)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    other = partition_indices(digits.labels, PartitionSpec(kind="dirichlet", num_silos=4, alpha=0.5, seed=4))
+    other = partition_indices(digits.labels, Config(partitioner="dirichlet", num_silos=4, alpha=0.5, seed=4))
     assert len(list((tmp_path / "partitions").glob("*.npz"))) == 2  # another key
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
     memo[0].write_bytes(b"not a zip file")
@@ -103,7 +112,8 @@ def test_partition_memo_same_cut_and_rebuilt_when_corrupt(digits, tmp_path, monk
     np.savez(memo[0], unused=np.zeros(0, np.int64), **{f"silo{i}": np.array([10**6]) for i in range(4)})
     assert all(np.array_equal(a, b) for a, b in zip(first, partition_indices(digits.labels, spec)))
     # a given cache folder (a scenario's cache-dir) wins over the default
-    there = partition_indices(digits.labels, spec, cache_dir=tmp_path / "elsewhere")
+    there = partition_indices(digits.labels, Config(partitioner="dirichlet", num_silos=4, alpha=0.5, seed=3,
+                                                    cache_dir=str(tmp_path / "elsewhere")))
     assert all(np.array_equal(a, b) for a, b in zip(first, there))
     assert len(list((tmp_path / "elsewhere" / "partitions").glob("*.npz"))) == 1
 
@@ -114,15 +124,16 @@ def test_memo_hit_skips_flwr_datasets_and_keeps_the_warning(digits, tmp_path):
     code = (
         "import sys, warnings\n"
         "from hashing.data import load_digits\n"
-        "from client.partitions import PartitionSpec, partition_indices\n"
-        "spec = PartitionSpec(kind='pathological', num_silos=2, classes_per_silo=2, seed=0)\n"
+        "from hashing.config import Config\n"
+        "from hashing.silos import partition_indices\n"
+        "spec = Config(partitioner='pathological', num_silos=2, classes_per_silo=2, seed=0)\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    partition_indices(load_digits().labels, spec)\n"
         "print(int('flwr_datasets' in sys.modules), int(any('belong to no silo' in str(x.message) for x in w)))\n"
     )
     env = {"FEDHASH_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=P.__file__.rsplit("/client/", 1)[0])
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
             for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
@@ -134,25 +145,25 @@ def test_memo_hit_skips_flwr_datasets_and_keeps_the_warning(digits, tmp_path):
 
 def test_backbone_identity_matches_the_built_backbone_and_is_memoised(tmp_path):
     def forget():  # this process's copies: the built backbone and what it read from a memo
-        fedmodel._backbones.clear()
-        fedmodel._identities.clear()
+        backbones._backbones.clear()
+        backbones._identities.clear()
 
-    cfg = FedConfig(cache_dir=str(tmp_path))
-    _, wid, dim = fedmodel.backbone_for(cfg)
+    args = (backbones.DEFAULT_BACKBONE, None, str(tmp_path))
+    _, wid, dim = backbones.backbone_for()
     forget()
     try:
-        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # built (no memo yet), then memoised
+        assert backbones.backbone_identity(*args) == (wid, dim)  # built (no memo yet), then memoised
         memo = list((tmp_path / "backbones").glob("*.json"))
         assert len(memo) == 1
         forget()
-        assert fedmodel.backbone_identity(cfg) == (wid, dim)
-        assert fedmodel._backbones == {}  # answered from the memo, nothing built
+        assert backbones.backbone_identity(*args) == (wid, dim)
+        assert backbones._backbones == {}  # answered from the memo, nothing built
         memo[0].write_text("{broken")
-        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # kept in-process: the file is not read again
-        assert fedmodel._backbones == {}
+        assert backbones.backbone_identity(*args) == (wid, dim)  # kept in-process: the file is not read again
+        assert backbones._backbones == {}
         forget()
-        assert fedmodel.backbone_identity(cfg) == (wid, dim)  # a new process: broken memo, rebuilt
-        assert fedmodel._backbones != {}
+        assert backbones.backbone_identity(*args) == (wid, dim)  # a new process: broken memo, rebuilt
+        assert backbones._backbones != {}
     finally:
         forget()
 
@@ -162,33 +173,35 @@ def test_backbone_identity_matches_the_built_backbone_and_is_memoised(tmp_path):
 def test_evaluation_reuses_the_statistics_phase_activations_exactly(digits, tmp_path):
     from hashing.data import subset
 
-    cfg = FedConfig(data="digits", n_images=0, num_silos=2, partitioner="iid", bits=16, size=32, views=2,
-                    supervised=False, cache_dir=str(tmp_path))
-    silo = task.make_silo(subset(digits, np.arange(300)), task.partition_spec(cfg, 2), 0)
-    data = task.silo_features(cfg, silo)
-    model = task.fresh_model(cfg, data.feature_dim)
-    digest = weights_fingerprint(fedmodel.split_state(model)[0])
-    stats = task.local_stats(cfg, data, model, digest)
+    from hashing.silos import make_silo
+
+    cfg = Config(data="digits", n_images=0, num_silos=2, partitioner="iid", bits=16, size=32, views=2,
+                 supervised=False, cache_dir=str(tmp_path))
+    silo = make_silo(subset(digits, np.arange(300)), cfg, 0)
+    data = site.silo_features(cfg, silo)
+    model = site.fresh_model(cfg, data.feature_dim)
+    digest = weights_fingerprint(model.state()[0])
+    stats = site.local_stats(cfg, data, model, digest)
     kept = list((tmp_path / "activations").glob(f"*-{digest}.npy"))
     assert len(kept) == 1
     h = np.load(kept[0])
-    assert np.array_equal(h, encode(model, data.clean[data.silo.splits.database], pre_bn=True))
+    assert np.array_equal(h, model.encode_features(data.clean[data.silo.splits.database], pre_norm=True))
     assert stats["count"][0] == len(data.silo.splits.train)
     np.testing.assert_allclose(stats["sum"], h.astype(np.float64).sum(0), rtol=1e-12)
-    from hashing import fedstats
+    from hashing.federated import pooling
 
-    m, v = fedstats.pooled_moments(fedstats.pool([stats]))
-    fedstats.set_bn_stats(model, m, v)
-    with_cache = task.local_evaluate(cfg, data, model, digest)
-    without = task.local_evaluate(cfg, data, model)
+    m, v = pooling.pooled_moments(pooling.pool([stats]))
+    pooling.set_bn_stats(model, m, v)
+    with_cache = site.evaluate(cfg, data, model, digest)
+    without = site.evaluate(cfg, data, model)
     assert with_cache == without
     # the kept file is what the evaluation reads: flipped activations give other codes
     np.save(kept[0], -h)
-    assert task.local_evaluate(cfg, data, model, digest)["map"] != without["map"]
+    assert site.evaluate(cfg, data, model, digest)["map"] != without["map"]
     # a broken file is not used, and the digest of another model finds nothing
     np.save(kept[0], np.full_like(h, np.nan))
-    assert task.local_evaluate(cfg, data, model, digest) == without
-    assert task._kept_activations(cfg, data, "0" * 16) is None
+    assert site.evaluate(cfg, data, model, digest) == without
+    assert site._kept_activations(cfg, data, "0" * 16) is None
 
 
 # ------------------------------------------------------------------ references side by side
@@ -198,13 +211,13 @@ def test_trainings_side_by_side_in_threads_equal_one_at_a_time():
     get its own seed's initialisation (torch's global generator is shared by the threads)."""
     import functools
 
-    from simulations.runner import _run_side_by_side
+    from simulations.references import side_by_side as _run_side_by_side
 
     feats = np.random.default_rng(0).standard_normal((96, 2, 16)).astype(np.float16)
 
     def job(seed):
-        coder, _ = train_head(feats, None, TrainConfig(bits=8, epochs=2, batch_size=32, seed=seed), progress=False)
-        return {"w": coder.net[0].weight.detach().clone(), "z": encode(coder, feats[:, 0])}
+        coder, _ = fit(feats, None, _cfg(epochs=2, seed=seed))
+        return {"w": coder.net[0].weight.detach().clone(), "z": coder.encode_features(feats[:, 0])}
 
     torch.set_num_threads(1)
     try:

@@ -111,7 +111,6 @@ def _image_folder(root: Path, digits, classes=(0, 1), per_class: int = 30, offse
 @pytest.fixture
 def flower_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDHASH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("FEDHASH_CLIENT_THREADS", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
@@ -119,7 +118,7 @@ def flower_env(tmp_path, monkeypatch):
 def test_flwr_run_local_simulation(tmp_path, flower_env):
     lb = _load("run_loopback")
     s = lb.run_local_simulation(
-        tmp_path / "sim", 'num-server-rounds=1 n-images=600 bits=16 size=32 views=2 batch-size=64 partitioner="iid"',
+        tmp_path / "sim", 'num-server-rounds=1 n-images=600 bits=16 size=32 views=2 batch-size=64 partitioner="iid" client-threads=1',
         app=REPO, num_supernodes=2, timeout=480)
     assert s["ok"], s
     assert s["run_status"] == "finished:completed"
@@ -138,7 +137,7 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
     sites = {"site-a": str(_image_folder(tmp_path / "data-a", digits, offset=0)),
              "site-b": str(_image_folder(tmp_path / "data-b", digits, offset=30))}
     s = lb.run_loopback(tmp_path / "fed", sites,
-                        "num-server-rounds=2 bits=16 size=32 views=2 batch-size=32 local-epochs=1",
+                        "num-server-rounds=2 bits=16 size=32 views=2 batch-size=32 local-epochs=1 client-threads=1",
                         app=REPO, timeout=480)
     assert s["run_status"] == "finished:completed", s
     assert s["ok"], s

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from hashing.errors import ConfigError, FedhashError, TrainingError
-from hashing.model import load_model, model_version, save_model
-from hashing.train import TrainConfig, encode, train_head
+from hashing.config import Config
+from hashing.errors import ConfigError, FedhashError, ModelVersionError, TrainingError
+from hashing.hashers import Inputs, create_hasher
+from hashing.model import identity, load_model, model_version, save_model
+from hashing.train import Schedule, fit, train
 
 
 def _clusters(n=512, v=3, d=48, c=8, seed=0):
@@ -16,49 +18,71 @@ def _clusters(n=512, v=3, d=48, c=8, seed=0):
     return feats.astype(np.float16), base.astype(np.float32) + 0.3 * rng.normal(size=(n, d)).astype(np.float32), y
 
 
+def _cfg(**kw) -> Config:
+    return Config.from_dict({"bits": 16, "supervised": False, "batch-size": 128, "epochs": 4} | kw, source="test")
+
+
 def test_train_head_unsupervised_and_supervised():
     feats, clean, y = _clusters()
-    cfg = TrainConfig(bits=16, epochs=4, batch_size=128, seed=0)
-    coder, hist = train_head(feats, None, cfg, progress=False)
+    cfg = _cfg()
+    coder, hist = fit(feats, None, cfg)
     assert len(hist.step_loss) == 4 * 4 and hist.epoch[-1]["loss"] < hist.epoch[0]["loss"]
-    z = encode(coder, clean)
+    z = coder.encode_features(clean)
     assert z.shape == (512, 16) and z.dtype == np.float32
     # same seed, same model
-    coder2, _ = train_head(feats, None, cfg, progress=False)
+    coder2, _ = fit(feats, None, cfg)
     assert all(torch.equal(a, b) for a, b in zip(coder.state_dict().values(), coder2.state_dict().values()))
-    sup, hs = train_head(feats, y, TrainConfig(bits=16, epochs=4, batch_size=128, supervised=True), progress=False)
+    sup, hs = fit(feats, y, _cfg(supervised=True))
     assert hs.epoch[-1]["loss"] < hs.epoch[0]["loss"]
+
+
+def test_fit_is_the_one_loop_on_a_fresh_seeded_hasher():
+    """fit() = create_hasher + train(): the same weights, step for step."""
+    feats, _, _ = _clusters(n=256)
+    cfg = _cfg(epochs=2)
+    a, ha = fit(feats, None, cfg)
+    b = create_hasher("probe", feature_dim=48, bits=16, seed=cfg.seed)
+    hb = train(b, Inputs.of_features(feats), cfg, Schedule.centralized(cfg))
+    assert ha.step_loss == hb.step_loss
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_bad_training_input():
     feats, _, y = _clusters(n=64)
     with pytest.raises(ConfigError, match=r"\(n, views, dim\)"):
-        train_head(feats[:, 0], None, TrainConfig(bits=16))
+        fit(feats[:, 0], None, _cfg())
     with pytest.raises(ConfigError, match="needs labels"):
-        train_head(feats, None, TrainConfig(bits=16, supervised=True))
+        fit(feats, None, _cfg(supervised=True))
     with pytest.raises(TrainingError, match="at least 2 training images"):
-        train_head(feats[:1], None, TrainConfig(bits=16))
+        fit(feats[:1], None, _cfg())
     bad = feats.copy()
     bad[3, 0, 0] = np.nan
     with pytest.raises(TrainingError, match="NaN"):
-        train_head(bad, None, TrainConfig(bits=16, epochs=1, batch_size=64), progress=False)
+        fit(bad, None, _cfg(epochs=1, **{"batch-size": 64}))
 
 
 def test_model_roundtrip_version_and_corruption(tmp_path):
     feats, clean, _ = _clusters(n=256)
-    coder, _ = train_head(feats, None, TrainConfig(bits=16, epochs=1, batch_size=128), progress=False)
-    v = save_model(tmp_path / "m.pt", coder, backbone="bb", weights="w0", size=64)
+    coder, _ = fit(feats, None, _cfg(epochs=1))
+    ident = identity(coder, backbone="bb", weights_id="w0", size=64)
+    v = save_model(tmp_path / "m.pt", coder, ident)
     loaded, rec = load_model(tmp_path / "m.pt")
-    assert rec["model_version"] == v and rec["config"]["bits"] == 16
-    assert np.array_equal(encode(loaded, clean), encode(coder, clean))
-    # the version depends on the weights and on the config that defines the function
+    assert rec["model_version"] == v and rec["identity"]["bits"] == 16 and rec["identity"]["kind"] == "probe"
+    assert rec["privacy"] == {"unit": "none"}
+    assert np.array_equal(loaded.encode_features(clean), coder.encode_features(clean))
+    # the version depends on the weights and on the identity that defines the function
     state = coder.state_dict()
-    cfg = rec["config"]
-    assert model_version(state, cfg) == v
-    assert model_version(state, {**cfg, "size": 96}) != v
+    assert model_version(state, ident) == v
+    assert model_version(state, {**ident, "size": 96}) != v
     state2 = {k: t.clone() for k, t in state.items()}
     state2["net.0.weight"][0, 0] += 1e-3
-    assert model_version(state2, cfg) != v
+    assert model_version(state2, ident) != v
+    # an edited file is refused: its weights no longer match its version
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    raw["params"]["net.0.weight"][0, 0] += 1.0
+    torch.save(raw, tmp_path / "edited.pt")
+    with pytest.raises(ModelVersionError, match="do not match its recorded model version"):
+        load_model(tmp_path / "edited.pt")
     # a corrupt file is refused with a one-line error
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     with pytest.raises(FedhashError, match="unreadable or not a fedhash model"):

@@ -1,4 +1,5 @@
-"""Silo partitions (client/partitions.py): flwr-datasets partitioners behind one spec, silos, domain skew."""
+"""Silo partitions (hashing/silos.py): flwr-datasets partitioners behind the config's partition keys,
+silos, domain skew."""
 import gzip
 import pickle
 import warnings
@@ -6,21 +7,25 @@ import warnings
 import numpy as np
 import pytest
 
-from client import partitions as P
-from client.partitions import (
-    KINDS,
-    PartitionSpec,
-    Silo,
-    label_histogram,
-    local_silo,
-    make_silo,
-    make_silos,
-    partition_indices,
-    plot_partition,
-    spec_from_config,
-)
+from hashing import data as D
+from hashing import plots
+from hashing.config import PARTITIONERS as KINDS
+from hashing.config import Config
 from hashing.data import ImageSet, subset
 from hashing.errors import ConfigError, DataError
+from hashing.silos import Silo, label_histogram, local_silo, make_silo, make_silos, partition_indices
+from hashing.views import gaussian_blur
+
+
+def cut(kind="dirichlet", **kw) -> Config:
+    """A config of the partition keys (checked as any config is: a bad value names its key)."""
+    if "domains" in kw and isinstance(kw["domains"], tuple):
+        kw["domains"] = ",".join(kw["domains"])
+    return Config.from_dict({"partitioner": kind, **kw}, source="test")
+
+
+def spec_from_config(values: dict) -> Config:
+    return Config.from_dict(values, source="test")
 
 
 def _entropy(hist: np.ndarray) -> np.ndarray:
@@ -40,19 +45,19 @@ def _check_disjoint_covering(parts, n, covering=True):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_disjoint_covering_and_deterministic(digits, kind):
-    spec = PartitionSpec(kind=kind, num_silos=5, alpha=0.3, seed=3)
+    spec = cut(kind=kind, num_silos=5, alpha=0.3, seed=3)
     a = partition_indices(digits.labels, spec)
     b = partition_indices(digits.labels, spec)
     assert len(a) == 5
     _check_disjoint_covering(a, len(digits))
     assert all(np.array_equal(x, y) for x, y in zip(a, b)), "same spec, different silos"
-    other = partition_indices(digits.labels, PartitionSpec(kind=kind, num_silos=5, alpha=0.3, seed=4))
+    other = partition_indices(digits.labels, cut(kind=kind, num_silos=5, alpha=0.3, seed=4))
     assert not all(np.array_equal(x, y) for x, y in zip(a, other)), "the seed changes nothing"
 
 
 def test_dirichlet_small_alpha_is_more_skewed_than_iid(digits):
-    iid = make_silos(digits, PartitionSpec(kind="iid", num_silos=5))
-    dirich = make_silos(digits, PartitionSpec(kind="dirichlet", num_silos=5, alpha=0.1))
+    iid = make_silos(digits, cut(kind="iid", num_silos=5))
+    dirich = make_silos(digits, cut(kind="dirichlet", num_silos=5, alpha=0.1))
     h_iid, h_dir = _entropy(label_histogram(iid)).mean(), _entropy(label_histogram(dirich)).mean()
     assert h_iid > 0.95 * np.log(10)
     assert h_dir < h_iid - 0.5, (h_dir, h_iid)
@@ -62,7 +67,7 @@ def test_dirichlet_is_flwr_datasets_dirichlet_partitioner(digits):
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    spec = PartitionSpec(kind="dirichlet", num_silos=4, alpha=0.5, min_size=20, seed=7)
+    spec = cut(kind="dirichlet", num_silos=4, alpha=0.5, min_size=20, seed=7)
     ours = partition_indices(digits.labels, spec)
     direct = DirichletPartitioner(num_partitions=4, partition_by="label", alpha=0.5, min_partition_size=20,
                                   self_balancing=True, shuffle=True, seed=7)
@@ -75,7 +80,7 @@ def test_quantity_power_one_is_flwr_datasets_linear_partitioner(digits):
     import datasets
     from flwr_datasets.partitioner import LinearPartitioner
 
-    ours = partition_indices(digits.labels, PartitionSpec(kind="quantity", num_silos=4, quantity_power=1, seed=5))
+    ours = partition_indices(digits.labels, cut(kind="quantity", num_silos=4, quantity_power=1, seed=5))
     order = np.random.default_rng(5).permutation(len(digits))
     direct = LinearPartitioner(num_partitions=4)
     direct.dataset = datasets.Dataset.from_dict({"label": digits.labels[order].tolist(), "idx": order.tolist()})
@@ -88,7 +93,7 @@ def test_importing_partitions_loads_no_flower():
     import sys
     from pathlib import Path
 
-    code = "import sys, client.partitions; print('flwr_datasets' in sys.modules or 'datasets' in sys.modules)"
+    code = "import sys, hashing.silos; print('flwr_datasets' in sys.modules or 'datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True)
     assert out.stdout.strip() == "False"
@@ -98,7 +103,7 @@ def test_pathological_silos_hold_exactly_k_classes_and_cover_them(digits):
     for k in (1, 2, 3):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # k=1: 5 silos cannot hold 10 classes (tested below)
-            silos = make_silos(digits, PartitionSpec(kind="pathological", num_silos=5, classes_per_silo=k, seed=1))
+            silos = make_silos(digits, cut(kind="pathological", num_silos=5, classes_per_silo=k, seed=1))
         hist = label_histogram(silos)
         assert ((hist > 0).sum(axis=1) == k).all(), hist
         if 5 * k >= 10:
@@ -107,7 +112,7 @@ def test_pathological_silos_hold_exactly_k_classes_and_cover_them(digits):
 
 
 def test_pathological_too_few_slots_warns_and_drops_classes(digits):
-    spec = PartitionSpec(kind="pathological", num_silos=3, classes_per_silo=2)
+    spec = cut(kind="pathological", num_silos=3, classes_per_silo=2)
     with pytest.warns(UserWarning, match="belong to no silo"):
         parts = partition_indices(digits.labels, spec)
     _check_disjoint_covering(parts, len(digits), covering=False)
@@ -116,42 +121,42 @@ def test_pathological_too_few_slots_warns_and_drops_classes(digits):
 
 def test_pathological_classes_per_silo_out_of_range_names_the_key(digits):
     with pytest.raises(ConfigError, match="classes-per-silo"):
-        partition_indices(digits.labels, PartitionSpec(kind="pathological", classes_per_silo=11))
+        partition_indices(digits.labels, cut(kind="pathological", classes_per_silo=11))
     with pytest.raises(ConfigError, match="classes-per-silo"):
-        PartitionSpec(kind="pathological", classes_per_silo=0)
+        cut(kind="pathological", classes_per_silo=0)
 
 
 def test_quantity_sizes_differ_strongly_iid_sizes_equal(digits):
-    q = [len(p) for p in partition_indices(digits.labels, PartitionSpec(kind="quantity", num_silos=5, quantity_power=1.5))]
-    iid = [len(p) for p in partition_indices(digits.labels, PartitionSpec(kind="iid", num_silos=5))]
+    q = [len(p) for p in partition_indices(digits.labels, cut(kind="quantity", num_silos=5, quantity_power=1.5))]
+    iid = [len(p) for p in partition_indices(digits.labels, cut(kind="iid", num_silos=5))]
     assert max(iid) - min(iid) <= 1
     assert max(q) / min(q) > 5, q
     assert q == sorted(q), "sizes grow with the silo id"
-    flat = [len(p) for p in partition_indices(digits.labels, PartitionSpec(kind="quantity", num_silos=5, quantity_power=0))]
+    flat = [len(p) for p in partition_indices(digits.labels, cut(kind="quantity", num_silos=5, quantity_power=0))]
     assert max(flat) - min(flat) <= 5
 
 
 def test_domain_invert_pixels_and_fingerprints(digits):
-    spec = PartitionSpec(kind="domain", num_silos=4, domains=("none", "invert"))
+    spec = cut(kind="domain", num_silos=4, domains=("none", "invert"))
     silos = make_silos(digits, spec)
     assert [s.domain for s in silos] == ["none", "invert", "none", "invert"]
     assert silos[1].name == "silo-1 (invert)" and silos[0].name == "silo-0"
     inv = silos[1]
     assert np.array_equal(inv.ds.images, 255 - digits.images[inv.source_ids])
     assert np.array_equal(inv.ds.labels, digits.labels[inv.source_ids])
-    plain_same_ids = make_silos(digits, PartitionSpec(kind="iid", num_silos=4))[1]
+    plain_same_ids = make_silos(digits, cut(kind="iid", num_silos=4))[1]
     assert np.array_equal(plain_same_ids.source_ids, inv.source_ids), "domain uses the IID split"
     assert plain_same_ids.ids_fingerprint() != inv.ids_fingerprint()
     assert plain_same_ids.ds.fingerprint() != inv.ds.fingerprint()
     assert len({s.ds.fingerprint() for s in silos}) == 4 and len({s.ids_fingerprint() for s in silos}) == 4
     assert len({s.ds.name for s in silos}) == 4 and all(s.ds.name != digits.name for s in silos)
     # label skew plus domain skew
-    mixed = make_silos(digits, PartitionSpec(kind="dirichlet", num_silos=3, domains=("blur",)))
+    mixed = make_silos(digits, cut(kind="dirichlet", num_silos=3, domains=("blur",)))
     assert all(s.domain == "blur" for s in mixed)
 
 
 def test_default_domain_cycle_and_blur(digits):
-    silos = make_silos(digits, PartitionSpec(kind="domain", num_silos=3))
+    silos = make_silos(digits, cut(kind="domain", num_silos=3))
     assert [s.domain for s in silos] == ["none", "invert", "blur"]
     blur = silos[2]
     orig = digits.images[blur.source_ids].astype(float)
@@ -159,12 +164,12 @@ def test_default_domain_cycle_and_blur(digits):
     assert blur.ds.images.astype(float).std() < orig.std()  # smoother
     assert abs(blur.ds.images.astype(float).mean() - orig.mean()) < 0.1 * orig.mean()  # about the same brightness
     const = np.full((2, 28, 28, 3), 77, np.uint8)
-    assert np.array_equal(P.gaussian_blur(const, 1.0), const)
+    assert np.array_equal(gaussian_blur(const, 1.0), const)
 
 
 def test_make_silo_equals_make_silos(digits):
-    for spec in (PartitionSpec(kind="dirichlet", num_silos=4, seed=2),
-                 PartitionSpec(kind="domain", num_silos=3, domains=("invert", "blur", "none"))):
+    for spec in (cut(kind="dirichlet", num_silos=4, seed=2),
+                 cut(kind="domain", num_silos=3, domains=("invert", "blur", "none"))):
         all_ = make_silos(digits, spec)
         for i in range(spec.num_silos):
             one = make_silo(digits, spec, i)
@@ -172,32 +177,32 @@ def test_make_silo_equals_make_silos(digits):
             assert np.array_equal(one.ds.images, all_[i].ds.images)
             assert one.ids_fingerprint() == all_[i].ids_fingerprint()
     with pytest.raises(ConfigError, match="num-silos"):
-        make_silo(digits, PartitionSpec(num_silos=3), 3)
+        make_silo(digits, cut(num_silos=3), 3)
 
 
 def test_splits_disjoint_and_query_fraction(digits):
-    for s in make_silos(digits, PartitionSpec(kind="quantity", num_silos=4, query_frac=0.2)):
+    for s in make_silos(digits, cut(kind="quantity", num_silos=4, query_frac=0.2)):
         sp, n = s.splits, len(s)
         assert len(np.intersect1d(sp.query, sp.database)) == 0
         assert np.array_equal(np.union1d(sp.query, sp.database), np.arange(n))
         assert np.array_equal(sp.train, sp.database)
         assert abs(len(sp.query) - 0.2 * n) <= 1
-    silos = make_silos(digits, PartitionSpec(kind="iid", num_silos=2))
+    silos = make_silos(digits, cut(kind="iid", num_silos=2))
     assert not np.array_equal(silos[0].splits.query, silos[1].splits.query), "every silo draws its own split"
 
 
 def test_too_small_silo_names_the_silo(digits):
     tiny = subset(digits, np.arange(30))
     with pytest.raises(DataError, match=r"silo-\d+.*fewer silos"):
-        make_silos(tiny, PartitionSpec(kind="iid", num_silos=5, min_size=10))
+        make_silos(tiny, cut(kind="iid", num_silos=5, min_size=10))
     with pytest.raises(DataError, match=r"silo-2 would hold fewer than 3"):
-        partition_indices(np.arange(7) % 2, PartitionSpec(kind="iid", num_silos=3, min_size=0))
+        partition_indices(np.arange(7) % 2, cut(kind="iid", num_silos=3, min_size=0))
     with pytest.raises(DataError, match=r"silo-0 .*quantity-power"):
-        partition_indices(digits.labels, PartitionSpec(kind="quantity", num_silos=10, quantity_power=4, min_size=10))
+        partition_indices(digits.labels, cut(kind="quantity", num_silos=10, quantity_power=4, min_size=10))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(DataError, match=r"silo-\d+ holds \d+ image.*larger alpha"):
-            partition_indices(digits.labels, PartitionSpec(kind="dirichlet", num_silos=12, alpha=0.01, min_size=100))
+            partition_indices(digits.labels, cut(kind="dirichlet", num_silos=12, alpha=0.01, min_size=100))
 
 
 def test_spec_checks_and_config(digits):
@@ -208,26 +213,26 @@ def test_spec_checks_and_config(digits):
     with pytest.raises(ConfigError, match="num-silos"):
         spec_from_config({"num_silos": "many"})
     with pytest.raises(ConfigError, match="alpha"):
-        PartitionSpec(alpha=0)
+        cut(alpha=0)
     with pytest.raises(ConfigError, match="domains"):
         spec_from_config({"domains": "none,sepia"})
     with pytest.raises(ConfigError, match="query-frac"):
-        PartitionSpec(query_frac=1.0)
-    spec = spec_from_config({
+        cut(query_frac=1.0)
+    got = spec_from_config({
         "partitioner": "Domain", "num-silos": "4", "alpha": 1, "classes_per_silo": 3, "quantity-power": "2",
         "domains": "invert, blur", "min_size": 5, "query-frac": 0.25, "seed": 9, "bits": 64, "lr": 0.001,
     })
-    assert spec == PartitionSpec(kind="domain", num_silos=4, alpha=1.0, classes_per_silo=3, quantity_power=2.0,
-                                 domains=("invert", "blur"), min_size=5, query_frac=0.25, seed=9)
-    assert spec_from_config({"domains": ["invert"]}).domains == ("invert",)
-    assert spec_from_config({}) == PartitionSpec()
+    assert got.partition_config() == cut(kind="domain", num_silos=4, alpha=1.0, classes_per_silo=3, quantity_power=2.0,
+                                          domains=("invert", "blur"), min_size=5, query_frac=0.25, seed=9).partition_config()
+    assert spec_from_config({"domains": ["invert"]}).domain_list == ("invert",)
+    assert spec_from_config({}).partition_config() == Config().partition_config()
 
 
 def test_domain_on_path_backed_set_is_a_config_error():
     ds = ImageSet(name="folder:x", labels=np.arange(40) % 4, classes=list("abcd"), paths=[f"/nope/{i}.png" for i in range(40)])
     with pytest.raises(ConfigError, match="in-memory"):
-        make_silos(ds, PartitionSpec(kind="domain", num_silos=2))
-    silos = make_silos(ds, PartitionSpec(kind="iid", num_silos=2))  # no transform: fine
+        make_silos(ds, cut(kind="domain", num_silos=2))
+    silos = make_silos(ds, cut(kind="iid", num_silos=2))  # no transform: fine
     assert silos[0].ds.paths == [ds.paths[i] for i in silos[0].source_ids]
 
 
@@ -236,12 +241,12 @@ def test_animal_mnist_missing_says_how_to_install(digits, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "animal_mnist" else real(name, *a))
-    P.load_animal_mnist.cache_clear()
+    D.load_animal_mnist.cache_clear()
     try:
         with pytest.raises(DataError, match="pip install --no-deps animal-mnist"):
-            make_silos(digits, PartitionSpec(kind="domain", num_silos=2, domains=("none", "animal-mnist")))
+            make_silos(digits, cut(kind="domain", num_silos=2, domains=("none", "animal-mnist")))
     finally:
-        P.load_animal_mnist.cache_clear()
+        D.load_animal_mnist.cache_clear()
 
 
 def test_animal_mnist_replaces_images_from_the_package_pickles(digits, tmp_path, monkeypatch):
@@ -256,11 +261,11 @@ def test_animal_mnist_replaces_images_from_the_package_pickles(digits, tmp_path,
     with gzip.open(folder / "animal_label_version_3.gz", "wb") as f:
         pickle.dump(y, f)
     monkeypatch.syspath_prepend(str(tmp_path))
-    P.load_animal_mnist.cache_clear()
+    D.load_animal_mnist.cache_clear()
     try:
-        silos = make_silos(digits, PartitionSpec(kind="domain", num_silos=2, domains=("none", "animal-mnist")))
+        silos = make_silos(digits, cut(kind="domain", num_silos=2, domains=("none", "animal-mnist")))
     finally:
-        P.load_animal_mnist.cache_clear()
+        D.load_animal_mnist.cache_clear()
     a = silos[1]
     assert a.domain == "animal-mnist" and a.ds.images.shape == (len(a), 8, 8)
     assert np.array_equal(a.ds.labels, digits.labels[a.source_ids])
@@ -274,7 +279,7 @@ def test_multilabel_partitions_by_first_label(digits):
     multi[np.arange(n), digits.labels] = 1
     multi[np.arange(n), (digits.labels + 3) % 10] = 1
     ds = ImageSet(name="multi", labels=multi, classes=digits.classes, images=digits.images)
-    silos = make_silos(ds, PartitionSpec(kind="pathological", num_silos=5, classes_per_silo=2))
+    silos = make_silos(ds, cut(kind="pathological", num_silos=5, classes_per_silo=2))
     _check_disjoint_covering([s.source_ids for s in silos], n)
     for s in silos:
         first = np.argmax(s.ds.labels, axis=1)
@@ -292,10 +297,10 @@ def test_local_silo(digits):
 
 
 def test_label_histogram_and_plot(digits, tmp_path):
-    silos = make_silos(digits, PartitionSpec(kind="dirichlet", num_silos=5))
+    silos = make_silos(digits, cut(kind="dirichlet", num_silos=5))
     hist = label_histogram(silos)
     assert hist.shape == (5, 10) and np.array_equal(hist.sum(axis=0), np.bincount(digits.labels))
     out = tmp_path / "plots" / "partition.png"
-    plot_partition(silos, out)
+    plots.plot_partition(hist, [s.name for s in silos], digits.classes, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["partition.png"]  # no temp file left

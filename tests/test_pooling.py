@@ -1,4 +1,4 @@
-"""hashing.fedstats: the silos' pooled BatchNorm statistics and global prototypes are those of the union.
+"""hashing.federated.pooling: the silos' pooled BatchNorm statistics and global prototypes are those of the union.
 
 Real data: scikit-learn's digits (1,797 8x8 images), raw 64-d pixels as features (two views: the
 image and its left-right mirror), cut into Dirichlet(0.3) label-skewed silos; a HashCoder(64, 16).
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.partitions import PartitionSpec, make_silos, partition_indices
-from hashing import fedstats
 from hashing.coder import HashCoder
+from hashing.config import Config
+from hashing.federated import pooling as fedstats
+from hashing.silos import make_silos, partition_indices
 from hashing.errors import CodeLengthError, DataError
 
 C, K, D = 10, 16, 64
@@ -18,7 +19,7 @@ C, K, D = 10, 16, 64
 
 @pytest.fixture(scope="module")
 def setup(digits):
-    spec = PartitionSpec(kind="dirichlet", num_silos=4, alpha=0.3, seed=0)
+    spec = Config(partitioner="dirichlet", num_silos=4, alpha=0.3, seed=0)
     parts = partition_indices(digits.labels, spec)
     # the same cut as the silos a simulation builds
     silos = make_silos(digits, spec)

@@ -1,4 +1,5 @@
-"""Statistics that silos pool exactly: the HashCoder's BatchNorm and the global class prototypes.
+"""Statistics that silos pool exactly: the hash head's BatchNorm and the global class prototypes
+(what a hasher with ``pooling = "activations"`` needs from the server every round).
 
 Under non-IID data, averaging each silo's BatchNorm running mean and variance is
 not the statistic of the union. Each silo instead reports, for the pre-BatchNorm
@@ -8,8 +9,9 @@ follow exactly. The same reply carries, per class, the number of images and the
 sum of their view-averaged h: since the BatchNorm output z is affine in h per bit,
 the pooled class means of z (the supervised CroVCA prototypes) follow exactly too.
 
-These sums are computed from private data; the DP work must account for them.
-No Flower here: the server and the clients call these functions.
+These sums are computed from private data: under differential privacy the DP head replaces them by
+one accounted release (:mod:`hashing.privacy.release`). No Flower here: the server and the clients
+call these functions.
 """
 from __future__ import annotations
 
@@ -18,14 +20,13 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from .coder import HashCoder
-from .errors import CodeLengthError, DataError
-from .train import encode
+from ..errors import CodeLengthError, DataError
+from ..hashers import FeatureHead, Hasher
 
 STAT_KEYS = ("count", "sum", "sumsq", "class_count", "class_sum")
 
 
-def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None = None,
+def head_stats(coder: FeatureHead, features: np.ndarray, labels: np.ndarray | None = None,
                num_classes: int = 0, batch_size: int = 4096) -> dict[str, np.ndarray]:
     """Sufficient statistics of one silo for the pooled BatchNorm and prototypes.
 
@@ -38,7 +39,7 @@ def head_stats(coder: HashCoder, features: np.ndarray, labels: np.ndarray | None
     n, v, d = f.shape
     if d != coder.in_dim:
         raise CodeLengthError(f"features are {d}-d but the head expects {coder.in_dim}-d; use the same backbone")
-    h = encode(coder, f.reshape(n * v, d), batch_size, pre_bn=True)  # batch_size activations per block
+    h = coder.encode_features(f.reshape(n * v, d), batch_size, pre_norm=True)  # batch_size activations per block
     return activation_stats(h.reshape(n, v, coder.bits), labels, num_classes)
 
 
@@ -92,21 +93,21 @@ def pooled_moments(pooled: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     return mean, np.maximum(var, 0.0)
 
 
-def set_bn_stats(coder: HashCoder, mean: np.ndarray, var: np.ndarray) -> None:
-    """Write pooled statistics into the head's BatchNorm (the last layer)."""
-    bn = coder.net[-1]
+def set_bn_stats(hasher: Hasher, mean: np.ndarray, var: np.ndarray) -> None:
+    """Write pooled statistics into the hasher's final BatchNorm."""
+    bn = hasher.norm
     with torch.no_grad():
         bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
         bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
 
 
-def global_prototypes(coder: HashCoder, pooled: Mapping[str, np.ndarray]) -> np.ndarray:
-    """(C, K) class means of the logits z over the union, under the head's BatchNorm
+def global_prototypes(hasher: Hasher, pooled: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(C, K) class means of the logits z over the union, under the hasher's final BatchNorm
     (set the pooled statistics first). Classes no silo holds get NaN rows."""
-    bn = coder.net[-1]
+    bn = hasher.norm
     cc = pooled["class_count"]
     if cc.size == 0:
-        return np.zeros((0, coder.bits), np.float32)
+        return np.zeros((0, hasher.bits), np.float32)
     hbar = pooled["class_sum"] / np.maximum(cc, 1.0)[:, None]
     mean = bn.running_mean.double().numpy()
     std = np.sqrt(bn.running_var.double().numpy() + bn.eps)

@@ -1,0 +1,61 @@
+"""Client-side clipping for client-level DP, as a Flower mod on the train handler.
+
+The server's ``DifferentialPrivacyClientSideFixedClipping`` / ``...AdaptiveClipping`` wrappers send a
+``clipping_norm`` in the train message's config; this mod clips the silo's update (its reply's
+ARRAYS minus the global parameters it received) to that norm with Flower's own clipping functions
+(``compute_clip_model_update``, ``compute_adaptive_clip_model_update``) and, for adaptive clipping,
+reports Flower's ``norm_bit``. Flower's ``fixedclipping_mod`` and ``adaptiveclipping_mod`` do the
+same but demand a message of exactly one ArrayRecord, and fedhash's train message carries two
+(ARRAYS and GLOBALS, the buffers the server sets); this mod reads ARRAYS by name and leaves the
+message as it came.
+"""
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import (KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_clip_model_update,
+                                                  compute_clip_model_update)
+
+from hashing.config import Config
+from hashing.federated import protocol as P
+
+
+def _adaptive(config) -> bool:
+    """Whether the server runs ``DifferentialPrivacyClientSideAdaptiveClipping`` (both client-side wrappers
+    send only "clipping_norm"; the run's ``dp-clipping`` says which)."""
+    try:
+        return Config.from_json(str(config.get(P.FEDCONFIG, "{}"))).dp_clipping == "client-adaptive"
+    except Exception:  # noqa: BLE001 - a config the handler will refuse anyway
+        return False
+
+
+def train_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip the reply's update to the server's "clipping_norm"; without one this is ``call_next(msg, context)``."""
+    config = msg.content.config_records.get(P.CONFIG)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    sent = msg.content.array_records.get(P.ARRAYS)
+    if sent is None:
+        return _error(msg, f"train_clipping_mod: the message carries no {P.ARRAYS!r} record to clip against")
+    clipping_norm = float(config[KEY_CLIPPING_NORM])
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    got = reply.content.array_records.get(P.ARRAYS)
+    if got is None or list(got.keys()) != list(sent.keys()):
+        return _error(msg, f"train_clipping_mod: the reply's {P.ARRAYS!r} record does not hold the arrays sent")
+    update = got.to_numpy_ndarrays()
+    if _adaptive(config):
+        norm_bit = compute_adaptive_clip_model_update(update, sent.to_numpy_ndarrays(), clipping_norm)
+        reply.content.metric_records[P.METRICS][KEY_NORM_BIT] = int(norm_bit)
+    else:
+        compute_clip_model_update(param1=update, param2=sent.to_numpy_ndarrays(), clipping_norm=clipping_norm)
+    reply.content.array_records[P.ARRAYS] = ArrayRecord(
+        {k: Array(np.asarray(v)) for k, v in zip(got.keys(), update, strict=True)})
+    return reply
+
+
+def _error(msg: Message, reason: str) -> Message:
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)

@@ -1,0 +1,312 @@
+"""What one silo does with its own data: load it, cache its features, train locally, report the
+statistics the server pools, evaluate, and build its index. Flower-free except for the names of
+node-config keys; ``client_app.py`` wires these functions to Flower messages.
+
+A site trusts only itself: its data, its name, its out-dir, its cache folder and its threads come from
+its own node config (``data``, ``silo``, ``out-dir``, ``cache-dir``, ``threads``), never from the server.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hashing import hashers
+from hashing.atomic import atomic_path
+from hashing.backbones import backbone_for, backbone_identity
+from hashing.codes import logits_to_codes
+from hashing.config import Config
+from hashing.data import load_dataset
+from hashing.errors import ConfigError, DataError
+from hashing.federated import pooling
+from hashing.cache import cache_root
+from hashing.features import cached_features
+from hashing.hashers import Hasher, Inputs, create_hasher
+from hashing.index import SiloIndex
+from hashing.metrics import retrieval_metrics
+from hashing.privacy import accountant, dpsgd, release
+from hashing.silos import Silo, local_silo, make_silo, source_dataset
+from hashing.train import History, Schedule, train
+
+log = logging.getLogger("fedhash.client")
+_lock = threading.Lock()
+
+# node-config keys a site sets for itself (flower-supernode --node-config '...')
+NODE_DATA, NODE_SILO, NODE_OUT_DIR, NODE_CACHE_DIR, NODE_THREADS = "data", "silo", "out-dir", "cache-dir", "threads"
+NODE_PARTITION, NODE_PARTITIONS = "partition-id", "num-partitions"  # set by Flower's simulation engine
+
+
+# --------------------------------------------------------------------------- the site's own settings
+
+
+def own_settings(cfg: Config, node_config: Mapping[str, Any]) -> Config:
+    """The run's config with what the site's own node config says in place of the server's."""
+    if NODE_CACHE_DIR in node_config:
+        cfg = dataclasses.replace(cfg, cache_dir=str(node_config[NODE_CACHE_DIR]))
+    return cfg
+
+
+def set_threads(cfg: Config, node_config: Mapping[str, Any]) -> None:
+    """torch threads of this process: the node config's ``threads``, else the config's ``client-threads``."""
+    threads = int(node_config.get(NODE_THREADS, cfg.client_threads))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def out_dir(cfg: Config, node_config: Mapping[str, Any]) -> str:
+    """Where a node writes its index: the site's own out-dir at a real site, the run's in simulation."""
+    return str(node_config.get(NODE_OUT_DIR, cfg.out_dir))
+
+
+# --------------------------------------------------------------------------- silos
+
+
+def silo_from_node(cfg: Config, node_config: Mapping[str, Any]) -> Silo:
+    """The silo a node holds: a partition in simulation, its own data at a real site."""
+    if NODE_DATA in node_config:  # a real site: node config data="<folder or manifest>" silo="<name>"
+        ds = load_dataset(str(node_config[NODE_DATA]))
+        name = str(node_config.get(NODE_SILO, Path(str(node_config[NODE_DATA])).name))
+        return local_silo(ds, name, seed=cfg.seed, query_frac=cfg.query_frac)
+    if NODE_PARTITION in node_config:
+        n = int(node_config.get(NODE_PARTITIONS, cfg.num_silos))
+        part_cfg = cfg if n == cfg.num_silos else cfg.replace(num_silos=n)
+        return make_silo(source_dataset(cfg), part_cfg, int(node_config[NODE_PARTITION]))
+    raise ConfigError("node config has neither 'data' (a real site: --node-config 'data=\"/path/to/images\"') "
+                      "nor 'partition-id' (simulation); give the SuperNode one of them")
+
+
+@dataclass
+class SiloData:
+    """A silo's data as training needs it: its images and, for hashers on cached features, those."""
+
+    silo: Silo
+    inputs: Inputs
+    num_classes: int
+    weights_id: str
+    feature_dim: int
+
+    @property
+    def name(self) -> str:
+        return self.silo.name
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.silo.ds.labels
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.labels[self.silo.splits.train]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.silo.splits.train)
+
+    @property
+    def clean(self) -> np.ndarray | None:
+        return self.inputs.clean
+
+    @property
+    def train_views(self) -> np.ndarray | None:
+        return self.inputs.views
+
+
+def silo_features(cfg: Config, silo: Silo) -> SiloData:
+    """The silo's inputs; features are loaded from (or extracted once into) the feature cache when the
+    config's kind of hash function reads them (the backbone is built only if an entry is missing)."""
+    ds = silo.ds
+    num_classes = ds.labels.shape[1] if ds.labels.ndim == 2 else len(ds.classes)
+    weights = cfg.weights or None
+    wid, dim = backbone_identity(cfg.backbone, weights, cfg.cache_dir or None)
+    inputs = Inputs(ds, silo.splits.train, cfg.size)
+    if hashers.reads_features(cfg.hasher_kind):
+        common = dict(size=cfg.size, cache_dir=cfg.cache_dir or None, weights_id=wid)
+        model = lambda: backbone_for(cfg.backbone, weights)[0]  # noqa: E731
+        inputs.clean = cached_features(model, cfg.backbone, ds, np.arange(len(ds)), views=0, seed=0, **common)
+        inputs.views = cached_features(model, cfg.backbone, ds, silo.splits.train, views=cfg.views, seed=cfg.seed,
+                                       **common)
+    return SiloData(silo, inputs, num_classes, wid, dim)
+
+
+_silos: "OrderedDict[tuple, SiloData]" = OrderedDict()
+
+
+def silo_data(cfg: Config, node_config: Mapping[str, Any]) -> SiloData:
+    """Memoized per process: a SuperNode (or simulation actor) loads its silo once per run."""
+    what = cfg.data_config() | {k: getattr(cfg, k) for k in ("backbone", "weights", "size", "mode", "dp", "cache_dir")}
+    key = (tuple(sorted(what.items())), tuple(sorted((str(k), str(v)) for k, v in node_config.items())))
+    with _lock:
+        hit = _silos.get(key)
+    if hit is not None:
+        return hit
+    data = silo_features(cfg, silo_from_node(cfg, node_config))
+    with _lock:
+        _silos[key] = data
+        while len(_silos) > 8:
+            _silos.popitem(last=False)
+    return data
+
+
+def check_silo(data: SiloData) -> None:
+    if data.n_train < 2:
+        raise DataError(f"silo '{data.name}' has {data.n_train} training images; "
+                        "it needs at least 2: give it more data or fewer silos")
+
+
+# --------------------------------------------------------------------------- the global model
+
+_templates: "OrderedDict[tuple, Hasher]" = OrderedDict()
+
+
+def global_model(cfg: Config, feature_dim: int) -> Hasher:
+    """The federation's starting model, identical on every node for the same config (seeded)."""
+    return create_hasher(cfg.hasher_kind, **cfg.hasher_options(feature_dim))
+
+
+def fresh_model(cfg: Config, feature_dim: int) -> Hasher:
+    """A copy of the global model's architecture, for a message to load its state into.
+
+    A hasher on cached features is copied from one seeded template per process instead of re-running
+    the weight initialisation for every message (the message's state overwrites all of it anyway)."""
+    if not hashers.reads_features(cfg.hasher_kind):
+        return global_model(cfg, feature_dim)
+    key = (cfg.hasher_kind, tuple(sorted(cfg.hasher_options(feature_dim).items())))
+    with _lock:
+        if key not in _templates:
+            _templates[key] = global_model(cfg, feature_dim)
+            while len(_templates) > 4:
+                _templates.popitem(last=False)
+        return copy.deepcopy(_templates[key])
+
+
+# --------------------------------------------------------------------------- the silo's jobs
+
+
+def local_train(cfg: Config, data: SiloData, hasher: Hasher, server_round: int, *,
+                prototypes: np.ndarray | None, prox_mu: float = 0.0, progress: bool = False) -> tuple[History, float | None]:
+    """This round's local epochs; (history, the ε the silo's plan allows for the run, under sample-level DP)."""
+    private = dpsgd.sample_level(cfg, data.n_train, silo=f"silo '{data.name}'")
+    sup = cfg.supervised
+    hist = train(hasher, data.inputs, cfg, Schedule.federated_round(cfg, server_round),
+                 labels=data.train_labels if sup else None, prototypes=prototypes if sup else None,
+                 prox_mu=prox_mu, private=private, progress=progress)
+    return hist, (private.plan.epsilon if private is not None else None)
+
+
+def dp_plan(cfg: Config, data: SiloData) -> accountant.DPPlan:
+    """The silo's sample-level DP plan for the whole run (noise multipliers from the target ε)."""
+    return accountant.silo_plan(cfg, data.n_train, silo=f"silo '{data.name}'")
+
+
+def release_moments(cfg: Config, data: SiloData) -> tuple[dict[str, np.ndarray], accountant.DPPlan | None]:
+    """The silo's feature moments for the DP head, once, before training (README, "Differential privacy")."""
+    return release.silo_release(cfg, data.clean[data.silo.splits.train], data.silo.ids_fingerprint(),
+                                silo=f"silo '{data.name}'")
+
+
+def local_stats(cfg: Config, data: SiloData, hasher: Hasher, params_digest: str | None = None) -> dict[str, np.ndarray]:
+    """count / sum / sumsq of the activations entering the final normalisation for the silo's clean
+    training images, and per-class counts and sums (supervised), under ``hasher``.
+
+    Clean images, one forward pass each: the distribution the model encodes at search time,
+    and a quarter of the cost of all cached views (the pooled mAP is the same either way:
+    BENCHMARKS.md, "Federated: where the time goes")."""
+    h = hasher.activations(data.inputs, data.silo.splits.train)
+    _keep_activations(cfg, data, params_digest, h)
+    sup = cfg.supervised
+    return pooling.activation_stats(h, data.train_labels if sup else None, data.num_classes if sup else 0)
+
+
+# The database of a simulated or real silo is its training split, so the statistics phase has
+# already run the new global model's head (up to its BatchNorm) over every database image when
+# the next round's train message asks the silo to score that model. The activations are kept on
+# disk, keyed by the model's parameters, for that evaluation: a simulation engine may hand the
+# two messages to different processes. A miss (or a mismatch) just encodes again.
+
+def _activation_path(cfg: Config, data: SiloData, params_digest: str | None) -> Path | None:
+    sp = data.silo.splits
+    source = getattr(data.clean, "filename", None)
+    if params_digest is None or source is None or not np.array_equal(sp.database, sp.train):
+        return None
+    h = hashlib.sha256(Path(source).name.encode())  # the feature cache entry: data, backbone, weights, size
+    h.update(np.ascontiguousarray(sp.train, dtype="<i8").tobytes())
+    return cache_root(cfg.cache_dir) / "activations" / f"{h.hexdigest()[:16]}-{params_digest}.npy"
+
+
+def _keep_activations(cfg: Config, data: SiloData, params_digest: str | None, h: np.ndarray) -> None:
+    path = _activation_path(cfg, data, params_digest)
+    if path is None:
+        return
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, h)
+        # keep this model's and the one before (still to be scored if a round is retried)
+        older = sorted(path.parent.glob(path.name.split("-")[0] + "-*.npy"), key=lambda p: p.stat().st_mtime)
+        for p in older[:-2]:
+            p.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not keep the activations under %s (%s); the evaluation will encode again", path.parent, e)
+
+
+def _kept_activations(cfg: Config, data: SiloData, params_digest: str | None) -> np.ndarray | None:
+    path = _activation_path(cfg, data, params_digest)
+    if path is None or not path.exists():
+        return None
+    try:
+        h = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = h.dtype == np.float32 and h.shape == (len(data.silo.splits.database), cfg.bits) and np.isfinite(h).all()
+    return h if ok else None
+
+
+def silo_map(data: SiloData, query: np.ndarray, db_codes: np.ndarray) -> dict[str, float]:
+    """mAP@1000 (Hamming) of query codes or logits against packed database codes, on the silo's labels."""
+    sp = data.silo.splits
+    res = retrieval_metrics(query, db_codes, data.labels[sp.query], data.labels[sp.database],
+                            asymmetric=False, k=1000, p_at=None, radius=None, pr=False)
+    bits = np.unpackbits(db_codes, axis=1, bitorder="little").mean(0)
+    return {"map": float(res["mAP@1000"]), "bit-balance": float(1 - np.abs(2 * bits - 1).mean()),
+            "n-query": int(len(sp.query)), "n-db": int(len(sp.database))}
+
+
+def evaluate(cfg: Config, data: SiloData, hasher: Hasher, params_digest: str | None = None) -> dict[str, float]:
+    """mAP@1000 (Hamming) of the silo's query split against its own database.
+
+    ``params_digest`` (:func:`hashing.backbones.weights_fingerprint` of the model's parameters) lets it
+    reuse the database activations the statistics phase kept for this model."""
+    sp = data.silo.splits
+    q = hasher.encode(data.inputs, sp.query)
+    h = _kept_activations(cfg, data, params_digest)
+    db = hasher.normalise(h) if h is not None else hasher.encode(data.inputs, sp.database)
+    return silo_map(data, q, logits_to_codes(db))
+
+
+def site_dir(out: str, silo_name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in silo_name)
+    return Path(out) / "silos" / safe
+
+
+def build_index(cfg: Config, data: SiloData, hasher: Hasher, model_version: str, out: str,
+                privacy: Mapping[str, Any] | None = None) -> tuple[Path, int]:
+    """Encode the silo's database with the global function and save its SiloIndex (atomic), stamped
+    with the model version and the privacy guarantee the function was trained under."""
+    sp = data.silo.splits
+    codes = logits_to_codes(hasher.encode(data.inputs, sp.database))
+    index = SiloIndex(cfg.bits, model_version, backbone=cfg.backbone)
+    index.privacy = dict(privacy or {"unit": "none"})
+    index.add(codes, sp.database.astype(np.int64), model_version=model_version)
+    path = site_dir(out, data.name) / "index.faiss"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index.save(path)
+    return path, len(sp.database)

@@ -1,0 +1,88 @@
+"""The statistics phase of a round: what the server pools for the global model, by the hasher's ``pooling``.
+
+``activations`` (the probe and LoRA heads, with BatchNorm): before round 1 and after every round, every
+silo reports count / sum / sum of squares of the head's activations (and per-class sums); the server
+sets the BatchNorm running statistics to the exact statistics of the union and, supervised, the
+prototypes to the exact class means (:mod:`hashing.federated.pooling`).
+
+``moments`` (the DP head): before round 1 only, every silo's one release of feature moments (noised by
+the silo under sample-level DP; under client-level DP the exact means, noised here on their sum); the
+DP head's frozen projection and starting rotation (DP-ITQ) follow from them. After each round only
+post-processing: the bits' scales from the released covariance and the new rotation (no message).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from hashing.config import Config
+from hashing.federated import pooling, protocol as P
+from hashing.privacy import head as dp_head, release
+
+from .ledger import Ledger
+from .link import Link, silo_of
+from .global_model import GlobalModel
+
+
+def _arrays(m, key: str) -> dict:
+    return {k: v.numpy() for k, v in m.content[key].to_torch_state_dict().items()}
+
+
+def _note_silos(model: GlobalModel, replies) -> None:
+    for m in replies:
+        s = silo_of(m)
+        model.silos[s[P.SILO_NAME]] = s.get(P.SILO_IDS, "")
+
+
+class ActivationPooling:
+    """Exact pooled BatchNorm statistics and global prototypes, before round 1 and after every round."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def start(self, link: Link, model: GlobalModel, node_ids: list[int]) -> dict[str, Any]:
+        return self.after_round(link, model, 0, node_ids)
+
+    def after_round(self, link: Link, model: GlobalModel, server_round: int, node_ids: list[int]) -> dict[str, Any]:
+        content = model.content(self.cfg, server_round)
+        ok = link.send(link.messages(node_ids, P.MSG_STATS, content), "stats", server_round)
+        pooled = pooling.pool([_arrays(m, P.STATS) for m in ok])
+        mean, var = pooling.pooled_moments(pooled)
+        model.update(lambda h: pooling.set_bn_stats(h, mean, var))
+        if self.cfg.supervised and pooled["class_count"].size:
+            model.prototypes = torch.from_numpy(pooling.global_prototypes(model.hasher, pooled))
+        _note_silos(model, ok)
+        up = sum(int(m.content[P.METRICS][P.BYTES_UP]) for m in ok)
+        return {"stats_silos": len(ok), "stats_bytes_up": up, "pooled_count": float(pooled["count"][0])}
+
+
+class MomentsPooling:
+    """The DP head: one release of feature moments before round 1; post-processing after every round."""
+
+    def __init__(self, cfg: Config, ledger: Ledger):
+        self.cfg, self.ledger = cfg, ledger
+
+    def start(self, link: Link, model: GlobalModel, node_ids: list[int]) -> dict[str, Any]:
+        cfg = self.cfg
+        content = RecordDict({P.CONFIG: ConfigRecord(P.round_config(cfg.to_json(), 0))})
+        ok = link.send(link.messages(node_ids, P.MSG_MOMENTS, content), "moments", 0)
+        released = [_arrays(m, P.MOMENTS) for m in ok]
+        if cfg.dp == "sample":  # each silo noised its own release and says so
+            self.ledger.record_replies(ok)
+        else:  # client level: the sum of the silos' means, noised once for the whole federation
+            released = [release.server_release(released, self.ledger.moments_noise(), cfg.seed)]
+        mean, cov, _ = release.pooled_moments(released)
+        model.update(lambda h: release.init_dp_head(h, mean, cov, seed=cfg.seed))
+        _note_silos(model, ok)
+        return {"stats_silos": len(ok), "stats_bytes_up": sum(int(m.content[P.METRICS][P.BYTES_UP]) for m in ok)}
+
+    def after_round(self, link: Link, model: GlobalModel, server_round: int, node_ids: list[int]) -> dict[str, Any]:
+        model.update(dp_head.restandardize)
+        return {"stats_silos": 0, "stats_bytes_up": 0}
+
+
+def pooling_for(cfg: Config, model: GlobalModel, ledger: Ledger) -> ActivationPooling | MomentsPooling:
+    """The statistics phase the global model's kind of hash function asks for."""
+    return MomentsPooling(cfg, ledger) if model.hasher.pooling == "moments" else ActivationPooling(cfg)
