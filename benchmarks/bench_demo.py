@@ -111,7 +111,7 @@ def lora(args) -> None:
 
 def feeder(args) -> None:
     """The demo's supervised federation alone (no references, no unsupervised run), alternating
-    Flower's own feeder poll (FEDHASH_FEED_INTERVAL=0.1) with fedhash's (0.01): per-phase medians."""
+    Flower's feeder poll, 0.1 s (``--set feed-interval=0.1``), with fedhash's 0.01 s: per-phase medians."""
     tmp = Path(tempfile.mkdtemp(prefix="fedhash-bench-feeder-"))
     cache = Path(args.cache) if args.cache else tmp / "cache"
     src = (ROOT / "simulations" / "scenarios" / "demo.toml").read_text()
@@ -121,9 +121,10 @@ def feeder(args) -> None:
     rows = []
     for i in range(args.pairs):
         for interval in ("0.1", "0.01"):
-            env = os.environ | {"FEDHASH_CACHE": str(cache), "FEDHASH_FEED_INTERVAL": interval}
+            env = os.environ | {"FEDHASH_CACHE": str(cache)}
             runs = tmp / f"runs-{i}-{interval}"
-            out = subprocess.run([FEDHASH, "simulate", str(scenario), "--runs-dir", str(runs)], env=env, cwd=ROOT,
+            out = subprocess.run([FEDHASH, "simulate", str(scenario), "--runs-dir", str(runs),
+                                  "--set", f"feed-interval={interval}"], env=env, cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             if out.returncode:
                 sys.exit(f"fedhash simulate failed ({out.returncode}):\n{out.stdout[-3000:]}")

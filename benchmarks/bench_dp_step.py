@@ -1,6 +1,6 @@
 """One DP-SGD step against one non-DP step of the same model and batch, measured side by side.
 
-The model is the DP head (hashing.dp.DPHashCoder: 1280-d features, 256 principal axes, 64 bits), the
+The model is the DP head (hashing.privacy.head.DPHashCoder: 1280-d features, 256 principal axes, 64 bits), the
 batch 256 images x 2 views, the objective DPCroVCALoss. Non-DP: AdamW on the mean loss. DP: the same
 under Opacus's PrivacyEngine (per-sample gradients, clipping, Gaussian noise), in hooks mode and in
 ghost-clipping mode. Steps alternate between the settings, so load on the machine hits them alike.
@@ -15,20 +15,21 @@ import warnings
 import numpy as np
 import torch
 
-from hashing import dp
+from hashing.privacy import objective, release
+from hashing.privacy.head import DPHashCoder
 
 warnings.filterwarnings("ignore")
 
 
 def make(mode: str, x: torch.Tensor, n: int, bs: int):
-    head = dp.DPHashCoder(x.shape[-1], 64, 256)
+    head = DPHashCoder(x.shape[-1], 64, 256)
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((4096, x.shape[-1]))
-    m = dp.release_moments(feats, 0.0, rng)
-    mean, cov, _ = dp.pooled_moments([m])
-    dp.init_dp_head(head, mean, cov)
+    m = release.release_moments(feats, 0.0, rng)
+    mean, cov, _ = release.pooled_moments([m])
+    release.init_dp_head(head, mean, cov)
     head.train()
-    crit = dp.DPCroVCALoss(dp.reference_precision(head, 0.05))
+    crit = objective.DPCroVCALoss(objective.reference_precision(head, 0.05))
     opt = torch.optim.AdamW([head.rotation], lr=1e-3)
     if mode == "plain":
         def step():

@@ -23,11 +23,11 @@ t0 = time.perf_counter()
 import torch
 torch.set_num_threads(1)
 import client.client_app
-from client import task
+from client import site
 from simulations.scenario import load_scenario
 t1 = time.perf_counter()
 cfg = load_scenario("demo").cfg
-task.silo_data(cfg, {"partition-id": %d, "num-partitions": cfg.num_silos})
+site.silo_data(cfg, {"partition-id": %d, "num-partitions": cfg.num_silos})
 print(json.dumps({"import": t1 - t0, "silo": time.perf_counter() - t1}))
 """
 
@@ -45,8 +45,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from client import task
-    from hashing import fedmodel
+    from client import site
     from hashing.backbones import weights_fingerprint
     from simulations.scenario import load_scenario
 
@@ -58,13 +57,13 @@ def main() -> None:
     for pid in range(cfg.num_silos):
         out = subprocess.run([sys.executable, "-c", STARTUP % pid], cwd=ROOT, capture_output=True, text=True, check=True)
         start = json.loads(out.stdout.strip().splitlines()[-1])
-        d = task.silo_data(cfg, {"partition-id": pid, "num-partitions": cfg.num_silos})
-        m = task.fresh_model(cfg, d.feature_dim)
-        digest = weights_fingerprint(fedmodel.split_state(m)[0])
-        row = {"train": best(lambda: task.local_train(cfg, d, m, 1, prototypes=None)),
-               "stats": best(lambda: task.local_stats(cfg, d, m, digest)),
-               "hit": best(lambda: task.local_evaluate(cfg, d, m, digest)),
-               "miss": best(lambda: task.local_evaluate(cfg, d, m))}
+        d = site.silo_data(cfg, {"partition-id": pid, "num-partitions": cfg.num_silos})
+        m = site.fresh_model(cfg, d.feature_dim)
+        digest = weights_fingerprint(m.state()[0])
+        row = {"train": best(lambda: site.local_train(cfg, d, m, 1, prototypes=None)),
+               "stats": best(lambda: site.local_stats(cfg, d, m, digest)),
+               "hit": best(lambda: site.evaluate(cfg, d, m, digest)),
+               "miss": best(lambda: site.evaluate(cfg, d, m))}
         for k in tot:
             tot[k] += row[k]
         print(f"| {d.name} | {len(d.silo.splits.train)} | {start['import']:.2f} | {start['silo']:.2f} | "

@@ -11,12 +11,13 @@ import numpy as np
 
 from hashing.codes import logits_to_codes
 from hashing.metrics import retrieval_metrics
-from hashing.pipeline import DataConfig, prepare
-from hashing.train import TrainConfig, encode, train_head
+from hashing.config import Config
+from hashing.pipeline import prepare
+from hashing.train import fit
 
 
 def main() -> None:
-    prep = prepare(DataConfig())
+    prep = prepare(Config(n_images=0))  # fedhash train's data: all 70,000 images
     y, q, db, tr = prep.ds.labels, prep.splits.query, prep.splits.database, prep.splits.train
     qf, dbf = np.asarray(prep.clean[q], np.float32), np.asarray(prep.clean[db], np.float32)
     classes = np.unique(y)
@@ -24,13 +25,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for bits in (16, 32, 64):
         for epochs in (5, 20):
-            coder, _ = train_head(prep.train_views, y[tr], TrainConfig(bits=bits, supervised=True, epochs=epochs),
-                                  progress=False)
-            dl = encode(coder, dbf)
+            coder, _ = fit(prep.train_views, y[tr], Config(bits=bits, supervised=True, epochs=epochs))
+            dl = coder.encode_features(dbf)
             protos = np.stack([(dl[y[db] == c].mean(0) > 0) for c in classes]).astype(np.int8)
             ham = (protos[:, None, :] != protos[None, :, :]).sum(-1)
             off = ham[~np.eye(len(classes), dtype=bool)]
-            m = retrieval_metrics(encode(coder, qf), logits_to_codes(dl), y[q], y[db], asymmetric=False,
+            m = retrieval_metrics(coder.encode_features(qf), logits_to_codes(dl), y[q], y[db], asymmetric=False,
                                   pr=False)["mAP@1000"]
             print(f"| {bits} | {epochs} | {m:.4f} | {len({tuple(p) for p in protos})} | {off.min()} |", flush=True)
 

@@ -31,7 +31,8 @@ def peak_rss_mib() -> float:
 
 
 def bench_head(args) -> None:
-    from hashing.train import TrainConfig, train_head
+    from hashing.config import Config
+    from hashing.train import fit
 
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
@@ -42,11 +43,11 @@ def bench_head(args) -> None:
     print("|---|---|---|---|---|---|")
     for sup in (False, True):
         for bits in (16, 32, 64):
-            cfg = TrainConfig(bits=bits, supervised=sup, epochs=1)
+            cfg = Config(bits=bits, supervised=sup, epochs=1)
             times = []
             for _ in range(args.repeats):
                 t = time.perf_counter()
-                _, h = train_head(feats, labels if sup else None, cfg, progress=False)
+                _, h = fit(feats, labels if sup else None, cfg)
                 times.append(time.perf_counter() - t)
             med = statistics.median(times)
             steps = len(h.step_loss)
@@ -85,7 +86,8 @@ def bench_sizes(args) -> None:
     from hashing.data import load_dataset, make_splits, subset
     from hashing.features import extract
     from hashing.metrics import retrieval_metrics
-    from hashing.train import TrainConfig, encode, train_head
+    from hashing.config import Config
+    from hashing.train import fit
 
     torch.set_num_threads(2)
     ds = load_dataset("fashion-mnist")
@@ -107,8 +109,8 @@ def bench_sizes(args) -> None:
         q, db, y = sp.query, sp.database, ds.labels
         res = {}
         for sup in (False, True):
-            coder, _ = train_head(views, y[sp.train] if sup else None, TrainConfig(bits=64, supervised=sup), progress=False)
-            res[sup] = retrieval_metrics(encode(coder, clean[q]), logits_to_codes(encode(coder, clean[db])), y[q], y[db],
+            coder, _ = fit(views, y[sp.train] if sup else None, Config(bits=64, supervised=sup))
+            res[sup] = retrieval_metrics(coder.encode_features(clean[q]), logits_to_codes(coder.encode_features(clean[db])), y[q], y[db],
                                          asymmetric=False, pr=False)["mAP@1000"]
         itq = fit_baseline("itq", clean[sp.train], 64)
         r_itq = retrieval_metrics(itq.encode(clean[q]), itq.encode(clean[db]), y[q], y[db], asymmetric=False, pr=False)["mAP@1000"]

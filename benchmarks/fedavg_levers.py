@@ -22,17 +22,17 @@ Each argument is one run, comma-separated key=value:
 """
 import sys, time, copy, dataclasses
 import numpy as np, torch
-from client import task
-from client.partitions import make_silos
-from hashing import fedstats, fedmodel
-from hashing.train import train_head
+from client import site
+from hashing.backbones import backbone_for
+from hashing.federated import pooling
+from hashing.hashers import Inputs
+from hashing.silos import make_silos, source_dataset
+from hashing.train import Schedule, fit, train
 from simulations.scenario import load_scenario
-from simulations import runner
 torch.set_num_threads(2)
 scn = load_scenario("demo"); base = scn.cfg
-ds = task.load_source(base)
-silos = make_silos(ds, task.partition_spec(base, base.num_silos))
-data = [task.silo_features(base, s) for s in silos]
+silos = make_silos(source_dataset(base), base)
+data = [site.silo_features(base, s) for s in silos]
 
 import hashing.train as HT
 CUR = [None]; SAVED = {}
@@ -57,18 +57,18 @@ def central(o):
     sup = o["mode"] == "sup"
     cfg = dataclasses.replace(base, supervised=sup, num_server_rounds=int(o["central"]), local_epochs=1, lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)), lam=float(o.get("lam", 0.1)))
     X = np.concatenate([d.train_views for d in data]); Y = np.concatenate([d.train_labels for d in data])
-    coder, _ = train_head(X, Y if sup else None, runner._reference_config(cfg), progress=False)
+    coder, _ = fit(X, Y if sup else None, cfg, schedule=Schedule.reference(cfg))
     if o.get("stats", "ema") != "ema":
-        st = [fedstats.head_stats(coder, stats_in(d, o["stats"])) for d in data]
-        m, v = fedstats.pooled_moments(fedstats.pool(st)); fedstats.set_bn_stats(coder, m, v)
-    return float(np.mean([task.local_evaluate(cfg, d, coder)["map"] for d in data]))
+        st = [pooling.head_stats(coder, stats_in(d, o["stats"])) for d in data]
+        m, v = pooling.pooled_moments(pooling.pool(st)); pooling.set_bn_stats(coder, m, v)
+    return float(np.mean([site.evaluate(cfg, d, coder).map for d in data]))
 
 def localonly(o):
     cfg = dataclasses.replace(base, supervised=o["mode"] == "sup", num_server_rounds=int(o["local"]), local_epochs=1, lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)))
     res = []
     for d in data:
-        coder, _ = train_head(d.train_views, d.train_labels if cfg.supervised else None, runner._reference_config(cfg), progress=False)
-        res.append(task.local_evaluate(cfg, d, coder)["map"])
+        coder, _ = fit(d.train_views, d.train_labels if cfg.supervised else None, cfg, schedule=Schedule.reference(cfg))
+        res.append(site.evaluate(cfg, d, coder).map)
     return float(np.mean(res))
 
 import hashing.coder as HC
@@ -108,23 +108,23 @@ def run(o):
                               lr=float(o.get("lr", 1e-3)), batch_size=int(o.get("bs", 256)), lam=float(o.get("lam", 0.1)),
                               batch_renorm=o.get("renorm", "1") == "1")
     how = o.get("stats", "views"); server = o.get("server", "avg"); slr = float(o.get("slr", 1.0)); mom = float(o.get("mom", 0.9))
-    _, wid, dim = fedmodel.backbone_for(cfg)
-    g = fedmodel.build_model(cfg, dim)
+    _, wid, dim = backbone_for(cfg.backbone, cfg.weights or None)
+    g = site.global_model(cfg, dim)
     protos = None
     def pool_stats():
         nonlocal protos
-        st = [fedstats.head_stats(g, stats_in(d, how), d.train_labels if sup else None, d.num_classes if sup else 0) for d in data]
-        p = fedstats.pool(st); m, v = fedstats.pooled_moments(p); fedstats.set_bn_stats(g, m, v)
-        if sup: protos = fedstats.global_prototypes(g, p)
+        st = [pooling.head_stats(g, stats_in(d, how), d.train_labels if sup else None, d.num_classes if sup else 0) for d in data]
+        p = pooling.pool(st); m, v = pooling.pooled_moments(p); pooling.set_bn_stats(g, m, v)
+        if sup: protos = pooling.global_prototypes(g, p)
     pool_stats()
     mstate = vstate = None
     curve = []
     prev_buffers = None
     for r in range(1, cfg.num_server_rounds + 1):
-        params, buffers = fedmodel.split_state(g)
+        params, buffers = g.state()
         if o.get("stale") == "1" and prev_buffers is not None:
             # train against the pooled statistics of the model before (one round stale)
-            fedmodel.load_state(g, params, prev_buffers)
+            g.load_state(params, prev_buffers)
         prev_buffers = buffers
         acc = None; n_tot = 0
         for si, d in enumerate(data):
@@ -133,10 +133,10 @@ def run(o):
             if o.get("sub"):
                 k = int(o["sub"]) * cfg.batch_size
                 rs = np.random.default_rng(r * 7 + si); pick = np.sort(rs.choice(len(d.train_views), min(k, len(d.train_views)), replace=False))
-                task.train_head(d.train_views[pick], None, task.train_config(cfg, r), coder=m, progress=False)
+                train(m, Inputs.of_features(d.train_views[pick]), cfg, Schedule.federated_round(cfg, r))
             else:
-                task.local_train(cfg, d, m, r, prototypes=protos)
-            p, _ = fedmodel.split_state(m)
+                site.local_train(cfg, d, m, r, prototypes=protos)
+            p, _ = m.state()
             n = len(d.silo.splits.train); n_tot += n
             acc = {k: v * n for k, v in p.items()} if acc is None else {k: acc[k] + v * n for k, v in p.items()}
         avg = {k: v / n_tot for k, v in acc.items()}
@@ -151,19 +151,19 @@ def run(o):
             mstate = {k: (1 - b1) * delta[k] for k in delta} if mstate is None else {k: b1 * mstate[k] + (1 - b1) * delta[k] for k in delta}
             vstate = {k: (1 - b2) * delta[k] ** 2 for k in delta} if vstate is None else {k: b2 * vstate[k] + (1 - b2) * delta[k] ** 2 for k in delta}
             newp = {k: params[k] + slr * mstate[k] / (vstate[k].sqrt() + tau) for k in params}
-        fedmodel.load_state(g, newp, buffers)
+        g.load_state(newp, buffers)
         pool_stats()
-        if o.get("curve"): curve.append(round(float(np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data])), 4))
+        if o.get("curve"): curve.append(round(float(np.mean([site.evaluate(cfg, d, g).map for d in data])), 4))
     if curve: print("  curve", curve)
     if o.get("ownbn"):
         res = []
         for d in data:
-            gg = copy.deepcopy(g); s1 = fedstats.head_stats(gg, stats_in(d, "clean"))
-            mm, vv = fedstats.pooled_moments(fedstats.pool([s1])); fedstats.set_bn_stats(gg, mm, vv)
-            res.append(task.local_evaluate(cfg, d, gg)["map"])
+            gg = copy.deepcopy(g); s1 = pooling.head_stats(gg, stats_in(d, "clean"))
+            mm, vv = pooling.pooled_moments(pooling.pool([s1])); pooling.set_bn_stats(gg, mm, vv)
+            res.append(site.evaluate(cfg, d, gg).map)
         print("  own-BN eval", round(float(np.mean(res)), 4))
-    print("  bit balance", round(float(np.mean([task.local_evaluate(cfg, d, g)["bit-balance"] for d in data])), 4))
-    return float(np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data]))
+    print("  bit balance", round(float(np.mean([site.evaluate(cfg, d, g).bit_balance for d in data])), 4))
+    return float(np.mean([site.evaluate(cfg, d, g).map for d in data]))
 
 for spec in [a for a in sys.argv[1:] if a != "diag"]:
     o = dict(kv.split("=") for kv in spec.split(","))
@@ -172,15 +172,15 @@ for spec in [a for a in sys.argv[1:] if a != "diag"]:
 
 def diag():
     cfg = dataclasses.replace(base, supervised=False)
-    _, wid, dim = fedmodel.backbone_for(cfg)
-    g = fedmodel.build_model(cfg, dim)
-    st = [fedstats.head_stats(g, stats_in(d, "clean")) for d in data]
-    m, v = fedstats.pooled_moments(fedstats.pool(st)); fedstats.set_bn_stats(g, m, v)
-    print("init model pooled BN:", np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data]))
+    _, wid, dim = backbone_for(cfg.backbone, cfg.weights or None)
+    g = site.global_model(cfg, dim)
+    st = [pooling.head_stats(g, stats_in(d, "clean")) for d in data]
+    m, v = pooling.pooled_moments(pooling.pool(st)); pooling.set_bn_stats(g, m, v)
+    print("init model pooled BN:", np.mean([site.evaluate(cfg, d, g).map for d in data]))
     # per-silo own BN
     res = []
     for d, s in zip(data, st):
-        gg = copy.deepcopy(g); mm, vv = fedstats.pooled_moments(fedstats.pool([s])); fedstats.set_bn_stats(gg, mm, vv)
-        res.append(task.local_evaluate(cfg, d, gg)["map"])
+        gg = copy.deepcopy(g); mm, vv = pooling.pooled_moments(pooling.pool([s])); pooling.set_bn_stats(gg, mm, vv)
+        res.append(site.evaluate(cfg, d, gg).map)
     print("init model own BN:", np.mean(res))
 if "diag" in sys.argv: diag()

@@ -19,17 +19,23 @@ Centralized training with silo-homogeneous batches (every batch from one silo, d
 """
 import sys, time, copy, dataclasses
 import numpy as np, torch, torch.nn.functional as F
-from client import task
-from client.partitions import make_silos
-from hashing import fedstats, fedmodel
+from client import site
+from hashing.backbones import backbone_for
+from hashing.federated import pooling
+from hashing.silos import make_silos, source_dataset
+from hashing.train import Schedule
 from hashing.loss import alignment_loss, crovca_loss
-from hashing.train import _views_pair
+
+
+def _views_pair(rng, n, v):
+    """Two distinct views of each of n images (what hashing.hashers.FeatureHead.view_batch draws)."""
+    a = rng.integers(0, v, size=n)
+    return a, (a + rng.integers(1, v, size=n)) % v
 from simulations.scenario import load_scenario
 torch.set_num_threads(2)
 scn = load_scenario("demo"); base = scn.cfg
-ds = task.load_source(base)
-silos = make_silos(ds, task.partition_spec(base, base.num_silos))
-data = [task.silo_features(base, s) for s in silos]
+silos = make_silos(source_dataset(base), base)
+data = [site.silo_features(base, s) for s in silos]
 N = sum(len(d.train_views) for d in data)
 
 @torch.no_grad()
@@ -44,17 +50,17 @@ def global_stats(g, how):
     return H.mean(0), (H**2).mean(0), (Z.T @ Z) / len(Z)
 
 def local(g, d, cfg, r, G, o):
-    tc = task.train_config(cfg, r)
+    tc = Schedule.federated_round(cfg, r)
     m_ = copy.deepcopy(g); m_.train()
     X = d.train_views; n, v, dim = X.shape
-    w = n / N; bs = min(tc.batch_size, n); steps = max(1, n // bs)
+    w = n / N; bs = min(cfg.batch_size, n); steps = max(1, n // bs)
     torch.manual_seed(tc.seed); rng = np.random.default_rng(tc.seed)
-    opt = torch.optim.AdamW(m_.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(m_.parameters(), lr=tc.lr, weight_decay=cfg.weight_decay)
     sch = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps * tc.epochs, eta_min=tc.lr_min)
     muG, e2G, CG = [t.float() for t in G]
     bn = m_.net[-1]
     M = bs / float(o["mixw"]) if "mixw" in o else bs / w
-    K = tc.bits
+    K = cfg.bits
     if o.get("bn") == "offset":
         # the silo's own statistics at the round's start, against the pooled ones
         with torch.no_grad():
@@ -103,21 +109,21 @@ def local(g, d, cfg, r, G, o):
                 Zn = F.normalize(z, dim=1).double()
                 if o.get("cr", "mix") == "mix":
                     gram = Zn.T @ Zn + (M - mb) * CG.double()
-                    A = torch.eye(K, dtype=torch.float64) + (K / (M * tc.eps)) * gram
+                    A = torch.eye(K, dtype=torch.float64) + (K / (M * cfg.eps)) * gram
                     R = torch.linalg.cholesky(A).diagonal().log().sum()
                     regs.append(-R * (K + M) / (K * M) / w)
                 else:
-                    A = torch.eye(K, dtype=torch.float64) + (K / (mb * tc.eps)) * (Zn.T @ Zn)
+                    A = torch.eye(K, dtype=torch.float64) + (K / (mb * cfg.eps)) * (Zn.T @ Zn)
                     R = torch.linalg.cholesky(A).diagonal().log().sum()
                     regs.append(-R * (K + mb) / (K * mb))
-            loss = align + tc.lam * float(o.get("lamx", 1.0)) * torch.stack(regs).mean().float()
+            loss = align + cfg.lam * float(o.get("lamx", 1.0)) * torch.stack(regs).mean().float()
             opt.zero_grad(); loss.backward(); opt.step(); sch.step()
     return m_
 
 def central(o):
     cfg = dataclasses.replace(base, supervised=False)
-    _, wid, dim = fedmodel.backbone_for(cfg)
-    g = fedmodel.build_model(cfg, dim); g.train()
+    _, wid, dim = backbone_for(cfg.backbone, cfg.weights or None)
+    g = site.global_model(cfg, dim); g.train()
     epochs = int(o.get("epochs", 5)); bs = 256
     steps = epochs * N // bs
     opt = torch.optim.AdamW(g.parameters(), lr=1e-3, weight_decay=1e-2)
@@ -145,40 +151,40 @@ def central(o):
             zs = [g(x) for x in xs]
         loss, _ = crovca_loss(zs, lam=0.1, eps=0.05)
         opt.zero_grad(); loss.backward(); opt.step(); sch.step()
-    st = [fedstats.head_stats(g, d.clean[d.silo.splits.train]) for d in data]
-    mm, vv = fedstats.pooled_moments(fedstats.pool(st)); fedstats.set_bn_stats(g, mm, vv)
-    ev = [task.local_evaluate(cfg, d, g) for d in data]
-    return float(np.mean([e["map"] for e in ev])), float(np.mean([e["bit-balance"] for e in ev]))
+    st = [pooling.head_stats(g, d.clean[d.silo.splits.train]) for d in data]
+    mm, vv = pooling.pooled_moments(pooling.pool(st)); pooling.set_bn_stats(g, mm, vv)
+    ev = [site.evaluate(cfg, d, g) for d in data]
+    return float(np.mean([e.map for e in ev])), float(np.mean([e.bit_balance for e in ev]))
 
 def run(o):
     if "central" in o:
         return central(o)[0]
     cfg = dataclasses.replace(base, supervised=False, num_server_rounds=int(o.get("rounds", 10)), local_epochs=int(o.get("epochs", 1)), lr=float(o.get("lr", 1e-3)), seed=int(o.get("seed", base.seed)))
-    _, wid, dim = fedmodel.backbone_for(cfg)
-    g = fedmodel.build_model(cfg, dim)
+    _, wid, dim = backbone_for(cfg.backbone, cfg.weights or None)
+    g = site.global_model(cfg, dim)
     how = o.get("stats", "clean")
     def pool():
-        st = [fedstats.head_stats(g, d.clean[d.silo.splits.train] if how == "clean" else d.train_views) for d in data]
-        mm, vv = fedstats.pooled_moments(fedstats.pool(st)); fedstats.set_bn_stats(g, mm, vv)
+        st = [pooling.head_stats(g, d.clean[d.silo.splits.train] if how == "clean" else d.train_views) for d in data]
+        mm, vv = pooling.pooled_moments(pooling.pool(st)); pooling.set_bn_stats(g, mm, vv)
     pool()
     curve = []
     for r in range(1, cfg.num_server_rounds + 1):
         G = global_stats(g, how)
-        params, buffers = fedmodel.split_state(g)
+        params, buffers = g.state()
         acc = None
         for d in data:
             m_ = local(g, d, cfg, r, G, o)
-            p, _ = fedmodel.split_state(m_); wt = len(d.train_views) / N
+            p, _ = m_.state(); wt = len(d.train_views) / N
             acc = {k: v * wt for k, v in p.items()} if acc is None else {k: acc[k] + v * wt for k, v in p.items()}
         slr = float(o.get("slr", 1.0))
         if slr != 1.0:
             acc = {k: params[k] + slr * (acc[k] - params[k]) for k in acc}
-        fedmodel.load_state(g, acc, buffers); pool()
-        if o.get("curve"): curve.append(round(float(np.mean([task.local_evaluate(cfg, d, g)["map"] for d in data])), 4))
+        g.load_state(acc, buffers); pool()
+        if o.get("curve"): curve.append(round(float(np.mean([site.evaluate(cfg, d, g).map for d in data])), 4))
     if curve: print("  curve", curve)
-    ev = [task.local_evaluate(cfg, d, g) for d in data]
-    print("  bit balance", round(float(np.mean([e["bit-balance"] for e in ev])), 4))
-    return float(np.mean([e["map"] for e in ev]))
+    ev = [site.evaluate(cfg, d, g) for d in data]
+    print("  bit balance", round(float(np.mean([e.bit_balance for e in ev])), 4))
+    return float(np.mean([e.map for e in ev]))
 
 for spec in sys.argv[1:]:
     o = dict(kv.split("=") for kv in spec.split(",")) if "=" in spec else {}

@@ -108,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
     params, _ = got.hasher.state()
     metrics = P.train_metrics(num_examples=data.n_train, loss=hist.loss, bit_balance=hist.bit_balance,
                               seconds=time.perf_counter() - t0, bytes_down=got.bytes_down,
-                              bytes_up=state_nbytes(params), evaluation=ev)
+                              bytes_up=state_nbytes(params), evaluation=None if ev is None else (ev.map, ev.bit_balance))
     if hist.releases:  # sample-level DP: Opacus's record of this round's steps, for the server's ledger
         metrics |= P.releases(hist.releases, planned)
     return _reply(msg, got, metrics, **{P.ARRAYS: ArrayRecord(params)})
@@ -137,7 +137,7 @@ def moments(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     got = _receive(msg, context)
     score = site.evaluate(got.cfg, got.data, got.hasher, got.digest)
-    return _reply(msg, got, P.evaluation(score, num_examples=score["n-query"], n_db=score["n-db"]))
+    return _reply(msg, got, P.evaluation(score.map, score.bit_balance, num_examples=score.n_query, n_db=score.n_db))
 
 
 @app.query(P.query_action(P.MSG_INDEX))
@@ -150,6 +150,6 @@ def index(msg: Message, context: Context) -> Message:
         raise FedhashError(f"silo {got.data.name}: cannot write its index under {out} ({e}); "
                            "set the node's out-dir to a writable folder") from e
     score = site.evaluate(got.cfg, got.data, got.hasher, got.digest)
-    content = RecordDict({P.METRICS: MetricRecord(P.evaluation(score, num_examples=n)),
+    content = RecordDict({P.METRICS: MetricRecord(P.evaluation(score.map, score.bit_balance, num_examples=n)),
                           P.SILO: _silo(got.data, str(path))})
     return Message(content, reply_to=msg)

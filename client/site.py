@@ -270,17 +270,27 @@ def _kept_activations(cfg: Config, data: SiloData, params_digest: str | None) ->
     return h if ok else None
 
 
-def silo_map(data: SiloData, query: np.ndarray, db_codes: np.ndarray) -> dict[str, float]:
+@dataclass(frozen=True)
+class Score:
+    """A model scored on one silo: mAP@1000 of its query split against its own database."""
+
+    map: float
+    bit_balance: float  # 1 - mean_k |2 p_k - 1| of the database codes (1: every bit splits the database in half)
+    n_query: int
+    n_db: int
+
+
+def silo_map(data: SiloData, query: np.ndarray, db_codes: np.ndarray) -> Score:
     """mAP@1000 (Hamming) of query codes or logits against packed database codes, on the silo's labels."""
     sp = data.silo.splits
     res = retrieval_metrics(query, db_codes, data.labels[sp.query], data.labels[sp.database],
                             asymmetric=False, k=1000, p_at=None, radius=None, pr=False)
     bits = np.unpackbits(db_codes, axis=1, bitorder="little").mean(0)
-    return {"map": float(res["mAP@1000"]), "bit-balance": float(1 - np.abs(2 * bits - 1).mean()),
-            "n-query": int(len(sp.query)), "n-db": int(len(sp.database))}
+    return Score(float(res["mAP@1000"]), float(1 - np.abs(2 * bits - 1).mean()), int(len(sp.query)),
+                 int(len(sp.database)))
 
 
-def evaluate(cfg: Config, data: SiloData, hasher: Hasher, params_digest: str | None = None) -> dict[str, float]:
+def evaluate(cfg: Config, data: SiloData, hasher: Hasher, params_digest: str | None = None) -> Score:
     """mAP@1000 (Hamming) of the silo's query split against its own database.
 
     ``params_digest`` (:func:`hashing.backbones.weights_fingerprint` of the model's parameters) lets it

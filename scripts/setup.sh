@@ -14,7 +14,7 @@ apt_install() {
     fi
 }
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${FEDHASH_FASHION_MNIST:-}" ]; then
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "setup: installing Debian package dataset-fashion-mnist"
     apt_install dataset-fashion-mnist
 fi

@@ -20,11 +20,11 @@ from hashing.hashers import Hasher
 from hashing.train import Schedule, fit
 
 
-def row(scores: list[tuple[str, dict[str, float]]], t0: float) -> dict[str, Any]:
-    """A table row from (silo name, site.silo_map result) pairs."""
-    per = {name: m["map"] for name, m in scores}
+def row(scores: list[tuple[str, site.Score]], t0: float) -> dict[str, Any]:
+    """A table row from (silo name, score) pairs."""
+    per = {name: m.map for name, m in scores}
     return {"per_silo": per, "mean": float(np.mean(list(per.values()))),
-            "bit_balance": float(np.mean([m["bit-balance"] for _, m in scores])), "seconds": time.perf_counter() - t0}
+            "bit_balance": float(np.mean([m.bit_balance for _, m in scores])), "seconds": time.perf_counter() - t0}
 
 
 def _trained(cfg: Config, views: np.ndarray, labels: np.ndarray | None) -> Hasher:
@@ -32,7 +32,7 @@ def _trained(cfg: Config, views: np.ndarray, labels: np.ndarray | None) -> Hashe
     return hasher
 
 
-def local_only_silo(cfg: Config, d: site.SiloData) -> dict[str, float]:
+def local_only_silo(cfg: Config, d: site.SiloData) -> site.Score:
     """One silo trains alone for as many epochs as the federation ran, scored on its own data."""
     return site.evaluate(cfg, d, _trained(cfg, d.train_views, d.train_labels))
 
@@ -53,8 +53,8 @@ def itq(cfg: Config, silos: list[site.SiloData]) -> dict[str, Any]:
     return row(score_encoder(fit_baseline("itq", feats, cfg.bits, seed=cfg.seed), silos), t0)
 
 
-def score_encoder(model, silos: list[site.SiloData]) -> list[tuple[str, dict[str, float]]]:
-    """(silo name, site.silo_map result) of each silo's query split against its own database, coded by a
+def score_encoder(model, silos: list[site.SiloData]) -> list[tuple[str, site.Score]]:
+    """(silo name, score) of each silo's query split against its own database, coded by a
     fitted hash whose ``encode`` maps clean features to packed codes (ITQ, the DP baselines)."""
     scores = []
     for d in silos:

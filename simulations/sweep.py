@@ -75,8 +75,8 @@ def _baseline_rows(data: list[site.SiloData], bits: int, eps: float, delta: floa
         model, sigma = fit(feats, bits, eps, delta, seed)
         scores = [res for _, res in score_encoder(model, data)]
         rows.append({"method": name, "unit": "sample" if math.isfinite(eps) else "none", "target": eps,
-                     "epsilon": eps, "noise": sigma, "map": float(np.mean([s["map"] for s in scores])),
-                     "bit_balance": float(np.mean([s["bit-balance"] for s in scores])),
+                     "epsilon": eps, "noise": sigma, "map": float(np.mean([s.map for s in scores])),
+                     "bit_balance": float(np.mean([s.bit_balance for s in scores])),
                      "seconds": time.perf_counter() - t0})
     return rows
 

@@ -219,7 +219,7 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
             hasher = site.global_model(cfg, features[0].feature_dim)
             hasher.load_state(rec["params"], rec["buffers"])
             for d in features:
-                assert rounds[r - 1]["map"][d.name] == pytest.approx(site.evaluate(cfg, d, hasher)["map"],
+                assert rounds[r - 1]["map"][d.name] == pytest.approx(site.evaluate(cfg, d, hasher).map,
                                                                      abs=1e-9), (r, d.name)
     finally:
         torch.set_num_threads(threads)

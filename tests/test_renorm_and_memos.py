@@ -197,7 +197,7 @@ def test_evaluation_reuses_the_statistics_phase_activations_exactly(digits, tmp_
     assert with_cache == without
     # the kept file is what the evaluation reads: flipped activations give other codes
     np.save(kept[0], -h)
-    assert site.evaluate(cfg, data, model, digest)["map"] != without["map"]
+    assert site.evaluate(cfg, data, model, digest).map != without.map
     # a broken file is not used, and the digest of another model finds nothing
     np.save(kept[0], np.full_like(h, np.nan))
     assert site.evaluate(cfg, data, model, digest) == without

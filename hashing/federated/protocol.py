@@ -149,12 +149,12 @@ def read_silo(rec: Mapping[str, Any] | None, node_id: int) -> dict[str, str]:
 
 
 def train_metrics(*, num_examples: int, loss: float, bit_balance: float, seconds: float, bytes_down: int,
-                  bytes_up: int, evaluation: Mapping[str, float] | None = None) -> dict[str, Any]:
+                  bytes_up: int, evaluation: tuple[float, float] | None = None) -> dict[str, Any]:
     """A train reply's METRICS; ``evaluation`` (mAP, bit balance of the received model) rides along."""
     out = {NUM_EXAMPLES: int(num_examples), TRAIN_LOSS: float(loss), BIT_BALANCE: float(bit_balance),
            SECONDS: float(seconds), BYTES_DOWN: int(bytes_down), BYTES_UP: int(bytes_up)}
     if evaluation is not None:
-        out[MAP], out[EVAL_BIT_BALANCE] = float(evaluation[MAP]), float(evaluation[BIT_BALANCE])
+        out[MAP], out[EVAL_BIT_BALANCE] = float(evaluation[0]), float(evaluation[1])
     return out
 
 
@@ -175,9 +175,9 @@ def read_train_metrics(m: Mapping[str, Any]) -> TrainReport:
                        int(m[BYTES_DOWN]), int(m[BYTES_UP]), ev)
 
 
-def evaluation(score: Mapping[str, float], *, num_examples: int, n_db: int | None = None) -> dict[str, Any]:
+def evaluation(map_: float, bit_balance: float, *, num_examples: int, n_db: int | None = None) -> dict[str, Any]:
     """An evaluate or index reply's METRICS: the model's mAP@1000 and bit balance on the silo's own data."""
-    out = {NUM_EXAMPLES: int(num_examples), MAP: float(score[MAP]), BIT_BALANCE: float(score[BIT_BALANCE])}
+    out = {NUM_EXAMPLES: int(num_examples), MAP: float(map_), BIT_BALANCE: float(bit_balance)}
     if n_db is not None:
         out[N_DB] = int(n_db)
     return out
