@@ -34,7 +34,7 @@ Conventions
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 

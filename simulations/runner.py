@@ -68,7 +68,7 @@ def run_federations(cfgs: list[Config], scenario: dict[str, Any], *, labels: lis
                 bar.n = rec["round"]
                 bar.set_postfix({"loss": f"{rec['train_loss']:.3f}",
                                  "mAP(prev)": f"{rec['last_map']:.3f}" if rec.get("last_map") is not None else "-",
-                                 "silos": f"{rec['clients_ok']}/{rec['clients_sent']}"})
+                                 "silos": f"{rec['clients_ok']}/{rec['clients_sent']}"}, refresh=False)
                 bar.refresh()
 
             try:

@@ -10,7 +10,7 @@ What it does, with the commands a real deployment types (see README, "Running ac
    pair per site and one for an "intruder" that is never registered.
 2. `flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
    --enable-supernode-auth --disable-runtime-dependency-installation --host 127.0.0.1 --port P` (one
-   HTTPS port serves the Fleet, Control and Runtime APIs in Flower 1.41).
+   HTTPS port serves the Fleet, Control and Runtime APIs in Flower 1.41 and 1.42).
 3. `flwr supernode register keys/<site>.pub sites` for each site: the connection `sites` lives in
    `$FLWR_HOME/config.toml` (address 127.0.0.1:P, root-certificates ca.crt).
 4. `flower-supernode --superlink 127.0.0.1:P --root-certificates ca.crt --auth-supernode-private-key
