@@ -143,6 +143,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query(P.query_action(P.MSG_INDEX))
 def index(msg: Message, context: Context) -> Message:
     got = _receive(msg, context)
+    if not got.round.model_version:
+        raise FedhashError(f"the index message names no model version ({P.MODEL_VERSION!r}); server and silo "
+                           "must run the same fedhash")
     out = site.out_dir(got.cfg, context.node_config)
     try:
         path, n = site.build_index(got.cfg, got.data, got.hasher, got.round.model_version, out, got.round.privacy)

@@ -15,10 +15,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
-from flwr.supercore.differential_privacy import (KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_adaptive_clip_model_update,
-                                                  compute_clip_model_update)
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    KEY_NORM_BIT,
+    compute_adaptive_clip_model_update,
+    compute_clip_model_update,
+)
 
 from hashing.config import Config
+from hashing.errors import FedhashError
 from hashing.federated import protocol as P
 
 
@@ -27,7 +32,7 @@ def _adaptive(config) -> bool:
     send only "clipping_norm"; the run's ``dp-clipping`` says which)."""
     try:
         return Config.from_json(str(config.get(P.FEDCONFIG, "{}"))).dp_clipping == "client-adaptive"
-    except Exception:  # noqa: BLE001 - a config the handler will refuse anyway
+    except FedhashError:  # a config the handler refuses anyway, naming the problem
         return False
 
 
@@ -47,7 +52,10 @@ def train_clipping_mod(msg: Message, context: Context, call_next: ClientAppCalla
     if got is None or list(got.keys()) != list(sent.keys()):
         return _error(msg, f"train_clipping_mod: the reply's {P.ARRAYS!r} record does not hold the arrays sent")
     update = got.to_numpy_ndarrays()
-    if _adaptive(config):
+    adaptive = _adaptive(config)
+    if adaptive and P.METRICS not in reply.content.metric_records:
+        return _error(msg, f"train_clipping_mod: the reply carries no {P.METRICS!r} record for the norm bit")
+    if adaptive:
         norm_bit = compute_adaptive_clip_model_update(update, sent.to_numpy_ndarrays(), clipping_norm)
         reply.content.metric_records[P.METRICS][KEY_NORM_BIT] = int(norm_bit)
     else:

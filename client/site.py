@@ -2,8 +2,9 @@
 statistics the server pools, evaluate, and build its index. Flower-free except for the names of
 node-config keys; ``client_app.py`` wires these functions to Flower messages.
 
-A site trusts only itself: its data, its name, its out-dir, its cache folder and its threads come from
-its own node config (``data``, ``silo``, ``out-dir``, ``cache-dir``, ``threads``), never from the server.
+A site's own node config says where its data is and what the silo is called (``data``, ``silo``: the
+server's config has no such key), and where its index, cache and threads go (``out-dir``, ``cache-dir``,
+``threads``), which win over the run config's ``out-dir``, ``cache-dir`` and ``client-threads``.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ import torch
 from hashing import hashers
 from hashing.atomic import atomic_path
 from hashing.backbones import backbone_for, backbone_identity
+from hashing.cache import cache_root
 from hashing.codes import logits_to_codes
 from hashing.config import Config
 from hashing.data import load_dataset
 from hashing.errors import ConfigError, DataError
-from hashing.federated import pooling
-from hashing.cache import cache_root
 from hashing.features import cached_features
+from hashing.federated import pooling
 from hashing.hashers import Hasher, Inputs, create_hasher
 from hashing.index import SiloIndex
 from hashing.metrics import retrieval_metrics
@@ -142,7 +143,8 @@ _silos: "OrderedDict[tuple, SiloData]" = OrderedDict()
 
 def silo_data(cfg: Config, node_config: Mapping[str, Any]) -> SiloData:
     """Memoized per process: a SuperNode (or simulation actor) loads its silo once per run."""
-    what = cfg.data_config() | {k: getattr(cfg, k) for k in ("backbone", "weights", "size", "mode", "dp", "cache_dir")}
+    what = cfg.data_config() | {k: getattr(cfg, k) for k in ("backbone", "weights", "size", "cache_dir")} | {
+        "features": hashers.reads_features(cfg.hasher_kind)}
     key = (tuple(sorted(what.items())), tuple(sorted((str(k), str(v)) for k, v in node_config.items())))
     with _lock:
         hit = _silos.get(key)

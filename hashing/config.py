@@ -11,7 +11,6 @@ node config, never from here: the server sends this config to every site.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -224,9 +223,6 @@ class Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{source} is not a JSON object; client and server must run the same fedhash")
         return cls.from_dict(values, source=source)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------- views of the config
 

@@ -15,9 +15,11 @@ Kinds (``hasher_kinds()``; :func:`register` adds more, as each built-in kind's m
     :class:`hashing.privacy.head.DPHashCoder`: the head whose every data-dependent statistic is released
     once under differential privacy (README, "Differential privacy"); on cached features.
 
-Every hasher is an ``nn.Module`` with the interface of :class:`Hasher`, so that nothing else asks
-which kind it holds: encode a silo's images, the activations the server pools, a training batch of
-two views, the trainable parameters, and the state federation exchanges (:mod:`hashing.state`).
+Every hasher is an ``nn.Module`` with the interface of :class:`Hasher`, so that training, federation and
+evaluation need not ask which kind they hold: encode a silo's images, the activations the server pools
+(and which: ``pooling``), a training batch of two views, the trainable parameters, and the state
+federation exchanges (:mod:`hashing.state`). What remains kind-specific is building one from a model
+file's identity (:func:`hashing.model.build`) and DP-SGD, which trains the DP head only.
 """
 from __future__ import annotations
 
@@ -236,6 +238,8 @@ def create_hasher(kind: str, *, seed: int = 0, **options: Any) -> Hasher:
     The built-in kinds register themselves when ``hashing`` is imported (``hashing/__init__.py``)."""
     if kind not in _REGISTRY:
         raise ConfigError(f"unknown kind of hash function {kind!r}; use one of: {', '.join(hasher_kinds())}")
-    with TORCH_RNG:  # torch's global generator is one per process: seed and draw the init in one piece
+    # torch's global generator is one per process: seed and draw the init in one piece, then leave the
+    # generator as it was (loading a model mid-experiment does not reset the caller's randomness)
+    with TORCH_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _REGISTRY[kind](**options)

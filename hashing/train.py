@@ -10,6 +10,7 @@ module, the optimizer, the objective and the batches; the loop itself stays the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -67,13 +68,8 @@ class History:
     seconds: float = 0.0
     releases: list[tuple[float, float, int]] = field(default_factory=list)  # under DP-SGD: what ε composes
 
-    @property
-    def loss(self) -> float:
-        return float(self.epoch[-1]["loss"]) if self.epoch else float("nan")
-
-    @property
-    def bit_balance(self) -> float:
-        return float(self.epoch[-1].get("bit_balance", float("nan"))) if self.epoch else float("nan")
+    loss: float = float("nan")         # what the call reports: the last epoch's mean (under DP-SGD: every step's)
+    bit_balance: float = float("nan")
 
 
 class Batches:
@@ -104,8 +100,8 @@ def train(hasher: Hasher, inputs: Inputs, cfg: Config, schedule: Schedule, *, la
         raise ConfigError("supervised training needs labels; the data set has none")
     hasher.check_inputs(inputs, cfg.supervised)
     n = inputs.n_train
-    with TORCH_RNG:  # LoRA's dropout and DP-SGD's sampling and noise draw from torch's global generator
-        torch.manual_seed(schedule.seed)
+    with TORCH_RNG:  # LoRA's dropout and DP-SGD's sampling and noise then draw from it (training that draws
+        torch.manual_seed(schedule.seed)  # from torch's global generator is deterministic in one thread only)
     rng = np.random.default_rng(schedule.seed)
     g = torch.Generator().manual_seed(schedule.seed)
     params = hasher.trainable_parameters()
@@ -125,9 +121,10 @@ def train(hasher: Hasher, inputs: Inputs, cfg: Config, schedule: Schedule, *, la
                                                        eta_min=schedule.lr_min)
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     hist = History()
+    balances: list[float] = []
     t0 = time.perf_counter()
     try:
-        with hasher.renorm(schedule.renorm):
+        with hasher.renorm(schedule.renorm), (private.quiet() if private is not None else contextlib.nullcontext()):
             for epoch in range(schedule.epochs):
                 sums: dict[str, float] = {}
                 count = 0
@@ -146,6 +143,7 @@ def train(hasher: Hasher, inputs: Inputs, cfg: Config, schedule: Schedule, *, la
                         loss.backward()
                         opt.step()
                         hist.step_loss.append(value)
+                        balances.append(parts.get("bit_balance", float("nan")))
                         count += 1
                         for k, v in {"loss": value, **parts}.items():
                             sums[k] = sums.get(k, 0.0) + v
@@ -159,6 +157,12 @@ def train(hasher: Hasher, inputs: Inputs, cfg: Config, schedule: Schedule, *, la
             hist.releases = private.releases()
             private.close()
     hist.seconds = time.perf_counter() - t0
+    if private is not None:  # a DP silo reports the mean over every step it took (empty Poisson batches aside)
+        hist.loss = float(np.mean(hist.step_loss)) if hist.step_loss else float("nan")
+        hist.bit_balance = float(np.mean(balances)) if balances else float("nan")
+    elif hist.epoch:
+        hist.loss = float(hist.epoch[-1]["loss"])
+        hist.bit_balance = float(hist.epoch[-1].get("bit_balance", float("nan")))
     hasher.eval()
     return hist
 
@@ -166,9 +170,9 @@ def train(hasher: Hasher, inputs: Inputs, cfg: Config, schedule: Schedule, *, la
 def fit(views: np.ndarray, labels: np.ndarray | None = None, cfg: Config | None = None, *,
         schedule: Schedule | None = None, progress: bool = False) -> tuple[Hasher, History]:
     """A fresh probe head (CroVCA's HashCoder) trained on cached training views ``(n, V, d)``: the
-    library's door for centralized training. ``labels`` make it supervised (``cfg.supervised`` too);
-    ``schedule`` defaults to ``Schedule.centralized(cfg)``."""
-    cfg = cfg or Config()
+    library's door for centralized training. ``labels`` make it supervised (without a ``cfg``, the default
+    config in the mode the labels say); ``schedule`` defaults to ``Schedule.centralized(cfg)``."""
+    cfg = cfg or Config(supervised=labels is not None)
     schedule = schedule or Schedule.centralized(cfg)
     if views.ndim != 3:
         raise ConfigError(f"training features must be (n, views, dim), got shape {views.shape}")

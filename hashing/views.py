@@ -11,8 +11,6 @@ grayscale) are left out: on one channel they do nothing.
 """
 from __future__ import annotations
 
-from __future__ import annotations
-
 import math
 from typing import TYPE_CHECKING
 
@@ -71,7 +69,9 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     n, c, h, w = x.shape
     boxes = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], _crop_boxes(n, h, w, g)], dim=1)
     # roi_align averages sampling_ratio^2 bilinear samples per output pixel: a crop-and-resize with light anti-aliasing
-    from torchvision.ops import roi_align  # here, not at the top: torchvision's import costs ~2 s (it loads torch._dynamo)
+    # here, not at the top: torchvision's import costs ~2 s (it loads torch._dynamo)
+    from torchvision.ops import roi_align
+    )
 
     out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 

@@ -1,10 +1,10 @@
 """One checkpoint per round, atomic, with provenance; and the door back in (``resume = true``).
 
 A checkpoint (``checkpoints/round-XXXX.pt``) holds the round's global model as a model record (the
-one format of :mod:`hashing.model`, so ``fedhash eval``, ``export-codes`` and the retrieval commands
-read a checkpoint as they read ``model.pt``) and what the server needs to go on: the prototypes, the
-strategy's server-optimiser state, the history of rounds, the privacy ledger, the silos' sample-id
-fingerprints, the config and scenario, and the library versions.
+one format of :mod:`hashing.model`: ``hashing.model.load_model`` reads a checkpoint as it reads
+``model.pt``; the model record's ``extra`` carries the config, the silos and the library versions)
+and what the server needs to go on: the prototypes, the strategy's server-optimiser state, the history
+of rounds, the privacy ledger, the data config and the scenario.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def save_checkpoint(out_dir: str | Path, *, server_round: int, model: Mapping[st
         "prototypes": None if prototypes is None else torch.as_tensor(np.array(prototypes)),
         "strategy_state": {a: _tensors(d) for a, d in strategy_state.items()},
         "config": cfg.to_dict(), "data_config": cfg.data_config(), "scenario": dict(scenario or {}),
-        "silos": dict(silos), "libraries": library_versions(), "history": list(history),
+        "silos": dict(silos), "libraries": dict(model.get("extra", {}).get("libraries") or library_versions()),
+        "history": list(history),
         "ledger": {k: [list(e) for e in v] for k, v in ledger.items()},
     }
     buf = io.BytesIO()

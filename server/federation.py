@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from hashing import atomic
@@ -60,6 +60,7 @@ class Federation:
         self.pooling = pooling_for(cfg, self.model, self.ledger)
         self.link = Link(grid, round_timeout=cfg.round_timeout, min_nodes=cfg.min_train_nodes, kept=self._kept)
         self.history: list[dict] = []
+        self.libraries = ckpt.library_versions()  # once per run, for every checkpoint and model.pt
         self.start_round = 1
         if cfg.resume:
             self._resume()
@@ -121,7 +122,7 @@ class Federation:
         glob = ArrayRecord(model.globals())
         for m in msgs:  # Flower's strategies share one content among the messages; this sets it once per object
             m.content[P.GLOBALS] = glob
-        ok = self.link.send(msgs, "train", server_round)
+        ok = self.link.send(msgs, "train", server_round, require="training")
         silos = [silo_of(m)[P.SILO_NAME] for m in ok]
         reports = [P.read_train_metrics(m.content[P.METRICS]) for m in ok]
         evaluation = None
@@ -148,8 +149,8 @@ class Federation:
 
     def _evaluate(self, server_round: int, node_ids: list[int]) -> dict[str, tuple[float, float]]:
         """The ``evaluate`` message: each silo's (mAP, bit balance) under the current global model."""
-        msgs = self.link.messages(node_ids, MessageType.EVALUATE, self.model.content(self.cfg, server_round))
-        ok = self.link.send(msgs, "evaluate", server_round, require=False)
+        msgs = self.link.messages(node_ids, P.MSG_EVALUATE, self.model.content(self.cfg, server_round))
+        ok = self.link.send(msgs, "evaluate", server_round)
         return {silo_of(m)[P.SILO_NAME]: P.read_evaluation(m.content[P.METRICS]) for m in ok}
 
     # ---------------------------------------------------------------- checkpoints and progress
@@ -158,7 +159,7 @@ class Federation:
         rounds = self.history[-1]["round"] if self.history else 0
         return self.model.record(privacy=self.ledger.public(rounds),
                                  extra={"config": self.cfg.to_dict(), "silos": dict(self.model.silos),
-                                        "rounds": rounds, "libraries": ckpt.library_versions()})
+                                        "rounds": rounds, "libraries": self.libraries})
 
     def _save(self, server_round: int) -> Path:
         return ckpt.save_checkpoint(

@@ -15,7 +15,7 @@ def build_indexes(link: Link, model: GlobalModel, cfg: Config, node_ids: list[in
                   privacy: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
     """({silo: {"index": path, "n": codes, "map": mAP}}, {silo: (mAP, bit balance)}) of the final model."""
     content = model.content(cfg, cfg.num_server_rounds, model_version=model.version(), privacy=privacy)
-    ok = link.send(link.messages(node_ids, P.MSG_INDEX, content), "index", cfg.num_server_rounds, require=False)
+    ok = link.send(link.messages(node_ids, P.MSG_INDEX, content), "index", cfg.num_server_rounds)
     indexes, scores = {}, {}
     for m in ok:
         name, met = silo_of(m)[P.SILO_NAME], m.content[P.METRICS]

@@ -41,8 +41,9 @@ class Ledger:
                                     "every silo must run the same fedhash")
             self.entries.setdefault(silo_of(m)[P.SILO_NAME], []).extend(got)
 
-    def moments_noise(self) -> float:
-        """Client-level DP: the noise multiplier of the server's one release of the silos' moments (recorded)."""
+    def record_server_release(self) -> float:
+        """Client-level DP: the server's one release of the silos' moments goes into the ledger; returns
+        its noise multiplier."""
         sigma = self.cfg.dp_moments_ratio * privacy.effective_noise(self.cfg, self.cfg.num_silos)
         self.entries.setdefault(FEDERATION, []).append([sigma, 1.0, 1])
         return sigma

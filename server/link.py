@@ -47,9 +47,10 @@ class Link:
         """One message per node, all carrying the same content (built once, as Flower's strategies do)."""
         return [Message(content=content, message_type=message_type, dst_node_id=nid) for nid in node_ids]
 
-    def send(self, messages: list[Message], what: str, server_round: int, *, require: bool = True) -> list[Message]:
-        """Send, wait up to round-timeout, log every failure and timeout; return the good replies in silo
-        order. With ``require``, fewer than min-train-nodes good replies stop the run (TrainingError)."""
+    def send(self, messages: list[Message], what: str, server_round: int, *, require: str | None = None) -> list[Message]:
+        """Send, wait up to round-timeout, log every failure and timeout (under phase ``what``); return the good
+        replies in silo order. With ``require`` (the phase's name for the user, "training"), fewer than
+        min-train-nodes good replies stop the run (TrainingError)."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         # Replies arrive in whatever order the silos finish; aggregate in silo order instead, so that
         # float sums (FedAvg, pooled statistics) and with them the whole run are reproducible.
@@ -64,11 +65,18 @@ class Link:
                 self.failure(server_round, what, msg.metadata.dst_node_id,
                              f"no reply within round-timeout={self.timeout:.0f} s")
         if require and len(ok) < self.min_nodes:
-            raise TrainingError(f"round {server_round} {what}: only {len(ok)} of {len(messages)} silos replied, "
+            raise TrainingError(f"round {server_round} {require}: only {len(ok)} of {len(messages)} silos replied, "
                                 f"fewer than min-train-nodes={self.min_nodes}; the run stops here: {self.kept()}")
         return ok
 
     def failure(self, server_round: int, what: str, node: int, reason: str) -> None:
         reason = " ".join(str(reason).split())
-        log.warning("round %d %s: node %s failed: %s", server_round, what, node, reason[-500:])
+        log.warning("round %d %s: node %s failed: %s", server_round, what, node, gist(reason))
         self.failures.append({"round": server_round, "phase": what, "node": int(node), "reason": reason[-2000:]})
+
+
+def gist(reason: str) -> str:
+    """The silo's own error in a reason Flower wraps in its actor's traceback (all of it stays in failures)."""
+    if "Message: " in reason:
+        return reason.rsplit("Message: ", 1)[1].rstrip("'>\" ")[:300]
+    return reason[-300:]

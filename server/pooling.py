@@ -18,12 +18,14 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from hashing.config import Config
-from hashing.federated import pooling, protocol as P
-from hashing.privacy import head as dp_head, release
+from hashing.federated import pooling
+from hashing.federated import protocol as P
+from hashing.privacy import head as dp_head
+from hashing.privacy import release
 
+from .global_model import GlobalModel
 from .ledger import Ledger
 from .link import Link, silo_of
-from .global_model import GlobalModel
 
 
 def _arrays(m, key: str) -> dict:
@@ -47,7 +49,7 @@ class ActivationPooling:
 
     def after_round(self, link: Link, model: GlobalModel, server_round: int, node_ids: list[int]) -> dict[str, Any]:
         content = model.content(self.cfg, server_round)
-        ok = link.send(link.messages(node_ids, P.MSG_STATS, content), "stats", server_round)
+        ok = link.send(link.messages(node_ids, P.MSG_STATS, content), "stats", server_round, require="statistics")
         pooled = pooling.pool([_arrays(m, P.STATS) for m in ok])
         mean, var = pooling.pooled_moments(pooled)
         model.update(lambda h: pooling.set_bn_stats(h, mean, var))
@@ -67,12 +69,12 @@ class MomentsPooling:
     def start(self, link: Link, model: GlobalModel, node_ids: list[int]) -> dict[str, Any]:
         cfg = self.cfg
         content = RecordDict({P.CONFIG: ConfigRecord(P.round_config(cfg.to_json(), 0))})
-        ok = link.send(link.messages(node_ids, P.MSG_MOMENTS, content), "moments", 0)
+        ok = link.send(link.messages(node_ids, P.MSG_MOMENTS, content), "moments", 0, require="moments release")
         released = [_arrays(m, P.MOMENTS) for m in ok]
         if cfg.dp == "sample":  # each silo noised its own release and says so
             self.ledger.record_replies(ok)
         else:  # client level: the sum of the silos' means, noised once for the whole federation
-            released = [release.server_release(released, self.ledger.moments_noise(), cfg.seed)]
+            released = [release.server_release(released, self.ledger.record_server_release(), cfg.seed)]
         mean, cov, _ = release.pooled_moments(released)
         model.update(lambda h: release.init_dp_head(h, mean, cov, seed=cfg.seed))
         _note_silos(model, ok)

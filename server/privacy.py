@@ -2,7 +2,7 @@
 
 The privacy unit is one silo: its whole update in every round (``dp = "client"``). Each round the
 update of every sampled silo is clipped to L2 norm ``dp-clip`` (on the server, or on the client by
-:func:`client.dp_mods.train_clipping_mod`), the clipped updates are averaged, and Gaussian noise
+:func:`client.mods.train_clipping_mod`), the clipped updates are averaged, and Gaussian noise
 of std ``noise * clip / n`` is added to the mean (n = sampled silos). The neighbouring relation is
 "zero-out" (one silo's contribution replaced by nothing, the number of silos fixed and public), the
 usual one for DP-FedAvg: the mean's sensitivity is ``clip / n``, so a round is a Gaussian mechanism
@@ -36,10 +36,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flwr.serverapp import strategy as fl
-from flwr.serverapp.strategy import (DifferentialPrivacyClientSideAdaptiveClipping,
-                                     DifferentialPrivacyClientSideFixedClipping,
-                                     DifferentialPrivacyServerSideAdaptiveClipping,
-                                     DifferentialPrivacyServerSideFixedClipping)
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 
 from hashing.config import Config
 from hashing.errors import ConfigError

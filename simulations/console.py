@@ -15,10 +15,11 @@ _FILE = "fedhash-run-log"
 
 
 class _Own(logging.Filter):
-    """fedhash's own records (and anything at ERROR or above); the rest is the run log's."""
+    """fedhash's own records (and anything CRITICAL); the rest is the run log's. A silo's failure reaches
+    the terminal as fedhash's one line (``fedhash.server``); Flower's traceback of it is in the log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name == "fedhash" or record.name.startswith("fedhash.") or record.levelno >= logging.ERROR
+        return record.name == "fedhash" or record.name.startswith("fedhash.") or record.levelno >= logging.CRITICAL
 
 
 def setup(verbose: bool = False) -> None:

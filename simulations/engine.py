@@ -1,7 +1,7 @@
 """Every tweak fedhash makes to Flower's simulation engine, in one place. ``fedhash simulate`` uses them;
 ``flwr run`` and real sites use none. Each is guarded (the Flower versions it was checked against and
-the signature or attribute it relies on: otherwise a warning and Flower's own behaviour) and each can
-be switched off with a config key set to 0.
+the signature or attribute it relies on: otherwise a warning and Flower's own behaviour) and the two
+loops can each be switched off with a config key set to 0.
 
 * **The message feeder** (``feed-interval``, default 10 ms; Flower: 0.1 s). Flower's engine moves new
   messages from its LinkState to the simulated silos in ``vce_api.add_messages_to_queue``, a loop that
@@ -80,12 +80,14 @@ def tune_grid(grid: Any, cfg: Config) -> bool:
 
 
 def start_ray(num_cpus: int) -> None:
-    """Start Ray (local, no dashboard, no runtime environment) unless it runs already."""
+    """Start Ray (local, no dashboard, no runtime environment) unless it runs already. The workers import
+    fedhash from its installation (``pip install -e .``, as ``make setup`` does), not from a path that
+    Flower's runtime environment would set. What they print is forwarded to this process's stdout and
+    stderr (``simulations.console.quiet_flower`` sends it to the run's log.txt)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False)
+        ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, logging_level=logging.ERROR)
 
 
 def stop_ray() -> None:

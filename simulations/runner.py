@@ -28,6 +28,7 @@ from hashing import atomic, plots
 from hashing.config import Config
 from hashing.errors import ConfigError, TrainingError
 from hashing.silos import label_histogram, make_silos, source_dataset
+from server.link import gist
 
 from . import console, engine, references
 from .report import format_table, write_report
@@ -241,5 +242,5 @@ def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         idx = art.get("indexes", {})
         print(f"{sub}: model {art.get('model_version')}, {len(idx)} silo indexes under {run_dir / sub / 'silos'}")
         for f in art.get("failures", []):
-            print(f"  failure: round {f['round']} {f['phase']} node {f['node']}: {f['reason'][:160]}")
+            print(f"  failure: round {f['round']} {f['phase']} node {f['node']}: {gist(f['reason'])}")
     print(f"report: {run_dir / 'report.md'}")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hashing.errors import ConfigError
 from hashing.config import Config
+from hashing.errors import ConfigError
 
 REFERENCES = ("local-only", "centralized", "itq")
 STUDY_KEYS = ("name", "description", "references", "also-unsupervised")
@@ -29,7 +29,7 @@ MODE_PREFIXES = {"supervised-": True, "unsupervised-": False}  # per-mode knobs:
 # what both modes must share: the silos, their features and the run's folders
 SHARED_KEYS = ("data", "n_images", "partitioner", "num_silos", "alpha", "classes_per_silo", "quantity_power",
                "domains", "min_size", "query_frac", "seed", "mode", "backbone", "weights", "size", "views",
-               "supervised", "out_dir", "cache_dir", "resume")
+               "strict", "supervised", "out_dir", "cache_dir", "resume", "feed_interval", "pull_interval")
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
 

@@ -12,6 +12,7 @@ simulated scenario is reproducible (README, "Differential privacy").
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 
@@ -53,7 +54,8 @@ class DPSGD:
         self._module = None
 
     def objective(self, hasher: nn.Module, *, lam: float, eps: float) -> PerImageCroVCA:
-        """The per-image objective the loop must use: refused for a module that couples samples."""
+        """The per-image objective the loop must use: refused for a module that couples samples (and for
+        any head but the DP head, whose released covariance the objective's reference comes from)."""
         check_per_sample(hasher)
         if not isinstance(hasher, DPHashCoder):
             raise ConfigError(f"DP-SGD trains the DP head, not a {type(hasher).__name__}; set dp = \"sample\"")
@@ -66,11 +68,10 @@ class DPSGD:
         from torch.utils.data import DataLoader, TensorDataset
 
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=min(batch_size, n))
-        self.engine = PrivacyEngine(accountant="rdp")  # secure_mode off: seeded noise, reproducible simulations
         kw = dict(module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=self.plan.noise_multiplier,
                   max_grad_norm=self.plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=self.mode)
-        with warnings.catch_warnings():  # Opacus warns about secure_mode and its backward hooks on every call
-            warnings.simplefilter("ignore")
+        with self.quiet():
+            self.engine = PrivacyEngine(accountant="rdp")  # secure_mode off: seeded noise, reproducible simulations
             if self.mode == "ghost":
                 module, optimizer, objective.criterion, loader = self.engine.make_private(
                     criterion=objective.criterion, **kw)
@@ -78,6 +79,13 @@ class DPSGD:
                 module, optimizer, loader = self.engine.make_private(**kw)
         self._module = module
         return module, optimizer, objective, _Indices(loader)
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """Opacus warns about secure_mode and its backward hooks on every call and step: not to the user."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
 
     def noise_only_step(self, optimizer, params: list[nn.Parameter]) -> None:
         """An empty Poisson batch is still a step of the mechanism: noise only, accounted."""
