@@ -70,8 +70,7 @@ def augment(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     boxes = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], _crop_boxes(n, h, w, g)], dim=1)
     # roi_align averages sampling_ratio^2 bilinear samples per output pixel: a crop-and-resize with light anti-aliasing
     # here, not at the top: torchvision's import costs ~2 s (it loads torch._dynamo)
-    from torchvision.ops import roi_align
-    )
+    from torchvision.ops import roi_align  # noqa: I001
 
     out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
