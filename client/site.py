@@ -101,6 +101,11 @@ class SiloData:
         return self.silo.name
 
     @property
+    def who(self) -> str:
+        """How an error names the silo."""
+        return f"silo '{self.silo.name}'"
+
+    @property
     def labels(self) -> np.ndarray:
         return self.silo.ds.labels
 
@@ -196,7 +201,7 @@ def fresh_model(cfg: Config, feature_dim: int) -> Hasher:
 def local_train(cfg: Config, data: SiloData, hasher: Hasher, server_round: int, *,
                 prototypes: np.ndarray | None, prox_mu: float = 0.0, progress: bool = False) -> tuple[History, float | None]:
     """This round's local epochs; (history, the ε the silo's plan allows for the run, under sample-level DP)."""
-    private = dpsgd.sample_level(cfg, data.n_train, silo=f"silo '{data.name}'")
+    private = dpsgd.sample_level(cfg, data.n_train, silo=data.who)
     sup = cfg.supervised
     hist = train(hasher, data.inputs, cfg, Schedule.federated_round(cfg, server_round),
                  labels=data.train_labels if sup else None, prototypes=prototypes if sup else None,
@@ -206,13 +211,13 @@ def local_train(cfg: Config, data: SiloData, hasher: Hasher, server_round: int, 
 
 def dp_plan(cfg: Config, data: SiloData) -> accountant.DPPlan:
     """The silo's sample-level DP plan for the whole run (noise multipliers from the target ε)."""
-    return accountant.silo_plan(cfg, data.n_train, silo=f"silo '{data.name}'")
+    return accountant.silo_plan(cfg, data.n_train, silo=data.who)
 
 
 def release_moments(cfg: Config, data: SiloData) -> tuple[dict[str, np.ndarray], accountant.DPPlan | None]:
     """The silo's feature moments for the DP head, once, before training (README, "Differential privacy")."""
     return release.silo_release(cfg, data.clean[data.silo.splits.train], data.silo.ids_fingerprint(),
-                                silo=f"silo '{data.name}'")
+                                silo=data.who)
 
 
 def local_stats(cfg: Config, data: SiloData, hasher: Hasher, params_digest: str | None = None) -> dict[str, np.ndarray]:
