@@ -114,7 +114,9 @@ def extract(
     mb = micro_batch(size)
     backbone.eval()
     n_views = max(views, 1)
-    with tqdm(total=len(idx) * n_views, desc=desc, unit="img", leave=False, mininterval=1.0) as bar:
+    # no bar for a handful of images (a search query)
+    with tqdm(total=len(idx) * n_views, desc=desc, unit="img", leave=False, mininterval=1.0,
+              disable=len(idx) * n_views < 64) as bar:
         for start in range(0, len(idx), batch_size):
             sel = idx[start : start + batch_size]
             x = load_batch(ds, sel, size)

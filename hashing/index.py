@@ -112,6 +112,7 @@ class SiloIndex:
                               f"allowed: {sorted(_DEFAULTS[kind]) or 'none'}")
         self.params: dict[str, Any] = {**_DEFAULTS[kind], **{k: int(v) for k, v in params.items()}}
         self.created: str | None = None
+        self.generation: int | None = None  # the catalogue generation it was saved at (hashing.retrieval)
         self._sorted_ids: np.ndarray | None = None  # lazily built, kept up to date by add/remove
         self._build()
 
@@ -177,6 +178,7 @@ class SiloIndex:
             "params": dict(self.params),
             "created": self.created,
             "privacy": dict(self.privacy),
+            "generation": self.generation,
         }
 
     def __repr__(self) -> str:
@@ -461,6 +463,7 @@ class SiloIndex:
         obj.params = dict(meta.get("params", {}))
         obj.created = meta.get("created")
         obj.privacy = dict(meta.get("privacy", {}))
+        obj.generation = meta.get("generation")
         obj._sorted_ids = None
         obj._attach(index)
         # search-time parameters are what the metadata says, whatever FAISS serialised
