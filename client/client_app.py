@@ -9,8 +9,9 @@ protocol (``hashing.federated.protocol``) names every record and key, ``client.s
   into the exact statistics of the union and the global prototypes).
 - ``query.moments``: the DP head's one release of feature moments (round 0 under DP).
 - ``evaluate``: the same evaluation alone, for silos a round did not sample.
-- ``query.index``: encode the database with the global function, save the silo's SiloIndex stamped
-  with the model version, and evaluate the final model.
+- ``query.index``: encode the database with the global function, fill the silo's index folder
+  (catalogue of content ids, FAISS codes, the model; hashing.retrieval) stamped with the model
+  version, and evaluate the final model.
 
 The silo's data comes from the node config: ``partition-id`` in simulation, ``data`` (a folder or
 manifest) and ``silo`` at a real site.
@@ -87,7 +88,7 @@ def _receive(msg: Message, context: Context, *, model: bool = True) -> Received:
 
 
 def _silo(data: site.SiloData, index: str | None = None) -> ConfigRecord:
-    return ConfigRecord(P.silo_info(data.name, data.silo.ids_fingerprint(), data.silo.domain, index))
+    return ConfigRecord(P.silo_info(data.name, data.silo.content_fingerprint(), data.silo.domain, index))
 
 
 def _reply(msg: Message, got: Received, metrics: dict, **records) -> Message:

@@ -22,18 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from hashing import hashers
+from hashing import hashers, model, retrieval
 from hashing.atomic import atomic_path
 from hashing.backbones import backbone_for, backbone_identity
 from hashing.cache import cache_root
 from hashing.codes import logits_to_codes
 from hashing.config import Config
 from hashing.data import load_dataset
-from hashing.errors import ConfigError, DataError
+from hashing.encoder import Encoder
+from hashing.errors import ConfigError, DataError, ModelVersionError
 from hashing.features import cached_features
 from hashing.federated import pooling
 from hashing.hashers import Hasher, Inputs, create_hasher
-from hashing.index import SiloIndex
 from hashing.metrics import retrieval_metrics
 from hashing.privacy import accountant, dpsgd, release
 from hashing.silos import Silo, local_silo, make_silo, source_dataset
@@ -136,9 +136,9 @@ def silo_features(cfg: Config, silo: Silo) -> SiloData:
     inputs = Inputs(ds, silo.splits.train, cfg.size)
     if hashers.reads_features(cfg.hasher_kind):
         common = dict(size=cfg.size, cache_dir=cfg.cache_dir or None, weights_id=wid)
-        model = lambda: backbone_for(cfg.backbone, weights)[0]  # noqa: E731
-        inputs.clean = cached_features(model, cfg.backbone, ds, np.arange(len(ds)), views=0, seed=0, **common)
-        inputs.views = cached_features(model, cfg.backbone, ds, silo.splits.train, views=cfg.views, seed=cfg.seed,
+        make = lambda: backbone_for(cfg.backbone, weights)[0]  # noqa: E731
+        inputs.clean = cached_features(make, cfg.backbone, ds, np.arange(len(ds)), views=0, seed=0, **common)
+        inputs.views = cached_features(make, cfg.backbone, ds, silo.splits.train, views=cfg.views, seed=cfg.seed,
                                        **common)
     return SiloData(silo, inputs, num_classes, wid, dim)
 
@@ -316,14 +316,27 @@ def site_dir(out: str, silo_name: str) -> Path:
 
 def build_index(cfg: Config, data: SiloData, hasher: Hasher, model_version: str, out: str,
                 privacy: Mapping[str, Any] | None = None) -> tuple[Path, int]:
-    """Encode the silo's database with the global function and save its SiloIndex (atomic), stamped
-    with the model version and the privacy guarantee the function was trained under."""
+    """Encode the silo's database with the global function and index it in the silo's index folder
+    (:mod:`hashing.retrieval`: catalogue with content ids, FAISS codes, a copy of the model), stamped
+    with the model version and the privacy guarantee the function was trained under. A folder that
+    already holds an index (an earlier federation at this site) is upgraded to the new model, its
+    audit log kept. Returns (folder, images indexed)."""
     sp = data.silo.splits
     codes = logits_to_codes(hasher.encode(data.inputs, sp.database))
-    index = SiloIndex(cfg.bits, model_version, backbone=cfg.backbone)
-    index.privacy = dict(privacy or {"unit": "none"})
-    index.add(codes, sp.database.astype(np.int64), model_version=model_version)
-    path = site_dir(out, data.name) / "index.faiss"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    index.save(path)
-    return path, len(sp.database)
+    ident = model.identity(hasher, backbone=cfg.backbone, weights_id=data.weights_id, size=cfg.size)
+    rec = model.record(*hasher.state(), ident, privacy=privacy, extra={"silo": data.name})
+    if rec["model_version"] != model_version:
+        raise ModelVersionError(f"{data.who}: the global model it holds is version {rec['model_version']}, the server "
+                                f"announced {model_version}; server and silo must run the same fedhash and backbone")
+    enc = Encoder(hasher, rec, weights=cfg.weights, cache_dir=cfg.cache_dir)
+    folder = site_dir(out, data.name)
+    detail = {"federation": True, "silo": data.name}
+    if (folder / retrieval.CATALOGUE).is_file():
+        idx = retrieval.open_index(folder, weights=cfg.weights, cache_dir=cfg.cache_dir)
+        if idx.model_version != model_version:
+            idx.upgrade(enc)
+    else:
+        idx = retrieval.create(folder, enc, weights=cfg.weights, cache_dir=cfg.cache_dir)
+    with idx:
+        idx.add_encoded(data.silo.ds, sp.database, codes, model_version=model_version, action="build", detail=detail)
+        return folder, len(idx)

@@ -296,13 +296,16 @@ class Catalogue:
     def codes(self, version: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 (n,), packed codes uint8 (n, bits/8)) of a model version, by id."""
         bits = self.model_bits(version)
-        rows = self.db.execute("SELECT id, code FROM codes WHERE version = ? ORDER BY id", (version,)).fetchall()
+        # joined with items: a code whose image is gone (a row deleted without foreign keys on) never counts
+        rows = self.db.execute("SELECT c.id, c.code FROM codes c JOIN items i ON i.id = c.id WHERE c.version = ? "
+                               "ORDER BY c.id", (version,)).fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), bits // 8)
         return ids, codes.copy()
 
     def count_codes(self, version: str) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM codes WHERE version = ?", (version,)).fetchone()[0])
+        return int(self.db.execute("SELECT COUNT(*) FROM codes c JOIN items i ON i.id = c.id WHERE c.version = ?",
+                                   (version,)).fetchone()[0])
 
     def models(self) -> dict[str, dict[str, Any]]:
         return {r[0]: {"file": r[1], "created": r[2], "bits": int(r[3])}

@@ -111,6 +111,20 @@ def load_images(spec: str | os.PathLike | ImageSet, *, strict: bool = False) -> 
     return ds
 
 
+def read_query(path: str | os.PathLike) -> np.ndarray:
+    """A query image file's pixels, or a one-line DataError that says why it is not one."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"no query image at {path}; give the path of a PNG or JPEG file") from None
+    except Exception as e:  # PIL raises many kinds for what is not an image
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        raise DataError(f"{path} is not an image fedhash can read ({reason}); give a PNG or JPEG file") from e
+
+
 def _labels_of(ds: ImageSet, i: int) -> tuple[str, ...]:
     y = ds.labels[i]
     if ds.labels.ndim == 2:
@@ -275,12 +289,32 @@ class SearchIndex:
         self._insert(list(items), codes, action, command, dict(detail or {}))
         return len(items)
 
-    def _fresh(self, ds: ImageSet, rep: AddReport) -> tuple[list[NewItem], list[int]]:
-        items = new_items(ds)
+    def add_encoded(self, ds: ImageSet, idx: np.ndarray, codes: np.ndarray, *, model_version: str,
+                    command: str | None = None, action: str = "add",
+                    detail: Mapping[str, Any] | None = None) -> AddReport:
+        """Add images ``idx`` of ``ds`` whose codes (row j for image ``idx[j]``) are already computed, skipping
+        those indexed already (what a federation's index phase does with the codes it scored)."""
+        t0 = time.perf_counter()
+        idx = np.asarray(idx)
+        rep = AddReport()
+        items, fresh = self._fresh(ds, rep, idx)
+        row = {int(i): j for j, i in enumerate(idx.tolist())}
+        if items:
+            self.add_codes(items, np.asarray(codes)[[row[i] for i in fresh]], model_version=model_version,
+                           command=command, action=action,
+                           detail={**(detail or {}), "duplicates": len(rep.duplicates)})
+        rep.added, rep.seconds = len(items), time.perf_counter() - t0
+        return rep
+
+    def _fresh(self, ds: ImageSet, rep: AddReport, idx: np.ndarray | None = None) -> tuple[list[NewItem], list[int]]:
+        """The images of ``ds`` (``idx``; default all) not indexed yet, and their positions in ``ds``;
+        duplicates (same pixels as an indexed image, or as an earlier one of ``ds``) go to ``rep``."""
+        idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
+        items = new_items(ds, idx)
         known = self.cat.known(it.id for it in items)
         seen: dict[int, tuple[str, int]] = {}
         keep, fresh = [], []
-        for i, it in enumerate(items):
+        for i, it in zip(idx.tolist(), items):
             other = known.get(it.id)
             if other is None and it.id in seen:
                 other = seen[it.id][0]
@@ -375,9 +409,10 @@ class SearchIndex:
                 D, I = index.search_asymmetric(logits, k, rerank, model_version=enc.version)
             else:
                 D, I = index.search(logits_to_codes(logits), k, model_version=enc.version)
-            if timings is not None:
+            hits = self._hits(D, I, np.isinf if asymmetric else (lambda d: d == np.iinfo(np.int32).max))
+            if timings is not None:  # FAISS and the catalogue's rows of the hits
                 timings["search"] = timings.get("search", 0.0) + time.perf_counter() - t0
-            return self._hits(D, I, np.isinf if asymmetric else (lambda d: d == np.iinfo(np.int32).max))
+            return hits
 
     def search_codes(self, codes: np.ndarray, k: int = 10, *, model_version: str) -> list[list[Hit]]:
         """Top-``k`` of packed query codes (uint8 (n, bits/8)) that say which model encoded them."""
@@ -404,13 +439,14 @@ class SearchIndex:
         return self.cat.item(C.parse_id(i))
 
     def image(self, i: int | str) -> np.ndarray:
-        """The pixels of an indexed image (kept in the catalogue, or read from its file and checked)."""
+        """The pixels of an indexed image as RGB (H, W, 3) uint8 (kept in the catalogue, or read from its
+        file and checked against its content id)."""
         cid = C.parse_id(i)
         it = self.cat.item(cid)
         if it is None:
             raise UnknownItemsError(f"id {C.fmt_id(cid)} is not in the index {self.folder}")
         if it.path is None:
-            return C.blob_pixels(self.cat.pixels(cid))
+            return C.canonical_pixels(C.blob_pixels(self.cat.pixels(cid)))
         try:
             px = load_images(it.path).image(0)
         except (FedhashError, OSError) as e:

@@ -75,7 +75,7 @@ import logging
 import math
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -83,6 +83,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .cache import cache_root
+from .catalogue import content_id, fingerprint
 from .config import PARTITIONERS, Config
 from .data import ImageSet, Splits, load_animal_mnist, load_dataset, make_splits, subset
 from .errors import ConfigError, DataError
@@ -115,8 +116,25 @@ class Silo:
     source_ids: np.ndarray  # int64, sorted: the silo's images' indices in the parent data set
     domain: str = "none"
 
+    _content_ids: np.ndarray | None = field(default=None, repr=False)
+
+    def content_ids(self) -> np.ndarray:
+        """The content id (:func:`hashing.catalogue.content_id`: 63 bits of the sha256 of its pixels) of
+        each of the silo's images, in order; computed once."""
+        if self._content_ids is None:
+            self._content_ids = np.fromiter((content_id(self.ds.image(i)) for i in range(len(self.ds))),
+                                            dtype=np.int64, count=len(self.ds))
+        return self._content_ids
+
+    def content_fingerprint(self) -> str:
+        """The silo's provenance: sha256 (16 hex) of its images' content ids and its domain. It says which
+        images, never what they hold, and two sites with different images never share it."""
+        return fingerprint(self.content_ids().tolist(), self.domain)
+
     def ids_fingerprint(self) -> str:
-        """sha256 (16 hex) of the sample ids and the domain: says which images, never what they hold."""
+        """sha256 (16 hex) of the sample ids (positions in the parent) and the domain. Only the seed of the
+        silo's DP noise draws (hashing.privacy.release) still reads it; provenance is
+        :meth:`content_fingerprint`."""
         h = hashlib.sha256(np.ascontiguousarray(self.source_ids, dtype="<i8").tobytes())
         h.update(b"\0domain=" + self.domain.encode())
         return h.hexdigest()[:16]

@@ -6,10 +6,15 @@
     fedhash simulate simulations/scenarios/<name>.toml   a federated scenario on Flower's simulation engine
     fedhash demo                                         the default scenario: 5 simulated hospitals, end to end
     fedhash privacy-sweep --scenario dp-demo             the privacy-utility curve (sample- and client-level DP)
+    fedhash index build --model M --data D --out I       a silo's searchable index (also add, remove, upgrade,
+                                                         rollback, info, audit: simulations/search.py)
+    fedhash search --index I --image q.png -k 10         the top-k of a query image
+    fedhash serve --index I --port 8080                  the index's HTTP API and search page
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -167,11 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
     d.add_argument("--runs-dir", default="runs")
     d.set_defaults(func=cmd_simulate, scenario="demo", resume=None)
+
+    from . import search
+
+    search.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["fedhash"] + list(sys.argv[1:] if argv is None else argv))  # for audit logs
     console.setup(args.verbose)
     try:
         return args.func(args)

@@ -213,7 +213,7 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
                 (f"{tag}: " if len(fcfgs) > 1 else "") + _strategy_label(c) for tag, c in zip(tags, fcfgs)),
             "silos": [{"id": s.id, "name": s.name, "n_train": int(len(s.splits.train)),
                        "n_query": int(len(s.splits.query)), "n_db": int(len(s.splits.database)),
-                       "label_hist": hist[i].tolist(), "domain": s.domain, "ids_fingerprint": s.ids_fingerprint()}
+                       "label_hist": hist[i].tolist(), "domain": s.domain, "content_fingerprint": s.content_fingerprint()}
                       for i, s in enumerate(silos)],
             "rounds": rounds_by_mode[head], "rounds_by_mode": rounds_by_mode, "final": final, "timings": timings,
             "artifacts": artifacts, "partition_plot": "partition.png", "log": "log.txt",

@@ -27,10 +27,13 @@ from client import site
 from hashing import backbones, model
 from hashing.config import STRATEGIES, Config
 from hashing.errors import ConfigError, ModelVersionError, TrainingError
+from hashing import catalogue, retrieval
 from hashing.index import SiloIndex
 from hashing.silos import make_silos
 from server import checkpoint as ckpt
 from simulations.cli import main
+
+from .conftest import write_png
 
 FedConfig = Config
 
@@ -167,8 +170,8 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
         assert method in table and method in out
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["final"]) == {"federated", "local-only", "centralized", "itq"}
-    assert [(s["name"], s["n_db"], s["ids_fingerprint"]) for s in summary["silos"]] == \
-        [(s.name, len(s.splits.database), s.ids_fingerprint()) for s in silos]
+    assert [(s["name"], s["n_db"], s["content_fingerprint"]) for s in summary["silos"]] == \
+        [(s.name, len(s.splits.database), s.content_fingerprint()) for s in silos]
 
     fed = run / "federated"
     status = json.loads((fed / "federation.json").read_text())
@@ -185,12 +188,27 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     # each silo's index: the global function's version, exactly that silo's database
     assert sorted(status["indexes"]) == sorted(s.name for s in silos)
     for s in silos:
-        path = fed / "silos" / s.name / "index.faiss"
+        path = fed / "silos" / s.name
         assert Path(status["indexes"][s.name]["index"]).resolve() == path.resolve()
-        idx = SiloIndex.load(path)
-        assert idx.model_version == version and idx.bits == 16
-        assert len(idx) == len(s.splits.database) == status["indexes"][s.name]["n"]
-        assert np.array_equal(idx.ids(), np.sort(s.splits.database))
+        with retrieval.open_index(path) as idx:
+            assert idx.model_version == version and idx.bits == 16
+            assert len(idx) == len(s.splits.database) == status["indexes"][s.name]["n"]
+            # the catalogue holds the database images by content id, with their labels
+            db_ids = s.content_ids()[s.splits.database]
+            ids, codes = idx.cat.codes(version)
+            assert np.array_equal(ids, np.sort(db_ids))
+            it = idx.item(int(db_ids[0]))
+            assert it.labels == (s.ds.classes[int(s.ds.labels[s.splits.database[0]])],)
+            assert np.array_equal(idx.image(int(db_ids[0])), catalogue.canonical_pixels(s.ds.image(int(s.splits.database[0]))))
+    assert len({s.content_fingerprint() for s in silos}) == len(silos)
+    # a user searches a silo's index with one of its images exported to PNG
+    s = silos[0]
+    png = tmp_path / "query.png"
+    write_png(png, s.ds.image(int(s.splits.database[5])))
+    assert main(["search", "--index", str(fed / "silos" / s.name), "--image", str(png), "-k", "5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["queries"][0]["results"]
+    assert res[0]["distance"] == 0
+    assert catalogue.fmt_id(int(s.content_ids()[s.splits.database[5]])) in [h["id"] for h in res if h["distance"] == 0]
 
     # checkpoints with provenance
     ck = {r: fed / "checkpoints" / f"round-{r:04d}.pt" for r in (1, 2)}
@@ -202,7 +220,7 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
         fc = rec["identity"]
         assert fc["bits"] == 16 and fc["backbone"] == cfg.backbone and fc["size"] == 32 and fc["kind"] == "probe"
         assert fc["weights_id"] == features[0].weights_id
-        assert rec["silos"] == {s.name: s.ids_fingerprint() for s in silos}
+        assert rec["silos"] == {s.name: s.content_fingerprint() for s in silos}
         libs = rec["libraries"]
         assert libs["flwr"] == metadata.version("flwr") and libs["torch"] == metadata.version("torch")
         assert rec["config"]["bits"] == 16 and rec["config"]["num-server-rounds"] == ROUNDS
@@ -451,8 +469,8 @@ def test_every_strategy_in_one_simulation(one_simulation, cfg, features):
         # aggregation moved the global model away from its (seeded, identical on every node) start
         assert any(not torch.equal(params[k], init[k]) for k in init), name
         assert sorted(res["out"]["indexes"]) == [f"silo-{i}" for i in range(NUM_SILOS)]
-        idx = SiloIndex.load(Path(res["cfg"].out_dir) / "silos" / "silo-0" / "index.faiss")
-        assert idx.model_version == res["out"]["model_version"]
+        with retrieval.open_index(Path(res["cfg"].out_dir) / "silos" / "silo-0") as idx:
+            assert idx.model_version == res["out"]["model_version"]
         # the checkpoint holds the strategy's global model
         rec = ckpt.load_checkpoint(Path(res["cfg"].out_dir) / "checkpoints" / "round-0001.pt")
         assert all(np.array_equal(rec["params"][k], params[k].numpy()) for k in params)
@@ -502,8 +520,8 @@ def test_lora_mode_end_to_end(one_simulation):
     assert rec["identity"]["lora_r"] == lcfg.lora_r and rec["identity"]["weights_id"] == wid
     assert rec["model_version"] == res["out"]["model_version"]
     for name, info in res["out"]["indexes"].items():
-        idx = SiloIndex.load(out / "silos" / name / "index.faiss")
-        assert idx.model_version == res["out"]["model_version"] and len(idx) == info["n"] > 0
+        with retrieval.open_index(out / "silos" / name) as idx:
+            assert idx.model_version == res["out"]["model_version"] and len(idx) == info["n"] > 0
     assert sum(info["n"] for info in res["out"]["indexes"].values()) < 300
 
 
@@ -540,7 +558,7 @@ def test_sample_level_dp_end_to_end(one_simulation, capsys):
     assert rec["privacy"]["epsilon"] == pytest.approx(priv["epsilon"])
     assert set(rec["buffers"]) == {"net.0.center", "net.0.basis", "net.0.basis_cov", "net.2.running_mean",
                                    "net.2.running_var"} and rec["prototypes"] is None
-    idx = SiloIndex.load(out / "silos" / "silo-0" / "index.faiss")
+    idx = SiloIndex.load(next((out / "silos" / "silo-0" / "faiss").glob("*.faiss")))
     assert idx.privacy["unit"].startswith("sample") and idx.privacy["epsilon"] == pytest.approx(priv["epsilon"])
     assert main(["eval", "--run", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -612,7 +630,7 @@ def test_bad_scenarios_exit_2_naming_the_problem(tmp_path, capsys, cache_dir):
     err = capsys.readouterr().err
     assert rc == 2 and "bits" in err
     # nothing heavy ran: no Ray, no silo indexes
-    assert not list(tmp_path.rglob("index.faiss"))
+    assert not list(tmp_path.rglob("*.faiss")) and not list(tmp_path.rglob("catalogue.sqlite"))
 
 
 def test_resolve_and_demo_scenario():

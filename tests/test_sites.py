@@ -4,12 +4,15 @@ these tests drive it and check what it leaves: files, and no process still runni
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from hashing import retrieval
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = REPO / "scripts" / "sites"
@@ -132,7 +135,7 @@ def test_flwr_run_local_simulation(tmp_path, flower_env):
 
 
 @pytest.mark.slow
-def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env, digits):
+def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env, digits, capsys):
     lb = _load("run_loopback")
     sites = {"site-a": str(_image_folder(tmp_path / "data-a", digits, offset=0)),
              "site-b": str(_image_folder(tmp_path / "data-b", digits, offset=30))}
@@ -145,8 +148,24 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
     for name in sites:  # each site's index under its own out-dir (node config out-dir)
         out = Path(s["sites"][name]["out_dir"])
         assert out == tmp_path / "fed" / "sites" / name
-        assert list(out.rglob("index.faiss")), f"no index under {out}"
+        assert list(out.rglob("catalogue.sqlite")), f"no index under {out}"
     server = Path(s["server_out_dir"])
+    # provenance tells the two sites apart (same count of images, at the same positions)
+    fed = json.loads((server / "federation.json").read_text())
+    assert sorted(fed["silos"]) == sorted(sites) and len(set(fed["silos"].values())) == 2
+    # a site searches its index by image, from the CLI: one of its own images comes first at distance 0
+    from simulations.cli import main
+
+    folder = next(Path(s["sites"]["site-a"]["out_dir"]).rglob("catalogue.sqlite")).parent
+    query = sorted(Path(sites["site-a"]).rglob("*.png"))[3]
+    assert main(["search", "--index", str(folder), "--image", str(query), "-k", "5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["queries"][0]["results"]
+    assert res[0]["distance"] == 0 and str(query.resolve()) in [h["path"] for h in res if h["distance"] == 0]
+    with retrieval.open_index(folder) as idx:
+        assert idx.model_version == fed["model_version"] and len(idx) > 0
+        _, codes = idx.cat.codes(idx.model_version)
+        found = {h.path for row in idx.search_codes(codes, 1000, model_version=idx.model_version) for h in row}
+        assert found <= {str(p.resolve()) for p in Path(sites["site-a"]).rglob("*.png")}  # its own images only
     assert sorted(p.name for p in (server / "checkpoints").glob("round-*.pt")) == ["round-0001.pt", "round-0002.pt"]
 
     # the unregistered SuperNode was refused: Flower exit code 305, "Failed to activate SuperNode"
@@ -156,7 +175,7 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
     assert "Failed to activate SuperNode" in intruder["supernode_log_line"]
     assert "No SuperNode found with the given public key" in intruder["superlink_log_line"]
     assert intruder["nodes_known_to_superlink"] == 2
-    assert not list((tmp_path / "fed" / "sites" / "intruder").rglob("index.faiss"))
+    assert not list((tmp_path / "fed" / "sites" / "intruder").rglob("catalogue.sqlite"))
 
     assert s["alive_after_stop"] == []
     assert len(s["pids"]) >= 4  # superlink, two supernodes, the intruder (and their SuperExecs, apps)

@@ -44,7 +44,7 @@ ARRAYS = "arrays"     # the trainable parameters (Flower strategies' default Arr
 GLOBALS = "globals"   # buffers the server sets (pooled BatchNorm statistics, the DP projection) and prototypes
 CONFIG = "config"     # the round's configuration (Flower strategies' default ConfigRecord key)
 METRICS = "metrics"   # the silo's report
-SILO = "silo"         # who the silo is (name, sample-ids fingerprint, domain, index path)
+SILO = "silo"         # who the silo is (name, content-ids fingerprint, domain, index folder)
 STATS = "stats"       # activation sums for the pooled statistics
 MOMENTS = "moments"   # released feature moments
 
@@ -135,7 +135,8 @@ def split_globals(state: Mapping[str, Any]) -> tuple["OrderedDict[str, Any]", An
 
 
 def silo_info(name: str, ids: str, domain: str, index: str | None = None) -> dict[str, str]:
-    """The SILO record: who answered (never what its images hold; ``ids`` is a fingerprint of sample ids)."""
+    """The SILO record: who answered (never what its images hold; ``ids`` is the fingerprint of its images'
+    content ids, :meth:`hashing.silos.Silo.content_fingerprint`)."""
     out = {SILO_NAME: name, SILO_IDS: ids, SILO_DOMAIN: domain}
     if index is not None:
         out[SILO_INDEX] = str(index)
