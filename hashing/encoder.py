@@ -7,6 +7,7 @@ model was trained on (their fingerprint is in the model's identity).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,7 @@ class Encoder:
         self.weights = weights
         self.cache_dir = cache_dir
         self._backbone = None
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, weights: str | None = None,
@@ -54,6 +56,10 @@ class Encoder:
 
     def backbone(self):
         """The frozen backbone (built once per process), refused if its weights are not the model's."""
+        with self._lock:
+            return self._get_backbone()
+
+    def _get_backbone(self):
         if self._backbone is None:
             model, wid, _ = backbone_for(self.backbone_name, self.weights)
             if wid != self.identity["weights_id"]:

@@ -190,7 +190,8 @@ class SearchIndex:
         return self.cat.model_bits(self.model_version)
 
     def __len__(self) -> int:
-        return len(self.cat)
+        with self.lock:
+            return len(self.cat)
 
     def faiss_path(self, version: str) -> Path:
         return self.folder / "faiss" / f"{version}.faiss"
@@ -352,6 +353,10 @@ class SearchIndex:
     def resolve(self, *, ids: Iterable[int | str] = (), paths: Iterable[str] = (),
                 images: Iterable[np.ndarray | str] = ()) -> tuple[list[int], list[str]]:
         """(content ids held, what named nothing held) for ids, paths and images (pixels or files)."""
+        with self.lock:
+            return self._resolve(ids, paths, images)
+
+    def _resolve(self, ids, paths, images) -> tuple[list[int], list[str]]:
         found, unknown = [], []
         for i in ids:
             cid = C.parse_id(i)
@@ -391,7 +396,8 @@ class SearchIndex:
                              {"ids": [C.fmt_id(i) for i in found[:1000]], "unknown": unknown[:1000]}, command)
                 gen = self.cat.bump()
             arr = np.array(found, np.int64)
-            self._after_write(gen, lambda idx: idx.remove(arr))
+            # FAISS HNSW cannot delete: that index is rebuilt from the catalogue's codes instead
+            self._after_write(gen, None if self.cat.get_meta("kind") == "hnsw" else (lambda idx: idx.remove(arr)))
         return len(found)
 
     # ------------------------------------------------------------------ search
@@ -399,20 +405,26 @@ class SearchIndex:
                rerank: int | None = None, timings: dict[str, float] | None = None) -> list[list[Hit]]:
         """Top-``k`` of each query image, encoded by the index's own model: symmetric Hamming, or the
         asymmetric soft-query re-rank (``asymmetric``; a Hamming shortlist of ``rerank``)."""
-        with self.lock:
-            index = self._sync()
-            enc = self.encoder(index.model_version)
-            ds = images if isinstance(images, ImageSet) else query_set(images)
+        ds = images if isinstance(images, ImageSet) else query_set(images)  # refuses what is not pixels
+        for attempt in range(2):
+            with self.lock:
+                enc = self.encoder(self._sync().model_version)
+            # encoding runs outside the lock: searches of several threads (fedhash serve) overlap here
             logits = enc.logits(ds, cache=False, timings=timings)
-            t0 = time.perf_counter()
-            if asymmetric:
-                D, I = index.search_asymmetric(logits, k, rerank, model_version=enc.version)
-            else:
-                D, I = index.search(logits_to_codes(logits), k, model_version=enc.version)
-            hits = self._hits(D, I, np.isinf if asymmetric else (lambda d: d == np.iinfo(np.int32).max))
-            if timings is not None:  # FAISS and the catalogue's rows of the hits
-                timings["search"] = timings.get("search", 0.0) + time.perf_counter() - t0
-            return hits
+            with self.lock:
+                index = self._sync()
+                if index.model_version != enc.version and attempt == 0:
+                    continue  # upgraded meanwhile: encode again with the index's new model
+                t0 = time.perf_counter()
+                if asymmetric:
+                    D, I = index.search_asymmetric(logits, k, rerank, model_version=enc.version)
+                else:
+                    D, I = index.search(logits_to_codes(logits), k, model_version=enc.version)
+                hits = self._hits(D, I, np.isinf if asymmetric else (lambda d: d == np.iinfo(np.int32).max))
+                if timings is not None:  # FAISS and the catalogue's rows of the hits
+                    timings["search"] = timings.get("search", 0.0) + time.perf_counter() - t0
+                return hits
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def search_codes(self, codes: np.ndarray, k: int = 10, *, model_version: str) -> list[list[Hit]]:
         """Top-``k`` of packed query codes (uint8 (n, bits/8)) that say which model encoded them."""
@@ -427,7 +439,7 @@ class SearchIndex:
         for d, ids in zip(D, I):
             hits = []
             for r, (dist, i) in enumerate(zip(d, ids)):
-                if i < 0 or missing(dist):
+                if i < 0 or missing(dist) or int(i) not in rows:  # removed by another process since _sync
                     continue
                 it = rows[int(i)]
                 hits.append(Hit(r + 1, int(i), float(dist), it.path, it.labels))
@@ -436,17 +448,20 @@ class SearchIndex:
 
     # ------------------------------------------------------------------ items
     def item(self, i: int | str) -> Item | None:
-        return self.cat.item(C.parse_id(i))
+        cid = C.parse_id(i)
+        with self.lock:
+            return self.cat.item(cid)
 
     def image(self, i: int | str) -> np.ndarray:
         """The pixels of an indexed image as RGB (H, W, 3) uint8 (kept in the catalogue, or read from its
         file and checked against its content id)."""
         cid = C.parse_id(i)
-        it = self.cat.item(cid)
-        if it is None:
-            raise UnknownItemsError(f"id {C.fmt_id(cid)} is not in the index {self.folder}")
-        if it.path is None:
-            return C.canonical_pixels(C.blob_pixels(self.cat.pixels(cid)))
+        with self.lock:
+            it = self.cat.item(cid)
+            if it is None:
+                raise UnknownItemsError(f"id {C.fmt_id(cid)} is not in the index {self.folder}")
+            if it.path is None:
+                return C.canonical_pixels(C.blob_pixels(self.cat.pixels(cid)))
         try:
             px = load_images(it.path).image(0)
         except (FedhashError, OSError) as e:
@@ -457,6 +472,10 @@ class SearchIndex:
         return px
 
     def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         cur = self.model_version
         enc = self.encoder(cur)
         return {"folder": str(self.folder), "count": len(self), "model_version": cur, "bits": self.bits,
@@ -502,11 +521,10 @@ class SearchIndex:
                 self.cat.set_meta("previous_version", old)
                 self.cat.set_meta("model_version", enc.version)
                 self.cat.log("upgrade", len(items), enc.version, {"from": old, "to": enc.version}, command)
-                gen = self.cat.bump()
+                self.cat.bump()
             self._encoders[enc.version] = enc
             self._index = None
             self._sync()
-            assert self._generation == gen or self.cat.generation > gen
         self._prune_files()
         return len(items)
 
