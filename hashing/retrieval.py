@@ -134,9 +134,11 @@ def _labels_of(ds: ImageSet, i: int) -> tuple[str, ...]:
 
 def new_items(ds: ImageSet, idx: np.ndarray | None = None) -> list[NewItem]:
     """Content ids, digests, places and labels of images ``idx`` of ``ds`` (pixels kept for in-memory ones)."""
+    from tqdm.auto import tqdm
+
     idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
     out = []
-    for i in idx:
+    for i in tqdm(idx, desc="content ids", unit="img", leave=False, mininterval=1.0, disable=len(idx) < 1000):
         px = ds.image(int(i))
         cid, sha = C.content_digest(px)
         path = ds.paths[int(i)] if ds.paths is not None else None
@@ -180,7 +182,8 @@ class SearchIndex:
     # ------------------------------------------------------------------ state
     @property
     def model_version(self) -> str:
-        v = self.cat.current_version
+        with self.lock:
+            v = self.cat.current_version
         if v is None:
             raise FedhashError(f"index {self.folder} has no model yet; build it again (fedhash index build)")
         return v
