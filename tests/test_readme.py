@@ -29,5 +29,5 @@ def test_the_map_names_every_product_module_and_leads_to_the_main_ideas():
                for p in (ROOT / pkg).rglob("*.py") if p.name != "__init__.py"}
     assert listed == modules, f"not in the map: {sorted(modules - listed)}; gone: {sorted(listed - modules)}"
     for idea, module in (("the CroVCA loss", "hashing/loss.py"), ("one federated round", "server/federation.py"),
-                         ("the silo index", "hashing/index.py"), ("the DP objective", "hashing/privacy/objective.py")):
+                         ("searchable index on disk", "hashing/retrieval.py"), ("the DP objective", "hashing/privacy/objective.py")):
         assert re.search(rf"^\| `{re.escape(module)}` \| .*\*\*{idea}\*\*", README, flags=re.M | re.I), idea
