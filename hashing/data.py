@@ -81,12 +81,13 @@ class ImageSet:
 # --------------------------------------------------------------------------- loaders
 
 
-def load_dataset(spec: str, *, strict: bool = False, limit: int | None = None) -> ImageSet:
+def load_dataset(spec: str, *, strict: bool = False, limit: int | None = None, check: bool = True) -> ImageSet:
     """One door to every data source.
 
     ``spec`` is ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``), ``digits``, a folder of IDX
     files (Fashion-MNIST or MNIST anywhere else), a folder of ``class_name/*.png|jpg``, or a CSV
-    manifest ``path,labels``.
+    manifest ``path,labels``. ``check=False`` lists image files without decoding them (whoever reads
+    them next must handle an unreadable one: the index does, reading each file once).
     """
     if spec in ("fashion-mnist", "fashion_mnist", "fmnist"):
         ds = load_idx_folder(FASHION_MNIST_DIR, name="fashion-mnist")
@@ -99,11 +100,11 @@ def load_dataset(spec: str, *, strict: bool = False, limit: int | None = None) -
                 f"data '{spec}' is neither a known data set (fashion-mnist, digits) nor an existing folder or manifest"
             )
         if p.is_file():
-            ds = load_manifest(p, strict=strict)
+            ds = load_manifest(p, strict=strict, check=check)
         elif _idx_files(p):
             ds = load_idx_folder(p)
         else:
-            ds = load_folder(p, strict=strict)
+            ds = load_folder(p, strict=strict, check=check)
     if limit is not None and limit < len(ds):
         ds = subset(ds, np.arange(limit))
     return ds
@@ -200,8 +201,8 @@ def _check_images(paths: list[str], strict: bool, source: str) -> tuple[list[int
     return ok, bad
 
 
-def _finish(name: str, paths: list[str], label_sets: list[list[str]], strict: bool) -> ImageSet:
-    ok, bad = _check_images(paths, strict, name)
+def _finish(name: str, paths: list[str], label_sets: list[list[str]], strict: bool, check: bool = True) -> ImageSet:
+    ok, bad = _check_images(paths, strict, name) if check else (list(range(len(paths))), [])
     paths = [paths[i] for i in ok]
     label_sets = [label_sets[i] for i in ok]
     classes = sorted({c for ls in label_sets for c in ls})
@@ -218,7 +219,7 @@ def _finish(name: str, paths: list[str], label_sets: list[list[str]], strict: bo
     return ImageSet(name=name, labels=labels, classes=classes, paths=paths, skipped=bad)
 
 
-def load_folder(folder: str | os.PathLike, *, strict: bool = False) -> ImageSet:
+def load_folder(folder: str | os.PathLike, *, strict: bool = False, check: bool = True) -> ImageSet:
     """A folder of ``class_name/*.png|jpg``."""
     folder = Path(folder)
     paths, label_sets = [], []
@@ -229,10 +230,10 @@ def load_folder(folder: str | os.PathLike, *, strict: bool = False) -> ImageSet:
                 label_sets.append([cls_dir.name])
     if not paths:
         raise DataError(f"folder {folder} holds no images in class sub-folders (expected {folder}/<class>/*.png|jpg)")
-    return _finish(f"folder:{folder}", paths, label_sets, strict)
+    return _finish(f"folder:{folder}", paths, label_sets, strict, check)
 
 
-def load_manifest(path: str | os.PathLike, *, strict: bool = False) -> ImageSet:
+def load_manifest(path: str | os.PathLike, *, strict: bool = False, check: bool = True) -> ImageSet:
     """A CSV manifest with a header ``path,labels``; ``;`` separates labels; relative paths start at the manifest's folder."""
     path = Path(path)
     try:
@@ -263,7 +264,7 @@ def load_manifest(path: str | os.PathLike, *, strict: bool = False) -> ImageSet:
             f"manifest {path}: {len(missing)} of {len(paths)} paths do not exist (first: {missing[0]}); "
             f"fix them (relative paths are read from {path.parent})"
         )
-    return _finish(f"manifest:{path}", paths, label_sets, strict)
+    return _finish(f"manifest:{path}", paths, label_sets, strict, check)
 
 
 ANIMAL_MNIST_INSTALL = "pip install --no-deps animal-mnist"

@@ -19,7 +19,7 @@ from .backbones import backbone_for
 from .codes import logits_to_codes
 from .data import ImageSet
 from .errors import ModelVersionError
-from .features import cached_features, extract
+from .features import cached_features, extract, lookup
 from .hashers import FeatureHead, Hasher, Inputs
 from .model import build, read_record
 
@@ -71,7 +71,7 @@ class Encoder:
         return self._backbone
 
     def logits(self, ds: ImageSet, idx: np.ndarray | None = None, *, cache: bool = True,
-               timings: dict[str, float] | None = None) -> np.ndarray:
+               timings: dict[str, float] | None = None, progress: bool = True) -> np.ndarray:
         """Logits (n, bits) float32 of the clean view of images ``idx`` of ``ds`` (default: all).
 
         ``cache``: read and keep backbone features in the feature cache (an index build); off for one
@@ -88,13 +88,22 @@ class Encoder:
                                     cache_dir=self.cache_dir, weights_id=self.identity["weights_id"],
                                     desc="encoding")
         else:
-            feats = extract(self.backbone(), ds, idx, size=self.size, desc="encoding")
+            feats = extract(self.backbone(), ds, idx, size=self.size, desc="encoding", progress=progress)
         t1 = time.perf_counter()
         out = self.hasher.encode_features(np.asarray(feats))
         if timings is not None:
             timings["backbone"] = timings.get("backbone", 0.0) + t1 - t0
             timings["hash"] = timings.get("hash", 0.0) + time.perf_counter() - t1
         return out
+
+    def cached_logits(self, ds: ImageSet) -> np.ndarray | None:
+        """Logits of every image of ``ds`` from the feature cache, if it holds their clean view (the
+        features a federation or ``fedhash train`` extracted from the same folder), else None."""
+        if not self.reads_features:
+            return None
+        feats = lookup(self.backbone_name, self.identity["weights_id"], ds, np.arange(len(ds)), size=self.size,
+                       cache_dir=self.cache_dir)
+        return None if feats is None else self.hasher.encode_features(np.asarray(feats))
 
     def codes(self, ds: ImageSet, idx: np.ndarray | None = None, **kw: Any) -> np.ndarray:
         return logits_to_codes(self.logits(ds, idx, **kw))

@@ -99,6 +99,7 @@ def extract(
     batch_size: int = 256,
     out: np.ndarray | None = None,
     desc: str = "features",
+    progress: bool = True,
 ) -> np.ndarray:
     """Features of images ``idx``: the clean view (views=0) or ``views`` augmented views.
 
@@ -116,7 +117,7 @@ def extract(
     n_views = max(views, 1)
     # no bar for a handful of images (a search query)
     with tqdm(total=len(idx) * n_views, desc=desc, unit="img", leave=False, mininterval=1.0,
-              disable=len(idx) * n_views < 64) as bar:
+              disable=not progress or len(idx) * n_views < 64) as bar:
         for start in range(0, len(idx), batch_size):
             sel = idx[start : start + batch_size]
             x = load_batch(ds, sel, size)
@@ -184,6 +185,17 @@ def cached_features(
         digest = atomic.sha256_file(tmp)
     atomic.write_json(meta, {"key": asdict(key), "shape": list(shape), "sha256": digest})
     return np.load(npy, mmap_mode="r")
+
+
+def lookup(backbone_name: str, weights_id: str, ds: ImageSet, idx: np.ndarray, *, size: int, views: int = 0,
+           seed: int = 0, cache_dir: str | os.PathLike | None = None) -> np.ndarray | None:
+    """The cached features of images ``idx`` of ``ds`` if the cache holds them, else None (nothing is
+    extracted). Reading a folder's fingerprint costs one ``stat`` per file, no decoding."""
+    idx = np.asarray(idx, dtype=np.int64)
+    key = FeatureKey(data=ds.fingerprint(), indices=_indices_digest(idx), backbone=backbone_name,
+                     weights=weights_id, size=int(size), views=int(views), seed=int(seed))
+    stem = cache_root(cache_dir) / key.digest()
+    return _try_load(stem.with_suffix(".npy"), stem.with_suffix(".json"), key, len(idx))
 
 
 def _try_load(npy: Path, meta: Path, key: FeatureKey, n: int) -> np.ndarray | None:

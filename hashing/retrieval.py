@@ -50,6 +50,7 @@ from .model import write_record
 log = logging.getLogger("fedhash.retrieval")
 
 CATALOGUE = "catalogue.sqlite"
+ADD_CHUNK = 256  # images decoded, identified and encoded at a time by add
 
 
 class UnknownItemsError(UnknownIdsError):
@@ -91,7 +92,7 @@ class AddReport:
 # --------------------------------------------------------------------------- input images
 
 
-def load_images(spec: str | os.PathLike | ImageSet, *, strict: bool = False) -> ImageSet:
+def load_images(spec: str | os.PathLike | ImageSet, *, strict: bool = False, check: bool = True) -> ImageSet:
     """What ``--data`` names: one image file, a flat folder of images (no labels), a folder of
     ``class/*.png``, a CSV manifest ``path,labels``, or a built-in data set (fashion-mnist, digits)."""
     if isinstance(spec, ImageSet):
@@ -104,8 +105,8 @@ def load_images(spec: str | os.PathLike | ImageSet, *, strict: bool = False) -> 
         if not files:
             raise DataError(f"folder {p} holds no images (.png, .jpg, ...); point --data at a folder of images, "
                             "a folder of class sub-folders, or a manifest")
-        return _finish(f"folder:{p}", files, [[] for _ in files], strict)
-    ds = load_dataset(str(spec), strict=strict)
+        return _finish(f"folder:{p}", files, [[] for _ in files], strict, check)
+    ds = load_dataset(str(spec), strict=strict, check=check)
     if ds.paths is not None:
         ds.paths = [str(Path(x).resolve()) for x in ds.paths]
     return ds
@@ -139,11 +140,14 @@ def new_items(ds: ImageSet, idx: np.ndarray | None = None) -> list[NewItem]:
     idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
     out = []
     for i in tqdm(idx, desc="content ids", unit="img", leave=False, mininterval=1.0, disable=len(idx) < 1000):
-        px = ds.image(int(i))
-        cid, sha = C.content_digest(px)
-        path = ds.paths[int(i)] if ds.paths is not None else None
-        out.append(NewItem(cid, sha, path, _labels_of(ds, int(i)), None if path else C.pixels_blob(px)))
+        out.append(_new_item(ds, int(i), ds.image(int(i))))
     return out
+
+
+def _new_item(ds: ImageSet, i: int, px: np.ndarray) -> NewItem:
+    cid, sha = C.content_digest(px)
+    path = ds.paths[i] if ds.paths is not None else None
+    return NewItem(cid, sha, path, _labels_of(ds, i), None if path else C.pixels_blob(px))
 
 
 def _where(ds: ImageSet, i: int) -> str:
@@ -264,20 +268,56 @@ class SearchIndex:
     # ------------------------------------------------------------------ add
     def add(self, data: str | os.PathLike | ImageSet, *, strict: bool = False, command: str | None = None,
             action: str = "add") -> AddReport:
-        """Encode and add the images of ``data`` that the index does not hold yet (no rebuild).
+        """Encode and add the images of ``data`` that the index does not hold yet (no rebuild), in one
+        transaction: all of them or, on an error or a kill, none.
 
-        An image whose pixels are already indexed is reported and skipped; two different images whose
-        content ids collide are refused and nothing is added."""
+        Each file is decoded once, in chunks: its content id and its features come from the same pixels.
+        When the feature cache holds the clean view of exactly this data (a federation or ``fedhash train``
+        extracted it), the cached features are used instead of the backbone. An image whose pixels are
+        already indexed is reported and skipped, an unreadable one too (``strict``: refused); two different
+        images whose content ids collide are refused and nothing is added."""
+        from tqdm.auto import tqdm
+
         t0 = time.perf_counter()
-        ds = load_images(data, strict=strict)
+        ds = load_images(data, strict=strict, check=False)  # lists the files; each is read once, below
         rep = AddReport(skipped=list(ds.skipped))
-        items, fresh = self._fresh(ds, rep)
-        if fresh:
-            codes = self.encoder().codes(ds, np.asarray(fresh))
-            self._insert(items, codes, action, command, {"data": str(getattr(data, "name", data)),
-                                                          "duplicates": len(rep.duplicates),
-                                                          "skipped": len(rep.skipped)})
-        rep.added = len(fresh)
+        enc = self.encoder()
+        cached = enc.cached_logits(ds)
+        items: list[NewItem] = []
+        codes: list[np.ndarray] = []
+        seen: dict[int, str] = {}
+        with tqdm(total=len(ds), desc="indexing", unit="img", leave=False, mininterval=1.0,
+                  disable=len(ds) < ADD_CHUNK) as bar:
+            for start in range(0, len(ds), ADD_CHUNK):
+                pos, pixels = [], []
+                for i in range(start, min(start + ADD_CHUNK, len(ds))):
+                    try:
+                        pixels.append(ds.image(i))
+                        pos.append(i)
+                    except Exception as e:  # PIL raises many kinds for a damaged file
+                        reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                        if strict:
+                            raise DataError(f"unreadable image {_where(ds, i)} ({reason}); nothing was added: "
+                                            "remove or replace it, or drop --strict to skip it") from e
+                        rep.skipped.append((_where(ds, i), reason))
+                chunk = [_new_item(ds, i, px) for i, px in zip(pos, pixels)]
+                keep = self._dedupe(chunk, [_where(ds, i) for i in pos], rep, seen)
+                if keep:
+                    if cached is not None:
+                        logits = cached[[pos[j] for j in keep]]
+                    else:
+                        logits = enc.logits(query_set([pixels[j] for j in keep]), cache=False, progress=False)
+                    codes.append(logits_to_codes(logits))
+                    items.extend(chunk[j] for j in keep)
+                bar.update(len(pixels) + (min(start + ADD_CHUNK, len(ds)) - start - len(pixels)))
+        if rep.skipped and len(rep.skipped) > len(ds.skipped):
+            log.warning("%s: skipped %d unreadable image(s), first: %s (%s); use --strict to stop instead",
+                        ds.name, len(rep.skipped), rep.skipped[0][0], rep.skipped[0][1])
+        if items:
+            self._insert(items, np.concatenate(codes), action, command,
+                         {"data": str(getattr(data, "name", data)), "duplicates": len(rep.duplicates),
+                          "skipped": len(rep.skipped), "from_feature_cache": cached is not None})
+        rep.added = len(items)
         rep.seconds = time.perf_counter() - t0
         return rep
 
@@ -315,24 +355,28 @@ class SearchIndex:
         duplicates (same pixels as an indexed image, or as an earlier one of ``ds``) go to ``rep``."""
         idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
         items = new_items(ds, idx)
-        known = self.cat.known(it.id for it in items)
-        seen: dict[int, tuple[str, int]] = {}
-        keep, fresh = [], []
-        for i, it in zip(idx.tolist(), items):
-            other = known.get(it.id)
-            if other is None and it.id in seen:
-                other = seen[it.id][0]
+        keep = self._dedupe(items, [_where(ds, int(i)) for i in idx], rep, {})
+        return [items[j] for j in keep], [int(idx[j]) for j in keep]
+
+    def _dedupe(self, items: Sequence[NewItem], wheres: Sequence[str], rep: AddReport,
+                seen: dict[int, str]) -> list[int]:
+        """Positions in ``items`` of the images neither indexed nor ``seen`` (content id -> sha256, updated);
+        the others go to ``rep.duplicates``; a collision (same id, other pixels) raises."""
+        with self.lock:
+            known = self.cat.known(it.id for it in items)
+        keep = []
+        for j, it in enumerate(items):
+            other = known.get(it.id, seen.get(it.id))
             if other is not None:
                 if other != it.sha256:
-                    raise DataError(f"content id {C.fmt_id(it.id)} of {_where(ds, i)} collides with a different "
+                    raise DataError(f"content id {C.fmt_id(it.id)} of {wheres[j]} collides with a different "
                                     "image already in the index (63 bits of sha256 agree); nothing was added: "
                                     "change one pixel of it and add it again")
-                rep.duplicates.append((_where(ds, i), C.fmt_id(it.id)))
+                rep.duplicates.append((wheres[j], C.fmt_id(it.id)))
                 continue
-            seen[it.id] = (it.sha256, i)
-            keep.append(it)
-            fresh.append(i)
-        return keep, fresh
+            seen[it.id] = it.sha256
+            keep.append(j)
+        return keep
 
     def _insert(self, items: list[NewItem], codes: np.ndarray, action: str, command: str | None,
                 detail: dict[str, Any]) -> None:

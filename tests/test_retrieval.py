@@ -356,3 +356,34 @@ def test_kill_9_during_a_real_cli_add(models, pngs, cache_dir, tmp_path):
         assert len(idx) in (300, 1797) and idx._sync().ntotal == len(idx)
         q = idx.encoder().codes(subset(load_digits(), np.arange(1700, 1710)), cache=False)
         _check_against_catalogue(idx, q)
+
+
+def test_add_reads_each_file_once_skips_damaged_ones_and_uses_the_feature_cache(models, pngs, cache_dir, tmp_path):
+    import shutil
+
+    from hashing.features import cached_features
+
+    folder = tmp_path / "data"
+    shutil.copytree(pngs / "db", folder)
+    (folder / "0" / "broken.png").write_bytes(b"\x89PNG not really")
+    # strict: the damaged file is refused and nothing is added
+    idx = R.create(tmp_path / "idx", models[0], cache_dir=cache_dir)
+    with pytest.raises(DataError, match="broken.png.*nothing was added"):
+        idx.add(folder, strict=True)
+    assert len(idx) == 0 and idx.cat.audit() == []
+    rep = idx.add(folder)
+    assert rep.added == 300 and [p for p, _ in rep.skipped] == [str((folder / "0" / "broken.png").resolve())]
+    direct = dict(zip(*idx.cat.codes(idx.model_version)))
+    assert idx.cat.audit()[-1]["detail"]["from_feature_cache"] is False
+    idx.close()
+    # the features of exactly this data in the cache (as a federation at this site leaves them): used, same codes
+    (folder / "0" / "broken.png").unlink()
+    enc = R.SearchIndex(tmp_path / "idx", cache_dir=cache_dir).encoder()
+    ds = R.load_images(folder)
+    cached_features(enc.backbone, enc.backbone_name, ds, np.arange(len(ds)), size=enc.size, cache_dir=cache_dir,
+                    weights_id=enc.identity["weights_id"])
+    idx2, rep = R.build(tmp_path / "idx2", models[0], folder, cache_dir=cache_dir)
+    assert rep.added == 300 and idx2.cat.audit()[-1]["detail"]["from_feature_cache"] is True
+    assert dict(zip(*idx2.cat.codes(idx2.model_version))).keys() == direct.keys()
+    assert all(np.array_equal(c, direct[i]) for i, c in zip(*idx2.cat.codes(idx2.model_version)))
+    idx2.close()
