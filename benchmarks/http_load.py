@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
           f"Result: {'PASS' if ok else 'FAIL'} (no 5xx, no removed id after its DELETE returned, the count adds up).\n\n"
           "Each search is a multipart PNG upload of a database image (one third of them the images that get "
           f"deleted during the run), k={args.k}; the server decodes it, encodes it with the index's model "
-          "(backbone + hash head) and searches the FAISS index, all under the index's lock, so on this machine "
-          "searches run one at a time and latency grows with the number of clients.\n")
+          "(backbone + hash head; as many encodings at a time as the cores hold torch's threads: one on 2 cores) "
+          "and searches the FAISS index under the index's lock, which deletes take too; so on this machine "
+          "encodings run one at a time and search latency grows with the number of clients.\n")
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

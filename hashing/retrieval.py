@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import catalogue as C
 from .catalogue import Catalogue, Item, NewItem
@@ -168,6 +169,7 @@ class SearchIndex:
         self.cat = Catalogue(self.folder / CATALOGUE, create=_create)
         self.weights, self.cache_dir = weights, cache_dir
         self.lock = threading.RLock()
+        self._encode_slots = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
         self._encoders: dict[str, Encoder] = {}
         self._index: SiloIndex | None = None
         self._generation = -1
@@ -456,8 +458,10 @@ class SearchIndex:
         for attempt in range(2):
             with self.lock:
                 enc = self.encoder(self._sync().model_version)
-            # encoding runs outside the lock: searches of several threads (fedhash serve) overlap here
-            logits = enc.logits(ds, cache=False, timings=timings)
+            # encoding runs outside the lock (deletes, reads and other searches' FAISS steps go on meanwhile),
+            # as many at a time as the cores hold torch's threads: more would only oversubscribe them
+            with self._encode_slots:
+                logits = enc.logits(ds, cache=False, timings=timings)
             with self.lock:
                 index = self._sync()
                 if index.model_version != enc.version and attempt == 0:
