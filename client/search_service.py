@@ -14,7 +14,8 @@ Routes (JSON unless said; every error is ``{"detail": "<one line: what is wrong 
 Every route but the two open ones needs ``Authorization: Bearer <token>`` (compared in constant time).
 Uploads are bounded: the Content-Length is checked before anything is read, and the bytes actually read
 are counted, so a body without a length (chunked) cannot grow past the limit either; images are refused
-above :data:`MAX_QUERY_PIXELS` before they are decoded (a decompression bomb never expands).
+above :data:`MAX_QUERY_PIXELS` before they are decoded (a decompression bomb never expands); a search by
+codes is bounded in queries and in queries x k.
 
 Searches and deletes run in the thread pool side by side. A search encodes its image outside the index's
 lock (several backbone passes overlap) and runs FAISS and reads the catalogue under it (the
@@ -56,6 +57,7 @@ from hashing.retrieval import SearchIndex, UnknownItemsError, open_index
 log = logging.getLogger("fedhash.serve")
 
 MAX_K = 1000
+MAX_CODE_QUERIES, MAX_CODE_RESULTS = 1000, 100_000  # a codes search: queries, and queries x k, per request
 MAX_QUERY_PIXELS = 40_000_000  # a 40-megapixel query decodes to 120 MB of RGB; larger ones are refused unread
 THUMB_SIDE = 256
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the image, on top of max_upload_bytes
@@ -356,6 +358,10 @@ def make_app(index: SearchIndex, token: str, *, max_upload_bytes: int = 20 * 2**
                                     "(GET /health names the index's model)")
         if not isinstance(codes, list) or not codes or not all(isinstance(c, str) for c in codes):
             raise ServiceError(422, 'codes must be a non-empty list of hex strings, one packed code per query')
+        if len(codes) > MAX_CODE_QUERIES or len(codes) * k > MAX_CODE_RESULTS:
+            raise ServiceError(413, f"{len(codes)} queries x k={k} is more than one request may ask "
+                                    f"(at most {MAX_CODE_QUERIES} queries and {MAX_CODE_RESULTS:,} results); "
+                                    "send them in smaller batches")
         with index.lock:
             current, bits = index.model_version, index.bits
             if version != current:
@@ -434,15 +440,12 @@ def make_app(index: SearchIndex, token: str, *, max_upload_bytes: int = 20 * 2**
     def get_image(item_id: str, request: Request) -> Response:
         authorise(request)
         cid = _id(item_id)
-        with index.lock:
-            if index.item(cid) is None:
-                raise _unknown(cid)
-            try:
-                px = index.image(cid)
-            except UnknownItemsError:
-                raise _unknown(cid) from None
-            except DataError as e:
-                raise ServiceError(409, str(e)) from None
+        try:  # not under index.lock: SearchIndex.image locks its catalogue read only, not the file's
+            px = index.image(cid)
+        except UnknownItemsError:
+            raise _unknown(cid) from None
+        except DataError as e:
+            raise ServiceError(409, str(e)) from None
         return Response(thumbnail_png(px), media_type="image/png")
 
     @app.delete("/items/{item_id}")

@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS codes (
     code BLOB NOT NULL,
     PRIMARY KEY (version, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS removed (     -- content ids removed: a deletion request stands against a re-add
+    id INTEGER PRIMARY KEY, time TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     time TEXT NOT NULL, action TEXT NOT NULL, count INTEGER NOT NULL,
@@ -207,6 +210,7 @@ class Catalogue:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA secure_delete=ON")  # a removed image's row and pixels are overwritten
             # reads through a memory map and a larger page cache: a search's row lookups copy no pages
             self.db.execute("PRAGMA mmap_size=1073741824")
             self.db.execute("PRAGMA cache_size=-65536")
@@ -336,6 +340,26 @@ class Catalogue:
 
     def delete(self, ids: Sequence[int]) -> None:
         self.db.executemany("DELETE FROM items WHERE id = ?", ((int(i),) for i in ids))
+
+    def mark_removed(self, ids: Sequence[int]) -> None:
+        t = now()
+        self.db.executemany("INSERT OR REPLACE INTO removed(id, time) VALUES(?, ?)", ((int(i), t) for i in ids))
+
+    def forget_removed(self, ids: Sequence[int]) -> None:
+        self.db.executemany("DELETE FROM removed WHERE id = ?", ((int(i),) for i in ids))
+
+    def removed_of(self, ids: Iterable[int]) -> dict[int, str]:
+        """{id: when removed} of the given ids that were removed from this index before."""
+        ids = json.dumps([int(i) for i in ids])
+        return {int(r[0]): r[1] for r in self.db.execute(
+            "SELECT id, time FROM removed WHERE id IN (SELECT value FROM json_each(?))", (ids,))}
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database and truncate it (no old page stays in the WAL)."""
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError:  # another connection is reading: SQLite retries at its next checkpoint
+            pass
 
     def add_model(self, version: str, file: str, bits: int) -> None:
         self.db.execute("INSERT OR IGNORE INTO models(version, file, created, bits) VALUES(?, ?, ?, ?)",

@@ -112,7 +112,7 @@ class SiloIndex:
                               f"allowed: {sorted(_DEFAULTS[kind]) or 'none'}")
         self.params: dict[str, Any] = {**_DEFAULTS[kind], **{k: int(v) for k, v in params.items()}}
         self.created: str | None = None
-        self.generation: int | None = None  # the catalogue generation it was saved at (hashing.retrieval)
+        self.generation: int | str | None = None  # the catalogue stamp it was saved at (hashing.retrieval)
         self._sorted_ids: np.ndarray | None = None  # lazily built, kept up to date by add/remove
         self._build()
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +196,8 @@ class SearchIndex:
 
     @property
     def bits(self) -> int:
-        return self.cat.model_bits(self.model_version)
+        with self.lock:
+            return self.cat.model_bits(self.model_version)
 
     def __len__(self) -> int:
         with self.lock:
@@ -233,12 +234,16 @@ class SearchIndex:
                     idx = SiloIndex.load(path)
                 except FedhashError as e:
                     log.warning("%s: %s; rebuilding it from the catalogue", path, e)
-                if idx is not None and (idx.generation != gen or idx.model_version != version):
+                if idx is not None and (idx.generation != self._stamp(gen) or idx.model_version != version):
                     idx = None
             if idx is None:
                 idx = self._rebuild(version, gen)
             self._index, self._generation = idx, gen
             return idx
+
+    def _stamp(self, gen: int) -> str:
+        """What a FAISS file is stamped with: this catalogue's uuid and the generation it holds."""
+        return f"{self.cat.get_meta('uuid', '')}:{gen}"
 
     def _rebuild(self, version: str, gen: int) -> SiloIndex:
         ids, codes = self.cat.codes(version)
@@ -247,7 +252,7 @@ class SearchIndex:
         idx.privacy = dict(self.encoder(version).record.get("privacy") or {"unit": "none"})
         if len(ids):
             idx.add(codes, ids, model_version=version)
-        idx.generation = gen
+        idx.generation = self._stamp(gen)
         try:
             idx.save(self.faiss_path(version))
         except OSError as e:  # a read-only index still searches
@@ -258,18 +263,23 @@ class SearchIndex:
         """Bring the in-memory FAISS index to generation ``gen`` (incrementally when nothing else
         changed it in between) and write its file."""
         with self.lock:
-            if self._index is not None and self._generation == gen - 1 and update is not None:
-                update(self._index)
-                self._index.generation = gen
-                self._generation = gen
-                self._index.save(self.faiss_path(self._index.model_version))
-            else:
+            try:
+                if self._index is not None and self._generation == gen - 1 and update is not None:
+                    update(self._index)
+                    self._index.generation = self._stamp(gen)
+                    self._generation = gen
+                    self._index.save(self.faiss_path(self._index.model_version))
+                else:
+                    self._index = None
+                    self._sync()
+            except (FedhashError, OSError, RuntimeError) as e:  # the catalogue committed: it is the truth
+                log.warning("%s: the FAISS index did not follow the catalogue (%s); it is rebuilt on the next "
+                            "search", self.folder, e)
                 self._index = None
-                self._sync()
 
     # ------------------------------------------------------------------ add
     def add(self, data: str | os.PathLike | ImageSet, *, strict: bool = False, command: str | None = None,
-            action: str = "add") -> AddReport:
+            action: str = "add", readd: bool = False) -> AddReport:
         """Encode and add the images of ``data`` that the index does not hold yet (no rebuild), in one
         transaction: all of them or, on an error or a kill, none.
 
@@ -277,7 +287,8 @@ class SearchIndex:
         When the feature cache holds the clean view of exactly this data (a federation or ``fedhash train``
         extracted it), the cached features are used instead of the backbone. An image whose pixels are
         already indexed is reported and skipped, an unreadable one too (``strict``: refused); two different
-        images whose content ids collide are refused and nothing is added."""
+        images whose content ids collide are refused and nothing is added. An image removed from the index
+        before is refused too (a deletion request stands) unless ``readd``."""
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
@@ -316,23 +327,24 @@ class SearchIndex:
             log.warning("%s: skipped %d unreadable image(s), first: %s (%s); use --strict to stop instead",
                         ds.name, len(rep.skipped), rep.skipped[0][0], rep.skipped[0][1])
         if items:
-            self._insert(items, np.concatenate(codes), action, command,
+            self._insert(items, np.concatenate(codes), enc.version, action, command,
                          {"data": str(getattr(data, "name", data)), "duplicates": len(rep.duplicates),
-                          "skipped": len(rep.skipped), "from_feature_cache": cached is not None})
+                          "skipped": len(rep.skipped), "from_feature_cache": cached is not None}, readd=readd)
         rep.added = len(items)
         rep.seconds = time.perf_counter() - t0
         return rep
 
     def add_codes(self, items: Sequence[NewItem], codes: np.ndarray, *, model_version: str,
                   command: str | None = None, action: str = "add", detail: Mapping[str, Any] | None = None) -> int:
-        """Add images already encoded (by the current model, as ``model_version`` must say)."""
+        """Add images already encoded (by the current model, as ``model_version`` must say; checked again
+        inside the transaction)."""
         if model_version != self.model_version:
             raise ModelVersionError(f"codes of model {model_version} cannot be added to an index of model "
                                     f"{self.model_version}; encode them with model {self.model_version}")
         codes = np.asarray(codes)
         if codes.shape != (len(items), self.bits // 8) or codes.dtype != np.uint8:
             raise FedhashError(f"codes must be uint8 ({len(items)}, {self.bits // 8}), got {codes.dtype} {codes.shape}")
-        self._insert(list(items), codes, action, command, dict(detail or {}))
+        self._insert(list(items), codes, model_version, action, command, dict(detail or {}))
         return len(items)
 
     def add_encoded(self, ds: ImageSet, idx: np.ndarray, codes: np.ndarray, *, model_version: str,
@@ -344,6 +356,12 @@ class SearchIndex:
         idx = np.asarray(idx)
         rep = AddReport()
         items, fresh = self._fresh(ds, rep, idx)
+        with self.lock:
+            gone = self.cat.removed_of(it.id for it in items)
+        if gone:  # a deletion request stands: the federation does not index those images again
+            rep.duplicates.extend((f"removed before: {C.fmt_id(i)}", C.fmt_id(i)) for i in gone)
+            keep = [j for j, it in enumerate(items) if it.id not in gone]
+            items, fresh = [items[j] for j in keep], [fresh[j] for j in keep]
         row = {int(i): j for j, i in enumerate(idx.tolist())}
         if items:
             self.add_codes(items, np.asarray(codes)[[row[i] for i in fresh]], model_version=model_version,
@@ -380,11 +398,18 @@ class SearchIndex:
             keep.append(j)
         return keep
 
-    def _insert(self, items: list[NewItem], codes: np.ndarray, action: str, command: str | None,
-                detail: dict[str, Any]) -> None:
-        version = self.model_version
+    def _insert(self, items: list[NewItem], codes: np.ndarray, version: str, action: str, command: str | None,
+                detail: dict[str, Any], readd: bool = False) -> None:
+        """Insert ``items`` with ``codes`` of model ``version`` in one transaction: refused (nothing added)
+        when the index's current model is no longer ``version`` (an upgrade ran meanwhile)."""
         with self.lock:
             with self.cat.transaction():
+                if not readd:
+                    gone = self.cat.removed_of(it.id for it in items)
+                    if gone:
+                        raise DataError(f"{len(gone)} of the images were removed from this index before (first "
+                                        f"{C.fmt_id(next(iter(gone)))}, removed {next(iter(gone.values()))}); "
+                                        "nothing was added: leave them out, or pass --readd to index them again")
                 clash = self.cat.known(it.id for it in items)
                 if clash:
                     raise DataError(f"{len(clash)} of the images were added by someone else meanwhile "
@@ -393,6 +418,8 @@ class SearchIndex:
                     raise ModelVersionError(f"the index was upgraded to model {self.cat.current_version} during "
                                             f"this add (encoded with {version}); nothing was added, run it again")
                 self.cat.insert(items, codes, version)
+                if readd:
+                    self.cat.forget_removed([it.id for it in items])
                 self.cat.log(action, len(items), version, detail, command)
                 gen = self.cat.bump()
             ids = np.array([it.id for it in items], np.int64)
@@ -441,12 +468,19 @@ class SearchIndex:
                     raise UnknownItemsError(f"{len(gone)} image(s) were removed by someone else meanwhile (first "
                                             f"{C.fmt_id(gone[0])}); nothing was removed, run it again")
                 self.cat.delete(found)
+                self.cat.mark_removed(found)
                 self.cat.log("remove", len(found), self.cat.current_version,
                              {"ids": [C.fmt_id(i) for i in found[:1000]], "unknown": unknown[:1000]}, command)
                 gen = self.cat.bump()
             arr = np.array(found, np.int64)
             # FAISS HNSW cannot delete: that index is rebuilt from the catalogue's codes instead
             self._after_write(gen, None if self.cat.get_meta("kind") == "hnsw" else (lambda idx: idx.remove(arr)))
+            # nothing of a removed image stays behind: the kept versions' FAISS files (rebuilt from the
+            # catalogue when needed) and the deleted pages (secure_delete zeroes them; the WAL is truncated)
+            for f in (self.folder / "faiss").glob("*.faiss*"):
+                if not f.name.startswith(self.model_version + "."):
+                    f.unlink(missing_ok=True)
+            self.cat.checkpoint()
         return len(found)
 
     # ------------------------------------------------------------------ search
@@ -553,12 +587,14 @@ class SearchIndex:
         old = self.model_version
         if enc.version == old:
             raise FedhashError(f"the index already holds codes of model {old}; nothing to upgrade")
-        items = self.cat.all_items()
+        with self.lock:
+            items = self.cat.all_items()
         ds = self._images_of(items)
-        codes = enc.codes(ds) if items else np.zeros((0, enc.bits // 8), np.uint8)
-        self._keep_model(enc)
+        # cache=False: no features of the indexed images are left in the feature cache (a removal takes all)
+        codes = enc.codes(ds, cache=False) if items else np.zeros((0, enc.bits // 8), np.uint8)
         with self.lock:
             with self.cat.transaction():
+                self._keep_model(enc)  # under SQLite's write lock, as the pruning below: neither races another upgrade
                 now_ids = {r[0] for r in self.cat.db.execute("SELECT id FROM items")}
                 if now_ids != {it.id for it in items} or self.cat.current_version != old:
                     raise FedhashError("the index changed during the upgrade (an add or remove ran meanwhile); "
@@ -571,21 +607,22 @@ class SearchIndex:
                 self.cat.put_codes(enc.version, [it.id for it in items], codes)
                 self.cat.set_meta("previous_version", old)
                 self.cat.set_meta("model_version", enc.version)
+                self.cat.set_meta("backbone", enc.backbone_name)
                 self.cat.log("upgrade", len(items), enc.version, {"from": old, "to": enc.version}, command)
                 self.cat.bump()
+                self._prune_files()
             self._encoders[enc.version] = enc
             self._index = None
             self._sync()
-        self._prune_files()
         return len(items)
 
     def rollback(self, *, command: str | None = None) -> str:
         """Back to the previous model (kept since the last upgrade); returns its version."""
-        prev, cur = self.cat.previous_version, self.model_version
-        if not prev or prev not in self.cat.models():
-            raise FedhashError(f"index {self.folder} keeps no previous model to roll back to")
         with self.lock:
             with self.cat.transaction():
+                prev, cur = self.cat.previous_version, self.cat.current_version
+                if not prev or prev not in self.cat.models():
+                    raise FedhashError(f"index {self.folder} keeps no previous model to roll back to")
                 missing = len(self.cat) - self.cat.count_codes(prev)
                 if missing:
                     raise FedhashError(f"{missing} image(s) were added after the upgrade and have no codes of model "
@@ -611,7 +648,12 @@ class SearchIndex:
         """The images of catalogue rows, for re-encoding: kept pixels, or the files (checked unchanged)."""
         paths = [it.path for it in items]
         if all(p is None for p in paths):
-            ims = [C.blob_pixels(self.cat.pixels(it.id)) for it in items]
+            with self.lock:
+                blobs = [self.cat.pixels(it.id) for it in items]
+            if any(b is None for b in blobs):
+                raise FedhashError("the index changed during the upgrade (a remove ran meanwhile); "
+                                   "nothing was changed, run the upgrade again")
+            ims = [C.blob_pixels(b) for b in blobs]
             if len({im.shape for im in ims}) == 1:
                 return ImageSet("catalogue", np.zeros(len(ims), np.int64), ["-"], images=np.stack(ims))
         bad = []
@@ -663,24 +705,34 @@ def create(folder: str | os.PathLike, model: str | os.PathLike | Encoder, *, wei
            cache_dir: str | os.PathLike | None = None, kind: str = "flat", overwrite: bool = False) -> SearchIndex:
     """An empty index of ``model`` in ``folder`` (which must not hold an index yet, unless ``overwrite``)."""
     folder = Path(folder)
-    if (folder / CATALOGUE).exists():
-        if not overwrite:
-            raise FedhashError(f"{folder} already holds an index; add to it (fedhash index add), upgrade it, "
-                               "or pass another --out")
-        for name in (CATALOGUE, CATALOGUE + "-wal", CATALOGUE + "-shm"):
-            (folder / name).unlink(missing_ok=True)
-        for sub in ("models", "faiss"):
-            shutil.rmtree(folder / sub, ignore_errors=True)
+    exists = (folder / CATALOGUE).exists()
+    if exists and not overwrite:
+        raise FedhashError(f"{folder} already holds an index; add to it (fedhash index add), upgrade it, "
+                           "or pass another --out")
+    if kind != "flat":
+        raise FedhashError(f"an index folder is kind 'flat' (exact, removable); {kind!r} is a SiloIndex option "
+                           "for codes in memory (hashing.index), not for a silo's catalogue")
     enc = model if isinstance(model, Encoder) else Encoder.load(model, weights=weights, cache_dir=cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     idx = SearchIndex(folder, weights=weights, cache_dir=cache_dir, _create=True)
-    idx._keep_model(enc)
-    with idx.cat.transaction():
+    with idx.lock, idx.cat.transaction():
+        n = len(idx.cat)
+        if exists:  # --overwrite: the old content goes in the same transaction; the audit log stays
+            idx.cat.db.execute("DELETE FROM items")
+            for v in idx.cat.models():
+                idx.cat.drop_model(v)
+            idx.cat.set_meta("previous_version", "")
+            idx.cat.log("overwrite", n, enc.version, {"removed": n})
+        if not idx.cat.get_meta("uuid"):
+            idx.cat.set_meta("uuid", uuid.uuid4().hex)
+        idx._keep_model(enc)
         idx.cat.add_model(enc.version, f"models/{enc.version}.pt", enc.bits)
         idx.cat.set_meta("model_version", enc.version)
         idx.cat.set_meta("kind", kind)
         idx.cat.set_meta("backbone", enc.backbone_name)
         idx.cat.bump()
+        idx._prune_files()
+    idx.cat.checkpoint()
     idx._encoders[enc.version] = enc
     idx._sync()
     return idx

@@ -450,6 +450,15 @@ class ShardedIndex:
                         ray.kill(a, no_restart=True)
                     except Exception as e:  # already gone
                         log.debug("killing a shard: %s", e)
+                # ray.kill is asynchronous: wait until every shard is dead, so close() returns with none left
+                deadline = time.monotonic() + 30
+                for a in self._actors:
+                    while time.monotonic() < deadline:
+                        try:
+                            ray.get(a.ntotal.remote(), timeout=5)
+                        except Exception:  # RayActorError: dead (a timeout here counts as gone too)
+                            break
+                        time.sleep(0.05)
         finally:
             self._actors = []
             if self._shares_ray:

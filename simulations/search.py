@@ -19,7 +19,7 @@ def _open(args) -> R.SearchIndex:
 def build(args) -> int:
     t0 = time.perf_counter()
     idx, rep = R.build(args.out, args.model, args.data, weights=args.weights, cache_dir=args.cache_dir,
-                       kind=args.kind, strict=args.strict, overwrite=args.overwrite,
+                       strict=args.strict, overwrite=args.overwrite,
                        command=args.command_line)
     with idx:
         print(f"index {args.out}: {rep.summary()}")
@@ -29,7 +29,7 @@ def build(args) -> int:
 
 def add(args) -> int:
     with _open(args) as idx:
-        rep = idx.add(args.data, strict=args.strict, command=args.command_line)
+        rep = idx.add(args.data, strict=args.strict, command=args.command_line, readd=args.readd)
         print(f"index {args.index}: {rep.summary()}; {len(idx)} images now")
     return 0
 
@@ -163,9 +163,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--data", required=True, help="a folder of images, of class/*.png, a CSV manifest path,labels, "
                                                  "an image file, or fashion-mnist | digits")
     b.add_argument("--out", required=True, help="the index folder to create")
-    b.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
-                   help="FAISS index kind (flat: exact and removable, the default)")
-    b.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace the content of an index already in --out (its audit log is kept)")
     b.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     common(b)
     b.set_defaults(func=build)
@@ -173,6 +172,8 @@ def add_parsers(sub) -> None:
     a.add_argument("--index", required=True)
     a.add_argument("--data", required=True)
     a.add_argument("--strict", action="store_true")
+    a.add_argument("--readd", action="store_true",
+                   help="index images that were removed from this index before (default: refused)")
     common(a)
     a.set_defaults(func=add)
     r = isub.add_parser("remove", help="delete images by id, path, content or a manifest (index and catalogue)")

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,7 @@ def test_build_search_add_remove_reload(models, pngs, cache_dir, tmp_path):
     with R.open_index(folder, cache_dir=cache_dir) as again:
         assert len(again) == 496
         _check_against_catalogue(again, queries)
-        path, gen = again.faiss_path(again.model_version), again.cat.generation
+        path, gen = again.faiss_path(again.model_version), again._stamp(again.cat.generation)
     meta = json.loads(Path(str(path) + ".meta.json").read_text())
     assert meta["generation"] == gen and meta["count"] == 496
     with sqlite3.connect(folder / R.CATALOGUE) as db:  # another process's change the FAISS file never saw
@@ -347,11 +348,18 @@ def test_kill_9_during_a_real_cli_add(models, pngs, cache_dir, tmp_path):
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "fedhash"), "index", "add", "--index", str(folder),
                              "--data", "digits", "--cache-dir", str(tmp_path / "cold-cache")], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        proc.wait(timeout=4)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:  # killed once it is at work: it has the catalogue open (after its imports, in the middle of the add)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            fds = [os.readlink(f) for f in Path(f"/proc/{proc.pid}/fd").iterdir() if f.is_symlink()]
+            if any(x.endswith(R.CATALOGUE) for x in fds):
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     with R.open_index(folder, cache_dir=cache_dir) as idx:
         assert len(idx) in (300, 1797) and idx._sync().ntotal == len(idx)
         q = idx.encoder().codes(subset(load_digits(), np.arange(1700, 1710)), cache=False)
@@ -387,3 +395,74 @@ def test_add_reads_each_file_once_skips_damaged_ones_and_uses_the_feature_cache(
     assert dict(zip(*idx2.cat.codes(idx2.model_version))).keys() == direct.keys()
     assert all(np.array_equal(c, direct[i]) for i, c in zip(*idx2.cat.codes(idx2.model_version)))
     idx2.close()
+
+
+def test_an_add_racing_an_upgrade_adds_nothing(models, cache_dir, tmp_path, monkeypatch):
+    """Codes encoded by the old model never land under the new one: another process upgrades mid-add."""
+    digits = load_digits()
+    idx, _ = R.build(tmp_path / "idx", models[0], subset(digits, np.arange(100)), cache_dir=cache_dir)
+    old = idx.model_version
+    enc = idx.encoder()
+    real = enc.logits
+
+    def upgrade_meanwhile(*a, **k):
+        out = real(*a, **k)
+        with R.open_index(tmp_path / "idx", cache_dir=cache_dir) as other:  # "another process"
+            other.upgrade(models[1])
+        return out
+
+    monkeypatch.setattr(enc, "logits", upgrade_meanwhile)
+    with pytest.raises(ModelVersionError, match="nothing was added"):
+        idx.add(subset(digits, np.arange(100, 150)))
+    assert idx.model_version != old and len(idx) == 100
+    assert idx.cat.db.execute("SELECT COUNT(*) FROM codes").fetchone()[0] == 200  # 100 per kept version
+    idx.close()
+
+
+def test_a_removal_leaves_nothing_behind_and_stands(models, cache_dir, tmp_path):
+    digits = load_digits()
+    idx, _ = R.build(tmp_path / "idx", models[0], subset(digits, np.arange(100)), cache_dir=cache_dir)
+    va = idx.model_version
+    idx.upgrade(models[1])
+    idx.rollback()
+    idx.rollback()  # back and forth: the old version's FAISS file is written, which a removal must take too
+    assert idx.faiss_path(va).exists() and idx.model_version != va
+    gone = C.content_id(digits.images[7])
+    # a long-lived index (a server) and a removal by another process
+    other = R.open_index(tmp_path / "idx", cache_dir=cache_dir)
+    q = idx.cat.codes(idx.model_version)[1][:20]
+    assert gone in {h.id for row in other.search_codes(q, 100, model_version=idx.model_version) for h in row}
+    assert idx.remove(images=[digits.images[7]]) == 1
+    assert gone not in {h.id for row in other.search_codes(q, 100, model_version=idx.model_version) for h in row}
+    assert other._sync().ntotal == 99 and gone not in set(other._sync().ids().tolist())
+    other.close()
+    # no code of it in any kept version (raw rows, not joined), no FAISS file of the old version
+    assert idx.cat.db.execute("SELECT COUNT(*) FROM codes WHERE id = ?", (gone,)).fetchone()[0] == 0
+    assert idx.cat.db.execute("SELECT COUNT(*) FROM codes").fetchone()[0] == 2 * 99
+    assert not list((tmp_path / "idx" / "faiss").glob(f"{va}.*"))
+    assert idx.cat.db.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    # the deletion request stands: adding the same image again is refused, unless asked for
+    with pytest.raises(DataError, match="removed from this index before"):
+        idx.add(subset(digits, np.arange(0, 20)))
+    assert len(idx) == 99
+    assert idx.add(subset(digits, np.arange(0, 20)), readd=True).added == 1 and len(idx) == 100
+    # a rollback after the removal does not bring it back: the old model's codes went with it
+    idx.remove(images=[digits.images[7]])
+    idx.rollback()
+    assert idx.model_version == va and len(idx) == 99
+    ids, _ = idx.cat.codes(va)
+    assert gone not in set(ids.tolist())
+    idx.close()
+
+
+def test_overwrite_replaces_the_content_and_keeps_the_audit_log(models, cache_dir, tmp_path):
+    digits = load_digits()
+    R.build(tmp_path / "idx", models[0], subset(digits, np.arange(50)), cache_dir=cache_dir)[0].close()
+    idx, rep = R.build(tmp_path / "idx", models[1], subset(digits, np.arange(50, 80)), cache_dir=cache_dir,
+                       overwrite=True)
+    assert len(idx) == 30 and list(idx.cat.models()) == [idx.model_version]
+    assert [a["action"] for a in idx.cat.audit()] == ["build", "overwrite", "build"]
+    assert sorted(p.name for p in (tmp_path / "idx" / "models").iterdir()) == [f"{idx.model_version}.pt"]
+    with pytest.raises(FedhashError, match="kind 'flat'"):
+        R.create(tmp_path / "other", models[0], kind="ivf")
+    idx.close()
