@@ -78,6 +78,7 @@ class AddReport:
     added: int = 0
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (where, id already indexed)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why: unreadable)
+    removed_before: list[tuple[str, str]] = field(default_factory=list)  # (where, id): left out, a deletion stands
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -85,6 +86,9 @@ class AddReport:
         if self.duplicates:
             parts.append(f"{len(self.duplicates)} already indexed (same pixels; first: {self.duplicates[0][0]} "
                          f"is {self.duplicates[0][1]})")
+        if self.removed_before:
+            parts.append(f"{len(self.removed_before)} removed from this index before, left out (first: "
+                         f"{self.removed_before[0][0]}; --readd indexes them again)")
         if self.skipped:
             parts.append(f"{len(self.skipped)} unreadable skipped (first: {self.skipped[0][0]}: {self.skipped[0][1]})")
         return "; ".join(parts) + f" in {self.seconds:.1f} s"
@@ -288,7 +292,7 @@ class SearchIndex:
         extracted it), the cached features are used instead of the backbone. An image whose pixels are
         already indexed is reported and skipped, an unreadable one too (``strict``: refused); two different
         images whose content ids collide are refused and nothing is added. An image removed from the index
-        before is refused too (a deletion request stands) unless ``readd``."""
+        before is left out and reported (a deletion request stands) unless ``readd``."""
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
@@ -315,6 +319,12 @@ class SearchIndex:
                         rep.skipped.append((_where(ds, i), reason))
                 chunk = [_new_item(ds, i, px) for i, px in zip(pos, pixels)]
                 keep = self._dedupe(chunk, [_where(ds, i) for i in pos], rep, seen)
+                if keep and not readd:
+                    with self.lock:
+                        gone = self.cat.removed_of(chunk[j].id for j in keep)
+                    rep.removed_before.extend((_where(ds, pos[j]), C.fmt_id(chunk[j].id)) for j in keep
+                                              if chunk[j].id in gone)
+                    keep = [j for j in keep if chunk[j].id not in gone]
                 if keep:
                     if cached is not None:
                         logits = cached[[pos[j] for j in keep]]
@@ -359,7 +369,7 @@ class SearchIndex:
         with self.lock:
             gone = self.cat.removed_of(it.id for it in items)
         if gone:  # a deletion request stands: the federation does not index those images again
-            rep.duplicates.extend((f"removed before: {C.fmt_id(i)}", C.fmt_id(i)) for i in gone)
+            rep.removed_before.extend((f"{ds.name}", C.fmt_id(i)) for i in gone)
             keep = [j for j, it in enumerate(items) if it.id not in gone]
             items, fresh = [items[j] for j in keep], [fresh[j] for j in keep]
         row = {int(i): j for j, i in enumerate(idx.tolist())}

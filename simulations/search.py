@@ -173,7 +173,7 @@ def add_parsers(sub) -> None:
     a.add_argument("--data", required=True)
     a.add_argument("--strict", action="store_true")
     a.add_argument("--readd", action="store_true",
-                   help="index images that were removed from this index before (default: refused)")
+                   help="index images that were removed from this index before (default: left out, reported)")
     common(a)
     a.set_defaults(func=add)
     r = isub.add_parser("remove", help="delete images by id, path, content or a manifest (index and catalogue)")

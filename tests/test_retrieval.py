@@ -442,8 +442,12 @@ def test_a_removal_leaves_nothing_behind_and_stands(models, cache_dir, tmp_path)
     assert not list((tmp_path / "idx" / "faiss").glob(f"{va}.*"))
     assert idx.cat.db.execute("PRAGMA secure_delete").fetchone()[0] == 1
     # the deletion request stands: adding the same image again is refused, unless asked for
-    with pytest.raises(DataError, match="removed from this index before"):
-        idx.add(subset(digits, np.arange(0, 20)))
+    rep = idx.add(subset(digits, np.arange(0, 20)))
+    assert rep.added == 0 and [i for _, i in rep.removed_before] == [C.fmt_id(gone)] and len(idx) == 99
+    assert "removed from this index before, left out" in rep.summary()
+    with pytest.raises(DataError, match="removed from this index before"):  # codes handed in: refused
+        idx.add_codes(R.new_items(subset(digits, np.array([7]))), np.zeros((1, 4), np.uint8),
+                      model_version=idx.model_version)
     assert len(idx) == 99
     assert idx.add(subset(digits, np.arange(0, 20)), readd=True).added == 1 and len(idx) == 100
     # a rollback after the removal does not bring it back: the old model's codes went with it
