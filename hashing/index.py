@@ -74,6 +74,15 @@ class Codes(np.ndarray):
     def __array_finalize__(self, obj: Any) -> None:
         self.model_version = getattr(obj, "model_version", None)
 
+    # pickling (Ray, multiprocessing) keeps the version: without these, ndarray's own pickle drops it
+    def __reduce__(self):
+        fn, args, state = super().__reduce__()
+        return fn, args, (state, self.model_version)
+
+    def __setstate__(self, state) -> None:
+        nd_state, self.model_version = state
+        super().__setstate__(nd_state)
+
 
 class UnknownIdsError(FedhashError, KeyError):
     """``remove`` was asked for ids the index does not hold."""

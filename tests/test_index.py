@@ -327,3 +327,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "i.faiss.meta.json").read_bytes() == before_meta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i.faiss", "i.faiss.meta.json"]
     assert len(SiloIndex.load(path)) == 100
+
+
+def test_codes_keep_their_model_version_through_pickle():
+    import pickle
+
+    from hashing.index import Codes
+
+    c = Codes(np.arange(16, dtype=np.uint8).reshape(2, 8), "v1")
+    back = pickle.loads(pickle.dumps(c))
+    assert isinstance(back, Codes) and back.model_version == "v1" and np.array_equal(back, c)
+    assert pickle.loads(pickle.dumps(c[1:])).model_version == "v1"
