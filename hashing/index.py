@@ -267,6 +267,33 @@ class SiloIndex:
             raise FedhashError(f"{what} must be >= 0 (-1 marks missing results), got {_fmt_ids(arr[arr < 0])}")
         return arr
 
+    # the argument checks of add, remove and search (hashing.shards.ShardedIndex makes the same ones)
+    def _add_args(self, codes: Any, ids: Any, model_version: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(codes, ids, sorted unique ids) of an add, or the error that refuses it."""
+        self._check_version(codes, model_version, required=False)
+        x = self._check_codes(codes, "codes")
+        idx = self._check_ids(ids, x.shape[0], "ids")
+        uniq, counts = np.unique(idx, return_counts=True)
+        if uniq.size != idx.size:
+            raise FedhashError(f"duplicate ids within this add: {_fmt_ids(uniq[counts > 1])}; ids must be unique")
+        return x, idx, uniq
+
+    def _remove_args(self, ids: Any) -> np.ndarray:
+        """The sorted unique ids of a removal, or the error that refuses it."""
+        if self.kind == "hnsw":
+            raise FedhashError("an hnsw index cannot remove ids (FAISS HNSW has no deletion); "
+                               "build the index with kind='flat' or kind='ivf' to remove")
+        return np.unique(self._check_ids(ids, None, "ids to remove"))
+
+    def _search_args(self, query_codes: Any, k: int, model_version: str | None) -> tuple[np.ndarray, int]:
+        """(query codes, k) of a search, or the error that refuses it."""
+        self._check_version(query_codes, model_version, required=True)
+        q = self._check_codes(query_codes, "query codes")
+        k = int(k)
+        if k < 1:
+            raise FedhashError(f"k must be >= 1, got {k}")
+        return q, k
+
     # ------------------------------------------------------------------ mutation
     def add(self, codes: Any, ids: Any, *, model_version: str | None = None) -> None:
         """Add ``codes`` (uint8 (n, bits/8)) under ``ids`` (int64 (n,)).
@@ -274,14 +301,9 @@ class SiloIndex:
         Duplicate ids, within the call or already stored, are refused and nothing is added.
         Codes carrying a ``model_version`` (``Codes``) or ``model_version=`` must match the index.
         """
-        self._check_version(codes, model_version, required=False)
-        x = self._check_codes(codes, "codes")
-        idx = self._check_ids(ids, x.shape[0], "ids")
+        x, idx, uniq = self._add_args(codes, ids, model_version)
         if idx.size == 0:
             return
-        uniq, counts = np.unique(idx, return_counts=True)
-        if uniq.size != idx.size:
-            raise FedhashError(f"duplicate ids within this add: {_fmt_ids(uniq[counts > 1])}; ids must be unique")
         present = self._present(uniq)
         if present.any():
             raise FedhashError(f"ids already in the index: {_fmt_ids(uniq[present])}; "
@@ -303,10 +325,7 @@ class SiloIndex:
 
         Repeated ids in the request count once. Returns the number of codes removed.
         """
-        if self.kind == "hnsw":
-            raise FedhashError("an hnsw index cannot remove ids (FAISS HNSW has no deletion); "
-                               "build the index with kind='flat' or kind='ivf' to remove")
-        idx = np.unique(self._check_ids(ids, None, "ids to remove"))
+        idx = self._remove_args(ids)
         if idx.size == 0:
             return 0
         present = self._present(idx)
@@ -331,11 +350,7 @@ class SiloIndex:
         Missing results (fewer than ``k`` found) have id -1 and distance ``INT32_MAX``.
         Ties at equal distance come in FAISS's order (unspecified).
         """
-        self._check_version(query_codes, model_version, required=True)
-        q = self._check_codes(query_codes, "query codes")
-        k = int(k)
-        if k < 1:
-            raise FedhashError(f"k must be >= 1, got {k}")
+        q, k = self._search_args(query_codes, k, model_version)
         if self.ntotal == 0:
             return (np.full((q.shape[0], k), PAD_DISTANCE, np.int32), np.full((q.shape[0], k), -1, np.int64))
         D, I = self._index.search(q, k)

@@ -331,14 +331,9 @@ class ShardedIndex:
     # ------------------------------------------------------------------ mutation
     def add(self, codes: Any, ids: Any, *, model_version: str | None = None) -> None:
         """Add ``codes`` (uint8 (n, bits/8)) under ``ids``; refused as a whole, as ``SiloIndex.add`` is."""
-        self._check._check_version(codes, model_version, required=False)
-        x = self._check._check_codes(codes, "codes")
-        idx = SiloIndex._check_ids(ids, x.shape[0], "ids")
+        x, idx, _ = self._check._add_args(codes, ids, model_version)
         if idx.size == 0:
             return
-        uniq, counts = np.unique(idx, return_counts=True)
-        if uniq.size != idx.size:
-            raise FedhashError(f"duplicate ids within this add: {_fmt_ids(uniq[counts > 1])}; ids must be unique")
         with self._write:
             self._add(x, idx)
 
@@ -364,10 +359,7 @@ class ShardedIndex:
 
         Every shard is asked first and only then told to remove. A search running meanwhile may see some
         shards before and some after the removal (each shard's own change is atomic)."""
-        if self.kind == "hnsw":
-            raise FedhashError("an hnsw index cannot remove ids (FAISS HNSW has no deletion); "
-                               "build the index with kind='flat' or kind='ivf' to remove")
-        idx = np.unique(SiloIndex._check_ids(ids, None, "ids to remove"))
+        idx = self._check._remove_args(ids)
         if idx.size == 0:
             return 0
         with self._write:
@@ -392,11 +384,7 @@ class ShardedIndex:
         """Hamming k-NN over all shards: ``(distances int32 (nq, k), ids int64 (nq, k))``, by (distance, id).
 
         Every shard searches at once; the call returns when all have answered."""
-        self._check._check_version(query_codes, model_version, required=True)
-        q = self._check._check_codes(query_codes, "query codes")
-        k = int(k)
-        if k < 1:
-            raise FedhashError(f"k must be >= 1, got {k}")
+        q, k = self._check._search_args(query_codes, k, model_version)
         if q.shape[0] == 0:
             return np.empty((0, k), np.int32), np.empty((0, k), np.int64)
         q = np.ascontiguousarray(q).view(np.ndarray)
