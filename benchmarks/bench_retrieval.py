@@ -114,7 +114,7 @@ def index_vs_faiss(idx: R.SearchIndex, queries: list[Path], repeats: int) -> tup
     raw = faiss.IndexBinaryFlat(codes.shape[1] * 8)
     raw.add(codes)
     enc = idx.encoder()
-    qcodes = enc.codes(R.query_set([R.read_query(q) for q in queries]), cache=False)
+    qcodes = enc.codes(R.query_set([R.read_query(q) for q in queries]))
     silo = idx._sync()
     v = idx.model_version
     full, ours, theirs = [], [], []

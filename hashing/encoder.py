@@ -19,7 +19,7 @@ from .backbones import backbone_for
 from .codes import logits_to_codes
 from .data import ImageSet
 from .errors import ModelVersionError
-from .features import cached_features, extract, lookup
+from .features import extract, lookup
 from .hashers import FeatureHead, Hasher, Inputs
 from .model import build, read_record
 
@@ -70,12 +70,11 @@ class Encoder:
             self._backbone = model
         return self._backbone
 
-    def logits(self, ds: ImageSet, idx: np.ndarray | None = None, *, cache: bool = True,
+    def logits(self, ds: ImageSet, idx: np.ndarray | None = None, *,
                timings: dict[str, float] | None = None, progress: bool = True) -> np.ndarray:
-        """Logits (n, bits) float32 of the clean view of images ``idx`` of ``ds`` (default: all).
-
-        ``cache``: read and keep backbone features in the feature cache (an index build); off for one
-        query. ``timings`` (a dict) gets the seconds spent in the backbone and in the hash head."""
+        """Logits (n, bits) float32 of the clean view of images ``idx`` of ``ds`` (default: all), from the
+        backbone; nothing is written to the feature cache (:meth:`cached_logits` reads it).
+        ``timings`` (a dict) gets the seconds spent in the backbone and in the hash head."""
         idx = np.arange(len(ds)) if idx is None else np.asarray(idx, dtype=np.int64)
         t0 = time.perf_counter()
         if not self.reads_features:  # LoRA: the adapted backbone and the head are one function
@@ -83,12 +82,7 @@ class Encoder:
             if timings is not None:
                 timings["backbone"] = timings.get("backbone", 0.0) + time.perf_counter() - t0
             return out
-        if cache:
-            feats = cached_features(self.backbone, self.backbone_name, ds, idx, size=self.size,
-                                    cache_dir=self.cache_dir, weights_id=self.identity["weights_id"],
-                                    desc="encoding")
-        else:
-            feats = extract(self.backbone(), ds, idx, size=self.size, desc="encoding", progress=progress)
+        feats = extract(self.backbone(), ds, idx, size=self.size, desc="encoding", progress=progress)
         t1 = time.perf_counter()
         out = self.hasher.encode_features(np.asarray(feats))
         if timings is not None:

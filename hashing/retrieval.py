@@ -329,7 +329,7 @@ class SearchIndex:
                     if cached is not None:
                         logits = cached[[pos[j] for j in keep]]
                     else:
-                        logits = enc.logits(query_set([pixels[j] for j in keep]), cache=False, progress=False)
+                        logits = enc.logits(query_set([pixels[j] for j in keep]), progress=False)
                     codes.append(logits_to_codes(logits))
                     items.extend(chunk[j] for j in keep)
                 bar.update(len(pixels) + (min(start + ADD_CHUNK, len(ds)) - start - len(pixels)))
@@ -505,7 +505,7 @@ class SearchIndex:
             # encoding runs outside the lock (deletes, reads and other searches' FAISS steps go on meanwhile),
             # as many at a time as the cores hold torch's threads: more would only oversubscribe them
             with self._encode_slots:
-                logits = enc.logits(ds, cache=False, timings=timings)
+                logits = enc.logits(ds, timings=timings)
             with self.lock:
                 index = self._sync()
                 if index.model_version != enc.version and attempt == 0:
@@ -600,8 +600,8 @@ class SearchIndex:
         with self.lock:
             items = self.cat.all_items()
         ds = self._images_of(items)
-        # cache=False: no features of the indexed images are left in the feature cache (a removal takes all)
-        codes = enc.codes(ds, cache=False) if items else np.zeros((0, enc.bits // 8), np.uint8)
+        # the encoder writes nothing to the feature cache: no features of indexed images stay behind a removal
+        codes = enc.codes(ds) if items else np.zeros((0, enc.bits // 8), np.uint8)
         with self.lock:
             with self.cat.transaction():
                 self._keep_model(enc)  # under SQLite's write lock, as the pruning below: neither races another upgrade

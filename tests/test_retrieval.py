@@ -106,10 +106,10 @@ def test_build_search_add_remove_reload(models, pngs, cache_dir, tmp_path):
         me = next(h for h in top if h.id == C.content_id(digits.images[i]))
         assert me.labels == (str(digits.labels[i]),)
     # the query goes through the same encoder as the database: the codes equal those the catalogue holds
-    q_codes = logits_to_codes(enc.logits(R.query_set(q), cache=False))
+    q_codes = logits_to_codes(enc.logits(R.query_set(q)))
     held = dict(zip(*idx.cat.codes(idx.model_version)))
     assert np.array_equal(q_codes[0], held[C.content_id(digits.images[7])])
-    queries = logits_to_codes(enc.logits(R.query_set(list(digits.images[1000:1040])), cache=False))
+    queries = logits_to_codes(enc.logits(R.query_set(list(digits.images[1000:1040]))))
     _check_against_catalogue(idx, queries)
 
     # add: a flat folder (no labels) and the in-memory set (whose first 300 are duplicates of the PNGs)
@@ -164,7 +164,7 @@ def test_asymmetric_search_reranks_the_hamming_shortlist(models, cache_dir, tmp_
     idx, _ = R.build(tmp_path / "idx", models[0], subset(load_digits(), np.arange(600)), cache_dir=cache_dir)
     digits = load_digits()
     q = list(digits.images[700:720])
-    logits = idx.encoder().logits(R.query_set(q), cache=False)
+    logits = idx.encoder().logits(R.query_set(q))
     hits = idx.search(q, k=5, asymmetric=True)
     ids, codes = idx.cat.codes(idx.model_version)
     bits = np.unpackbits(codes, axis=1, bitorder="little").astype(np.float64)
@@ -212,7 +212,7 @@ def test_upgrade_and_rollback(models, cache_dir, tmp_path):
     va = idx.model_version
     q = list(digits.images[1500:1510])
     before = idx.search(q, 5)
-    qa = logits_to_codes(idx.encoder().logits(R.query_set(q), cache=False))
+    qa = logits_to_codes(idx.encoder().logits(R.query_set(q)))
     assert idx.upgrade(b) == 400
     vb = idx.model_version
     assert vb != va and idx.cat.previous_version == va
@@ -224,13 +224,13 @@ def test_upgrade_and_rollback(models, cache_dir, tmp_path):
     assert np.array_equal(codes, fresh[order])
     with pytest.raises(ModelVersionError, match=f"{va}.*{vb}"):
         idx.search_codes(qa, 5, model_version=va)
-    _check_against_catalogue(idx, logits_to_codes(enc_b.logits(R.query_set(q), cache=False)))
+    _check_against_catalogue(idx, logits_to_codes(enc_b.logits(R.query_set(q))))
     assert sorted(p.name for p in (tmp_path / "idx" / "models").iterdir()) == sorted([f"{va}.pt", f"{vb}.pt"])
     # a removal takes the image out of every kept version
     idx.remove(images=[digits.images[0]])
     assert idx.cat.count_codes(va) == idx.cat.count_codes(vb) == 399
     assert idx.rollback() == va and idx.model_version == va
-    qa_codes = logits_to_codes(idx.encoder(va).logits(R.query_set(q), cache=False))
+    qa_codes = logits_to_codes(idx.encoder(va).logits(R.query_set(q)))
     assert np.array_equal(qa_codes, qa)  # the old model's own copy, unchanged
     _check_against_catalogue(idx, qa)
     after = idx.search(q, 5)
@@ -333,7 +333,7 @@ def test_kill_9_leaves_index_and_catalogue_consistent(models, cache_dir, tmp_pat
         assert idx.model_version == version  # an interrupted upgrade changed nothing
         n = 260 if where == "after-commit" else 200
         assert len(idx) == n and idx._sync().ntotal == n and idx.cat.count_codes(version) == n
-        q = idx.encoder().codes(subset(digits, np.arange(1700, 1720)), cache=False)
+        q = idx.encoder().codes(subset(digits, np.arange(1700, 1720)))
         _check_against_catalogue(idx, q)
         assert [a["action"] for a in idx.cat.audit()] == (["build", "add"] if n == 260 else ["build"])
         # and the index goes on working
@@ -362,7 +362,7 @@ def test_kill_9_during_a_real_cli_add(models, pngs, cache_dir, tmp_path):
         proc.wait()
     with R.open_index(folder, cache_dir=cache_dir) as idx:
         assert len(idx) in (300, 1797) and idx._sync().ntotal == len(idx)
-        q = idx.encoder().codes(subset(load_digits(), np.arange(1700, 1710)), cache=False)
+        q = idx.encoder().codes(subset(load_digits(), np.arange(1700, 1710)))
         _check_against_catalogue(idx, q)
 
 
