@@ -338,5 +338,7 @@ def build_index(cfg: Config, data: SiloData, hasher: Hasher, model_version: str,
     else:
         idx = retrieval.create(folder, enc, weights=cfg.weights, cache_dir=cfg.cache_dir)
     with idx:
-        idx.add_encoded(data.silo.ds, sp.database, codes, model_version=model_version, action="build", detail=detail)
+        digests = data.silo.content_digests()  # read once already, for the silo's provenance
+        idx.add_encoded(data.silo.ds, sp.database, codes, model_version=model_version, action="build", detail=detail,
+                        digests=[digests[i] for i in sp.database])
         return folder, len(idx)

@@ -138,19 +138,26 @@ def _labels_of(ds: ImageSet, i: int) -> tuple[str, ...]:
     return (ds.classes[int(y)],)
 
 
-def new_items(ds: ImageSet, idx: np.ndarray | None = None) -> list[NewItem]:
-    """Content ids, digests, places and labels of images ``idx`` of ``ds`` (pixels kept for in-memory ones)."""
+def new_items(ds: ImageSet, idx: np.ndarray | None = None,
+              digests: Sequence[tuple[int, str]] | None = None) -> list[NewItem]:
+    """Content ids, digests, places and labels of images ``idx`` of ``ds`` (pixels kept for in-memory ones).
+    ``digests`` (the (id, sha256) of each image of ``idx``, known already): image files are not read again."""
     from tqdm.auto import tqdm
 
     idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
     out = []
-    for i in tqdm(idx, desc="content ids", unit="img", leave=False, mininterval=1.0, disable=len(idx) < 1000):
-        out.append(_new_item(ds, int(i), ds.image(int(i))))
+    for j, i in enumerate(tqdm(idx, desc="content ids", unit="img", leave=False, mininterval=1.0,
+                               disable=len(idx) < 1000)):
+        digest = None if digests is None else digests[j]
+        px = None if digest is not None and ds.paths is not None else ds.image(int(i))
+        out.append(_new_item(ds, int(i), px, digest))
     return out
 
 
-def _new_item(ds: ImageSet, i: int, px: np.ndarray) -> NewItem:
-    cid, sha = C.content_digest(px)
+def _new_item(ds: ImageSet, i: int, px: np.ndarray | None, digest: tuple[int, str] | None = None) -> NewItem:
+    """A catalogue row of image ``i`` of ``ds``: ``px`` its pixels (only needed without ``digest`` or for an
+    image with no file), ``digest`` its (content id, sha256) if known."""
+    cid, sha = C.content_digest(px) if digest is None else digest
     path = ds.paths[i] if ds.paths is not None else None
     return NewItem(cid, sha, path, _labels_of(ds, i), None if path else C.pixels_blob(px))
 
@@ -358,14 +365,15 @@ class SearchIndex:
         return len(items)
 
     def add_encoded(self, ds: ImageSet, idx: np.ndarray, codes: np.ndarray, *, model_version: str,
-                    command: str | None = None, action: str = "add",
-                    detail: Mapping[str, Any] | None = None) -> AddReport:
+                    command: str | None = None, action: str = "add", detail: Mapping[str, Any] | None = None,
+                    digests: Sequence[tuple[int, str]] | None = None) -> AddReport:
         """Add images ``idx`` of ``ds`` whose codes (row j for image ``idx[j]``) are already computed, skipping
-        those indexed already (what a federation's index phase does with the codes it scored)."""
+        those indexed already (what a federation's index phase does with the codes it scored). ``digests``:
+        their (content id, sha256), when known (:meth:`hashing.silos.Silo.content_digests`)."""
         t0 = time.perf_counter()
         idx = np.asarray(idx)
         rep = AddReport()
-        items, fresh = self._fresh(ds, rep, idx)
+        items, fresh = self._fresh(ds, rep, idx, digests)
         with self.lock:
             gone = self.cat.removed_of(it.id for it in items)
         if gone:  # a deletion request stands: the federation does not index those images again
@@ -380,11 +388,12 @@ class SearchIndex:
         rep.added, rep.seconds = len(items), time.perf_counter() - t0
         return rep
 
-    def _fresh(self, ds: ImageSet, rep: AddReport, idx: np.ndarray | None = None) -> tuple[list[NewItem], list[int]]:
+    def _fresh(self, ds: ImageSet, rep: AddReport, idx: np.ndarray | None = None,
+               digests: Sequence[tuple[int, str]] | None = None) -> tuple[list[NewItem], list[int]]:
         """The images of ``ds`` (``idx``; default all) not indexed yet, and their positions in ``ds``;
         duplicates (same pixels as an indexed image, or as an earlier one of ``ds``) go to ``rep``."""
         idx = np.arange(len(ds)) if idx is None else np.asarray(idx)
-        items = new_items(ds, idx)
+        items = new_items(ds, idx, digests)
         keep = self._dedupe(items, [_where(ds, int(i)) for i in idx], rep, {})
         return [items[j] for j in keep], [int(idx[j]) for j in keep]
 
@@ -463,13 +472,19 @@ class SearchIndex:
         """Delete images by content id, path or content from the catalogue (every kept model version's
         codes with them) and the FAISS index, in one transaction. If any named image is not held,
         ``UnknownItemsError`` and nothing changes (unless ``missing_ok``). Returns how many were removed."""
+        return self.remove_named(ids=ids, paths=paths, images=images, missing_ok=missing_ok, command=command)[0]
+
+    def remove_named(self, *, ids: Iterable[int | str] = (), paths: Iterable[str] = (),
+                     images: Iterable[np.ndarray | str] = (), missing_ok: bool = False,
+                     command: str | None = None) -> tuple[int, list[str]]:
+        """:meth:`remove`, returning also what named nothing held (left as it was; the rest is removed under ``missing_ok``)."""
         found, unknown = self.resolve(ids=ids, paths=paths, images=images)
         if unknown and not missing_ok:
             shown = "; ".join(unknown[:5]) + (f"; ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
             raise UnknownItemsError(f"not in the index {self.folder}: {shown}; nothing was removed "
                                     "(--missing-ok removes the others)")
         if not found:
-            return 0
+            return 0, unknown
         with self.lock:
             with self.cat.transaction():
                 held = self.cat.items(found)
@@ -491,7 +506,7 @@ class SearchIndex:
                 if not f.name.startswith(self.model_version + "."):
                     f.unlink(missing_ok=True)
             self.cat.checkpoint()
-        return len(found)
+        return len(found), unknown
 
     # ------------------------------------------------------------------ search
     def search(self, images: Sequence[np.ndarray] | ImageSet, k: int = 10, *, asymmetric: bool = False,

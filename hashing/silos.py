@@ -83,7 +83,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .cache import cache_root
-from .catalogue import content_id, fingerprint
+from .catalogue import content_digest, fingerprint
 from .config import PARTITIONERS, Config
 from .data import ImageSet, Splits, load_animal_mnist, load_dataset, make_splits, subset
 from .errors import ConfigError, DataError
@@ -116,15 +116,18 @@ class Silo:
     source_ids: np.ndarray  # int64, sorted: the silo's images' indices in the parent data set
     domain: str = "none"
 
-    _content_ids: np.ndarray | None = field(default=None, repr=False)
+    _digests: list[tuple[int, str]] | None = field(default=None, repr=False)
+
+    def content_digests(self) -> list[tuple[int, str]]:
+        """(content id, sha256) of each of the silo's images, in order (:func:`hashing.catalogue.content_digest`:
+        the id is 63 bits of the sha256 of its pixels); computed once, each image read once."""
+        if self._digests is None:
+            self._digests = [content_digest(self.ds.image(i)) for i in range(len(self.ds))]
+        return self._digests
 
     def content_ids(self) -> np.ndarray:
-        """The content id (:func:`hashing.catalogue.content_id`: 63 bits of the sha256 of its pixels) of
-        each of the silo's images, in order; computed once."""
-        if self._content_ids is None:
-            self._content_ids = np.fromiter((content_id(self.ds.image(i)) for i in range(len(self.ds))),
-                                            dtype=np.int64, count=len(self.ds))
-        return self._content_ids
+        """The content id of each of the silo's images, in order."""
+        return np.fromiter((i for i, _ in self.content_digests()), dtype=np.int64, count=len(self.ds))
 
     def content_fingerprint(self) -> str:
         """The silo's provenance: sha256 (16 hex) of its images' content ids and its domain. It says which

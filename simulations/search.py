@@ -67,8 +67,8 @@ def remove(args) -> int:
     if not (ids or paths or images):
         raise FedhashError("name what to remove: --id, --path, --image (by content) or --manifest")
     with _open(args) as idx:
-        _, unknown = idx.resolve(ids=ids, paths=paths, images=images)
-        n = idx.remove(ids=ids, paths=paths, images=images, missing_ok=args.missing_ok, command=args.command_line)
+        n, unknown = idx.remove_named(ids=ids, paths=paths, images=images, missing_ok=args.missing_ok,
+                                      command=args.command_line)
         msg = f"index {args.index}: removed {n} image(s); {len(idx)} left"
         if unknown:
             msg += f"; {len(unknown)} not in the index, left as they were (first: {unknown[0]})"
