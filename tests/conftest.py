@@ -26,3 +26,15 @@ def write_png(path, arr: np.ndarray) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
+
+
+def train_digits(root, cache_dir, *, bits: int, epochs: int = 3):
+    """A tiny model, trained as a user would (``fedhash train`` on scikit-learn's digits, 32 px); returns
+    its run folder, the only one ``root`` then holds."""
+    from simulations.cli import main
+
+    rc = main(["train", "--data", "digits", "--bits", str(bits), "--size", "32", "--views", "2", "--n-train", "600",
+               "--epochs", str(epochs), "--batch-size", "128", "--runs-dir", str(root), "--cache-dir", str(cache_dir)])
+    assert rc == 0
+    (run,) = list(root.iterdir())
+    return run

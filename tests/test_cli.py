@@ -7,15 +7,12 @@ from sklearn.metrics import average_precision_score
 
 from simulations.cli import main
 
+from .conftest import train_digits
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
-    root = tmp_path_factory.mktemp("runs")
-    rc = main(["train", "--data", "digits", "--bits", "16", "--size", "32", "--views", "2", "--n-train", "600",
-               "--epochs", "3", "--batch-size", "128", "--runs-dir", str(root), "--cache-dir", str(cache_dir)])
-    assert rc == 0
-    (d,) = list(root.iterdir())
-    return d
+    return train_digits(tmp_path_factory.mktemp("runs"), cache_dir, bits=16)
 
 
 def test_train_writes_run_folder(run):

@@ -23,23 +23,16 @@ from hashing.data import load_digits, subset
 from hashing.errors import DataError, FedhashError, ModelVersionError
 from simulations.cli import main
 
-from .conftest import write_png
+from .conftest import train_digits, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train(root: Path, cache: Path, epochs: int) -> Path:
-    rc = main(["train", "--data", "digits", "--bits", "32", "--size", "32", "--views", "2", "--n-train", "600",
-               "--epochs", str(epochs), "--batch-size", "128", "--runs-dir", str(root), "--cache-dir", str(cache)])
-    assert rc == 0
-    return max(root.iterdir(), key=lambda p: p.stat().st_mtime)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("models")
-    a = _train(root / "a", cache_dir, 3)
-    b = _train(root / "b", cache_dir, 4)
+    a = train_digits(root / "a", cache_dir, bits=32, epochs=3)
+    b = train_digits(root / "b", cache_dir, bits=32, epochs=4)
     return a, b
 
 

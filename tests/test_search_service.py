@@ -18,7 +18,7 @@ import pytest
 
 from hashing import catalogue as C
 from hashing import retrieval as R
-from tests.conftest import write_png
+from tests.conftest import train_digits, write_png
 
 TOKEN = "test-token-" + "q" * 32
 CHROMIUM = "/usr/bin/chromium"
@@ -30,14 +30,7 @@ N_IMAGES = 200
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
-    from simulations.cli import main
-
-    root = tmp_path_factory.mktemp("runs")
-    rc = main(["train", "--data", "digits", "--bits", "32", "--size", "32", "--views", "2", "--n-train", "600",
-               "--epochs", "3", "--batch-size", "128", "--runs-dir", str(root), "--cache-dir", str(cache_dir)])
-    assert rc == 0
-    (d,) = list(root.iterdir())
-    return d
+    return train_digits(tmp_path_factory.mktemp("runs"), cache_dir, bits=32)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from hashing.errors import CodeLengthError, FedhashError, ModelVersionError
 from hashing.index import PAD_DISTANCE, Codes, SiloIndex, UnknownIdsError
 from hashing.shards import LocalCluster, ShardedIndex, merge_topk, shard_of
 
+from .conftest import train_digits
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = ROOT / ".venv" / "bin" / "ray"
 BITS, V = 64, "shard-test-v1"
@@ -155,13 +157,7 @@ def empty(sharded):
 @pytest.fixture(scope="module")
 def index_folder(cluster, tmp_path_factory, cache_dir):
     """A tiny model trained by the CLI, and an index folder of scikit-learn's digits built with it."""
-    from simulations.cli import main
-
-    root = tmp_path_factory.mktemp("shard-models")
-    rc = main(["train", "--data", "digits", "--bits", "16", "--size", "32", "--views", "2", "--n-train", "600",
-               "--epochs", "3", "--batch-size", "128", "--runs-dir", str(root), "--cache-dir", str(cache_dir)])
-    assert rc == 0
-    run = max(root.iterdir(), key=lambda p: p.stat().st_mtime)
+    run = train_digits(tmp_path_factory.mktemp("shard-models"), cache_dir, bits=16)
     folder = tmp_path_factory.mktemp("shard-index") / "index"
     idx, rep = R.build(folder, run, load_digits(), cache_dir=cache_dir)
     assert rep.added > 1000
