@@ -12,6 +12,8 @@ protocol (``hashing.federated.protocol``) names every record and key, ``client.s
 - ``query.index``: encode the database with the global function, fill the silo's index folder
   (catalogue of content ids, FAISS codes, the model; hashing.retrieval) stamped with the model
   version, and evaluate the final model.
+- ``query.search``: another site's query codes (never an image): the silo's top-k in its own index,
+  content ids and Hamming distances, plus labels only where the node config's ``search-share`` says so.
 
 The silo's data comes from the node config: ``partition-id`` in simulation, ``data`` (a folder or
 manifest) and ``silo`` at a real site.
@@ -19,11 +21,12 @@ manifest) and ``silo`` at a real site.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from hashing.backbones import weights_fingerprint
@@ -69,6 +72,7 @@ class Received:
 def _receive(msg: Message, context: Context, *, model: bool = True) -> Received:
     rc = P.read_round_config(msg.content[P.CONFIG])
     node = context.node_config
+    site.check_node_config(node)
     cfg = site.own_settings(Config.from_json(rc.fedconfig), node)
     site.set_threads(cfg, node)
     _warm_up()
@@ -156,4 +160,26 @@ def index(msg: Message, context: Context) -> Message:
     score = site.evaluate(got.cfg, got.data, got.hasher, got.digest)
     content = RecordDict({P.METRICS: MetricRecord(P.evaluation(score.map, score.bit_balance, num_examples=n)),
                           P.SILO: _silo(got.data, str(path))})
+    return Message(content, reply_to=msg)
+
+
+@app.query(P.query_action(P.MSG_SEARCH))
+def search(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    queries = msg.content.array_records.get(P.QUERIES)
+    if queries is None or P.CONFIG not in msg.content.config_records:
+        raise FedhashError("the search message lacks its query codes or config; server and silo must run the same "
+                           "fedhash")
+    try:
+        req = P.read_search_request(queries, msg.content[P.CONFIG])
+    except ValueError as e:
+        raise FedhashError(f"a malformed search message: {e}") from None
+    res = site.search(context.node_config, req)
+    hits, shared = P.search_reply(res.ids, res.distances, res.labels)
+    content = RecordDict({
+        P.HITS: ArrayRecord(OrderedDict((k, Array(v)) for k, v in hits.items())),
+        P.METRICS: MetricRecord({P.N_DB: res.n_db, P.SECONDS: time.perf_counter() - t0}),
+        P.SILO: ConfigRecord({P.SILO_NAME: res.silo})})
+    if shared is not None:
+        content[P.SHARED] = ConfigRecord(shared)
     return Message(content, reply_to=msg)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,16 +28,18 @@ from hashing.atomic import atomic_path
 from hashing.backbones import backbone_for, backbone_identity
 from hashing.cache import cache_root
 from hashing.codes import logits_to_codes
-from hashing.config import Config
+from hashing.config import Config, failures_of
 from hashing.data import load_dataset
 from hashing.encoder import Encoder
 from hashing.errors import ConfigError, DataError, ModelVersionError
 from hashing.features import cached_features
 from hashing.federated import pooling
+from hashing.federated import protocol as P
+from hashing.federated.search import PAD_DISTANCE, PAD_ID
 from hashing.hashers import Hasher, Inputs, create_hasher
 from hashing.metrics import retrieval_metrics
 from hashing.privacy import accountant, dpsgd, release
-from hashing.silos import Silo, local_silo, make_silo, source_dataset
+from hashing.silos import Silo, local_silo, make_silo, silo_name, source_dataset
 from hashing.train import History, Schedule, train
 
 log = logging.getLogger("fedhash.client")
@@ -44,6 +47,7 @@ _lock = threading.Lock()
 
 # node-config keys a site sets for itself (flower-supernode --node-config '...')
 NODE_DATA, NODE_SILO, NODE_OUT_DIR, NODE_CACHE_DIR, NODE_THREADS = "data", "silo", "out-dir", "cache-dir", "threads"
+NODE_SHARE = "search-share"  # what a search reply may carry beyond content ids and distances: "" or "labels"
 NODE_PARTITION, NODE_PARTITIONS = "partition-id", "num-partitions"  # set by Flower's simulation engine
 
 
@@ -65,8 +69,36 @@ def set_threads(cfg: Config, node_config: Mapping[str, Any]) -> None:
 
 
 def out_dir(cfg: Config, node_config: Mapping[str, Any]) -> str:
-    """Where a node writes its index: the site's own out-dir at a real site, the run's in simulation."""
+    """Where a node keeps its index: a real site's own out-dir (only its node config names it), the run's
+    out-dir in simulation."""
+    if NODE_DATA in node_config:
+        check_node_config(node_config)
+        return str(node_config[NODE_OUT_DIR])
     return str(node_config.get(NODE_OUT_DIR, cfg.out_dir))
+
+
+def check_node_config(node_config: Mapping[str, Any]) -> None:
+    """A real site's node config names where its index goes, and shares only what fedhash can share;
+    checked at the first message, before any work."""
+    if NODE_DATA in node_config and not str(node_config.get(NODE_OUT_DIR, "")).strip():
+        raise ConfigError(f"the node config of site '{node_silo_name(node_config)}' names no out-dir; a site keeps its "
+                          "index where its own node config says: add out-dir=\"/var/lib/fedhash\" to --node-config")
+    shared_fields(node_config)
+
+
+def shared_fields(node_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """What the site's search replies carry beyond content ids and distances (node config ``search-share``)."""
+    raw = [x.strip().lower() for x in str(node_config.get(NODE_SHARE, "")).split(",") if x.strip()]
+    bad = [x for x in raw if x not in P.SHAREABLE]
+    if bad:
+        raise ConfigError(f"node config {NODE_SHARE}={node_config.get(NODE_SHARE)!r} names {bad[0]!r}; a site can "
+                          f"share: {', '.join(P.SHAREABLE)} (or nothing: ids and distances only)")
+    return tuple(dict.fromkeys(raw))
+
+
+def node_silo_name(node_config: Mapping[str, Any]) -> str:
+    """A real site's silo name: its node config's ``silo``, else its data folder's name."""
+    return str(node_config.get(NODE_SILO, Path(str(node_config[NODE_DATA])).name))
 
 
 # --------------------------------------------------------------------------- silos
@@ -76,7 +108,7 @@ def silo_from_node(cfg: Config, node_config: Mapping[str, Any]) -> Silo:
     """The silo a node holds: a partition in simulation, its own data at a real site."""
     if NODE_DATA in node_config:  # a real site: node config data="<folder or manifest>" silo="<name>"
         ds = load_dataset(str(node_config[NODE_DATA]))
-        name = str(node_config.get(NODE_SILO, Path(str(node_config[NODE_DATA])).name))
+        name = node_silo_name(node_config)
         return local_silo(ds, name, seed=cfg.seed, query_frac=cfg.query_frac)
     if NODE_PARTITION in node_config:
         n = int(node_config.get(NODE_PARTITIONS, cfg.num_silos))
@@ -342,3 +374,81 @@ def build_index(cfg: Config, data: SiloData, hasher: Hasher, model_version: str,
         idx.add_encoded(data.silo.ds, sp.database, codes, model_version=model_version, action="build", detail=detail,
                         digests=[digests[i] for i in sp.database])
         return folder, len(idx)
+
+
+# --------------------------------------------------------------------------- search by code
+
+
+def search_folder(node_config: Mapping[str, Any], req: P.SearchRequest) -> tuple[str, Path]:
+    """(silo name, index folder) a search message reaches: a real site's from its own node config only;
+    a simulated silo's from the run's config, which the simulation's search message carries."""
+    if NODE_DATA in node_config:
+        check_node_config(node_config)
+        name = node_silo_name(node_config)
+        return name, site_dir(str(node_config[NODE_OUT_DIR]), name)
+    if NODE_PARTITION in node_config:
+        if not req.fedconfig:
+            raise ConfigError("a simulated silo's search message must carry the run's config (which silo a partition "
+                              "is, where its index is); search a simulation with fedhash search --run")
+        cfg = Config.from_json(req.fedconfig)
+        name = silo_name(cfg, int(node_config[NODE_PARTITION]))
+        return name, site_dir(str(node_config.get(NODE_OUT_DIR, cfg.out_dir)), name)
+    raise ConfigError("node config has neither 'data' (a real site) nor 'partition-id' (simulation)")
+
+
+_indexes: "OrderedDict[Path, retrieval.SearchIndex]" = OrderedDict()
+
+
+def _search_index(folder: Path, name: str) -> retrieval.SearchIndex:
+    """The silo's index, opened once per process (every search re-reads what another process changed)."""
+    with _lock:
+        idx = _indexes.get(folder)
+        if idx is None:
+            if not (folder / retrieval.CATALOGUE).is_file():
+                raise DataError(f"silo '{name}' holds no index at {folder}; it is filled by a federation's last round "
+                                "(or fedhash index build): run one first")
+            idx = _indexes[folder] = retrieval.open_index(folder)
+            while len(_indexes) > 8:
+                _indexes.popitem(last=False)[1].close()
+        return idx
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    silo: str
+    ids: np.ndarray        # int64 (n, k), PAD_ID past the silo's last hit
+    distances: np.ndarray  # int32 (n, k)
+    labels: list[list[str]] | None  # shared only when the node config says so
+    n_db: int
+
+
+def search(node_config: Mapping[str, Any], req: P.SearchRequest) -> SearchResult:
+    """The silo's top-k of the request's codes in its own index: content ids and Hamming distances, equal
+    distances by content id, and the hits' labels only when the node config shares them."""
+    name, folder = search_folder(node_config, req)
+    share = shared_fields(node_config)
+    if NODE_PARTITION in node_config and req.fedconfig:  # a simulated silo asked to misbehave (inject-failures)
+        injected = failures_of(Config.from_json(req.fedconfig).inject_failures).get(name, set())
+        if "search" in injected:
+            raise RuntimeError(f"injected failure of {name} in a search (inject-failures)")
+        if "search-stall" in injected:
+            time.sleep(Config.from_json(req.fedconfig).round_timeout + 2.0)
+    idx = _search_index(folder, name)
+    if idx.model_version != req.model_version:
+        raise ModelVersionError(f"silo '{name}': its index holds model {idx.model_version}, the query codes come from "
+                                f"model {req.model_version}; query with the model the federation last trained "
+                                "(or upgrade the silo's index to it)")
+    if req.codes.shape[1] * 8 != idx.bits:
+        raise ModelVersionError(f"silo '{name}': the query codes are {req.codes.shape[1] * 8} bits, its index "
+                                f"{idx.bits}")
+    hits = idx.search_codes(req.codes, req.k, model_version=req.model_version, ties="id")
+    n, k = req.codes.shape[0], req.k
+    ids = np.full((n, k), PAD_ID, np.int64)
+    dist = np.full((n, k), PAD_DISTANCE, np.int32)
+    labels = [[""] * k for _ in range(n)] if "labels" in share else None
+    for q, row in enumerate(hits):
+        for r, h in enumerate(row):
+            ids[q, r], dist[q, r] = h.id, int(h.distance)
+            if labels is not None:
+                labels[q][r] = ";".join(h.labels)
+    return SearchResult(name, ids, dist, labels, len(idx))

@@ -100,7 +100,7 @@ class Config:
     resume: bool = False
     # ------------------------------------------------------------ the ClientApp process and testing
     client_threads: int = 0         # torch threads per ClientApp process (0 = torch's default); a site's node config `threads` wins
-    inject_failures: str = ""       # testing: "<silo>@<round>,..." makes that silo raise in that round's training
+    inject_failures: str = ""       # testing: "<silo>@<round>,..." makes that silo raise in that round's training (@search, @search-stall: in a search)
     # ------------------------------------------------------------ Flower's simulation engine (fedhash simulate only)
     feed_interval: float = 0.01     # seconds between passes of the engine's message feeder (0 = Flower's own 0.1 s loop)
     pull_interval: float = 0.01     # seconds between the server's polls for replies (0 = Flower's own 0.1 s)
@@ -271,17 +271,22 @@ class Config:
                                                "dp_moments_ratio", "dp_max_noise", "dp_dims", "dp_clipping")}
 
 
-def failures_of(text: str, source: str = "config", key_prefix: str = "") -> dict[str, set[int]]:
-    """``inject-failures`` parsed: silo name -> rounds in which its training raises."""
-    out: dict[str, set[int]] = {}
+SEARCH_FAILURES = ("search", "search-stall")  # inject-failures: a simulated silo's search raises, or stalls
+
+
+def failures_of(text: str, source: str = "config", key_prefix: str = "") -> dict[str, set[int | str]]:
+    """``inject-failures`` parsed: silo name -> rounds in which its training raises, and ``search`` (its
+    search replies with an error) or ``search-stall`` (it answers only after round-timeout)."""
+    out: dict[str, set[int | str]] = {}
     for item in (s.strip() for s in str(text).split(",")):
         if not item:
             continue
         name, sep, rnd = item.rpartition("@")
-        if not sep or not name or not rnd.strip().isdigit():
-            raise ConfigError(f"{source}: '{key_prefix}inject-failures' item {item!r} is not <silo>@<round>; "
-                              "write e.g. inject-failures = \"silo-1@2\"")
-        out.setdefault(name, set()).add(int(rnd))
+        rnd = rnd.strip()
+        if not sep or not name or not (rnd.isdigit() or rnd in SEARCH_FAILURES):
+            raise ConfigError(f"{source}: '{key_prefix}inject-failures' item {item!r} is not <silo>@<round>, "
+                              "<silo>@search or <silo>@search-stall; write e.g. inject-failures = \"silo-1@2\"")
+        out.setdefault(name, set()).add(int(rnd) if rnd.isdigit() else rnd)
     return out
 
 

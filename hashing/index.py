@@ -344,20 +344,47 @@ class SiloIndex:
         return int(removed)
 
     # ------------------------------------------------------------------ search
-    def search(self, query_codes: Any, k: int, *, model_version: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_codes: Any, k: int, *, model_version: str | None = None,
+               ties: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
         """Hamming k-NN: ``(distances int32 (nq, k), ids int64 (nq, k))``, nearest first.
 
         Missing results (fewer than ``k`` found) have id -1 and distance ``INT32_MAX``.
-        Ties at equal distance come in FAISS's order (unspecified).
+        Ties at equal distance come in FAISS's order (unspecified), or with ``ties="id"`` by ascending
+        id: then the k codes returned are the first k by (distance, id) of all the index holds (flat:
+        exactly; FAISS is asked for more until the k-th distance's ties all fit), which is what lets a
+        cross-silo merge equal one search over the union (:mod:`hashing.federated.search`).
         """
+        if ties not in ("faiss", "id"):
+            raise ConfigError(f"ties={ties!r}; use 'faiss' or 'id'")
         q, k = self._search_args(query_codes, k, model_version)
         if self.ntotal == 0:
             return (np.full((q.shape[0], k), PAD_DISTANCE, np.int32), np.full((q.shape[0], k), -1, np.int64))
+        if ties == "id":
+            return self._search_ties_by_id(q, k)
+        return self._search(q, k)
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         D, I = self._index.search(q, k)
         if self.kind != "flat" or k > self.ntotal:
             missing = I < 0
             if missing.any():
                 D[missing] = PAD_DISTANCE
+        return D, I
+
+    def _search_ties_by_id(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.ntotal
+        kk = min(n, max(2 * k, k + 16))
+        while True:
+            D, I = self._search(q, kk)
+            if kk >= n or kk <= k or (D[:, -1] > D[:, k - 1]).all():
+                break  # every code tied with a k-th hit is among the kk
+            kk = min(n, 4 * kk)
+        order = np.lexsort((np.where(I < 0, np.iinfo(np.int64).max, I), D), axis=1)[:, :k]
+        D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        if D.shape[1] < k:
+            pad = k - D.shape[1]
+            D = np.pad(D, ((0, 0), (0, pad)), constant_values=PAD_DISTANCE)
+            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
         return D, I
 
     def _candidates(self, q: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

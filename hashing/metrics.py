@@ -163,6 +163,15 @@ def _ap_from_ranked(rel_ranked: np.ndarray) -> np.ndarray:
     return np.divide(num, n_rel, out=np.zeros_like(num), where=n_rel > 0)
 
 
+def map_of_ranked(rel_ranked: np.ndarray) -> float:
+    """mAP of ranked lists given as a (nq, k) bool matrix of relevance (False past a list's end): the
+    same AP as :func:`map_at_k`, for rankings made elsewhere (a cross-silo fan-out's merged top-k)."""
+    rel = np.asarray(rel_ranked, dtype=bool)
+    if rel.ndim != 2:
+        raise DataError(f"ranked relevance must be (queries, k), got shape {rel.shape}")
+    return float(_ap_from_ranked(rel).mean()) if rel.shape[0] else float("nan")
+
+
 def _chunks(dist: DistSource, nq: int, ndb: int, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
     if chunk <= 0:
         raise ConfigError(f"chunk must be positive, got {chunk}")

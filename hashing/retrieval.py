@@ -536,11 +536,12 @@ class SearchIndex:
                 return hits
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def search_codes(self, codes: np.ndarray, k: int = 10, *, model_version: str) -> list[list[Hit]]:
-        """Top-``k`` of packed query codes (uint8 (n, bits/8)) that say which model encoded them."""
+    def search_codes(self, codes: np.ndarray, k: int = 10, *, model_version: str, ties: str = "faiss") -> list[list[Hit]]:
+        """Top-``k`` of packed query codes (uint8 (n, bits/8)) that say which model encoded them
+        (``ties="id"``: equal distances by ascending content id, :meth:`hashing.index.SiloIndex.search`)."""
         with self.lock:
             index = self._sync()
-            D, I = index.search(np.asarray(codes), k, model_version=model_version)
+            D, I = index.search(np.asarray(codes), k, model_version=model_version, ties=ties)
             return self._hits(D, I, lambda d: d == np.iinfo(np.int32).max)
 
     def _hits(self, D: np.ndarray, I: np.ndarray, missing) -> list[list[Hit]]:

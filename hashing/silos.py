@@ -212,13 +212,19 @@ def _check_domains(ds: ImageSet, cfg: Config, silo_ids) -> None:
             )
 
 
+def silo_name(cfg: Config, silo_id: int) -> str:
+    """The name of simulated silo ``silo_id``: "silo-0", or "silo-2 (invert)" under a domain transform."""
+    domain = cfg.domain_of(silo_id)
+    return f"silo-{silo_id}" + (f" ({domain})" if domain != "none" else "")
+
+
 def _build_silo(ds: ImageSet, cfg: Config, ids: np.ndarray, silo_id: int) -> Silo:
     domain = cfg.domain_of(silo_id)
     sub = subset(ds, ids)
     images = sub.images
     if domain != "none":
         images = _transform(sub, domain, cfg.seed, silo_id)
-    tag = f"silo-{silo_id}" + (f" ({domain})" if domain != "none" else "")
+    tag = silo_name(cfg, silo_id)
     silo_ds = ImageSet(
         name=f"{ds.name}|{cfg.partitioner}-seed{cfg.seed}-of{cfg.num_silos}|{tag}",
         labels=sub.labels,

@@ -27,6 +27,7 @@ class Link:
         self.grid, self.timeout, self.min_nodes = grid, float(round_timeout), int(min_nodes)
         self.kept = kept  # what a stopped run keeps (the last checkpoint), for the error
         self.failures: list[dict] = []
+        self.names: dict[int, str] = {}  # node id -> silo name, learnt from every good reply
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -56,6 +57,8 @@ class Link:
         # float sums (FedAvg, pooled statistics) and with them the whole run are reproducible.
         ok = sorted((m for m in replies if not m.has_error()),
                     key=lambda m: (silo_of(m)[P.SILO_NAME], int(m.metadata.src_node_id)))
+        for m in ok:
+            self.names[int(m.metadata.src_node_id)] = silo_of(m)[P.SILO_NAME]
         answered = {m.metadata.src_node_id for m in replies}
         for m in replies:
             if m.has_error():
@@ -71,8 +74,11 @@ class Link:
 
     def failure(self, server_round: int, what: str, node: int, reason: str) -> None:
         reason = " ".join(str(reason).split())
-        log.warning("round %d %s: node %s failed: %s", server_round, what, node, gist(reason))
-        self.failures.append({"round": server_round, "phase": what, "node": int(node), "reason": reason[-2000:]})
+        silo = self.names.get(int(node))
+        who = f"node {node}" + (f" ({silo})" if silo else "")
+        log.warning("round %d %s: %s failed: %s", server_round, what, who, gist(reason))
+        self.failures.append({"round": server_round, "phase": what, "node": int(node), "reason": reason[-2000:]}
+                             | ({"silo": silo} if silo else {}))
 
 
 def gist(reason: str) -> str:

@@ -9,6 +9,7 @@
     fedhash index build --model M --data D --out I       a silo's searchable index (also add, remove, upgrade,
                                                          rollback, info, audit: simulations/search.py)
     fedhash search --index I --image q.png -k 10         the top-k of a query image
+    fedhash search --federation C --model M --image q.png  every site's top-k, by code only (also --run R)
     fedhash serve --index I --port 8080                  the index's HTTP API and search page
 """
 from __future__ import annotations

@@ -19,6 +19,8 @@ from hashing.config import Config
 from hashing.hashers import Hasher
 from hashing.train import Schedule, fit
 
+from . import cross_silo
+
 
 def row(scores: list[tuple[str, site.Score]], t0: float) -> dict[str, Any]:
     """A table row from (silo name, score) pairs."""
@@ -32,25 +34,44 @@ def _trained(cfg: Config, views: np.ndarray, labels: np.ndarray | None) -> Hashe
     return hasher
 
 
-def local_only_silo(cfg: Config, d: site.SiloData) -> site.Score:
-    """One silo trains alone for as many epochs as the federation ran, scored on its own data."""
-    return site.evaluate(cfg, d, _trained(cfg, d.train_views, d.train_labels))
+def local_only_silo(cfg: Config, d: site.SiloData, everyone: list[site.SiloData] | None = None
+                    ) -> tuple[site.Score, dict[str, Any] | None]:
+    """One silo trains alone for as many epochs as the federation ran, scored on its own data and, with
+    ``everyone``, deployed as every silo's shared function (its cross-silo row, :mod:`.cross_silo`)."""
+    hasher = _trained(cfg, d.train_views, d.train_labels)
+    cross = cross_silo.pooled_row(cross_silo.hasher_encoder(hasher), everyone) if everyone else None
+    return site.evaluate(cfg, d, hasher), cross
 
 
 def centralized(cfg: Config, silos: list[site.SiloData]) -> dict[str, Any]:
-    """All silos' training views pooled (the upper bound), scored per silo."""
+    """All silos' training views pooled (the upper bound), scored per silo and across silos."""
     t0 = time.perf_counter()
     feats = np.concatenate([np.asarray(d.train_views) for d in silos])
     labels = np.concatenate([d.train_labels for d in silos]) if cfg.supervised else None
     hasher = _trained(cfg, feats, labels)
-    return row([(d.name, site.evaluate(cfg, d, hasher)) for d in silos], t0)
+    out = row([(d.name, site.evaluate(cfg, d, hasher)) for d in silos], t0)
+    return out | {"cross_silo": cross_silo.pooled_row(cross_silo.hasher_encoder(hasher), silos)}
 
 
 def itq(cfg: Config, silos: list[site.SiloData]) -> dict[str, Any]:
     """ITQ fitted on the pooled clean features of every silo's training split."""
     t0 = time.perf_counter()
     feats = np.concatenate([np.asarray(d.clean[d.silo.splits.train], dtype=np.float32) for d in silos])
-    return row(score_encoder(fit_baseline("itq", feats, cfg.bits, seed=cfg.seed), silos), t0)
+    model = fit_baseline("itq", feats, cfg.bits, seed=cfg.seed)
+    out = row(score_encoder(model, silos), t0)
+    return out | {"cross_silo": cross_silo.pooled_row(cross_silo.clean_encoder(model), silos)}
+
+
+def single_silo_rows(cross: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{"best single silo": the local-only model (of the silo named in ``model_of``) with the best cross-silo
+    mean, "single silo (mean over models)": each cross-silo figure averaged over the silos' local models}
+    from ``{silo: cross-silo row of its local-only model}``."""
+    best = max(cross, key=lambda s: cross[s]["mean"])
+    names = list(cross[best]["per_silo"])
+    mean = {n: float(np.mean([cross[s]["per_silo"][n] for s in cross])) for n in names}
+    return {"best single silo": dict(cross[best], model_of=best),
+            "single silo (mean over models)": {"per_silo": mean, "mean": float(np.mean(list(mean.values()))),
+                                               "seconds": sum(r["seconds"] for r in cross.values())}}
 
 
 def score_encoder(model, silos: list[site.SiloData]) -> list[tuple[str, site.Score]]:

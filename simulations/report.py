@@ -9,12 +9,15 @@ The runner builds one plain, JSON-able ``summary`` dict and calls ``write_report
                     "clients_ok": .., "clients_failed": .., "map": {"silo-0": ..}, "mean_map": ..}, ...],
         "final":  {"federated": {"per_silo": {"silo-0": ..}, "mean": .., "bit_balance": .., "seconds": ..},
                    "local-only": {...}, "centralized": {...}, "itq": {...}, ...any other method...},
+        "cross_silo": {"federated": {"per_silo": {"silo-0": ..}, "mean": .., "answered": .., "failed": [..]},
+                       "centralized": {...}, "best single silo": {..., "model_of": "silo-3"}, "itq": {...}, ...},
         "references_note": "...", "timings": {"features": .., "total": ..},
         "artifacts": {"checkpoints": "checkpoints/", "indexes": [...]}, "partition_plot": "partition.png",
     }
 
 Every key but ``final`` is optional (and ``final`` may be empty). Every file is written atomically.
-``format_table`` is the plain-text table the CLI prints; ``table.md`` is the same table in Markdown.
+``format_table`` is the plain-text table the CLI prints; ``table.md`` holds the same tables in Markdown
+(own-silo, then cross-silo: each silo's queries against the union of every silo's database).
 """
 from __future__ import annotations
 
@@ -232,6 +235,48 @@ def format_table(final: Mapping[str, Any], silos: Sequence[Any] | None = None, *
     return "\n".join(lines) + "\n"
 
 
+OWN_SILO_SENTENCE = "Each silo is scored on its own query and database split; the mean is over silos."
+CROSS_SILO_SENTENCE = (
+    "Each silo's queries are searched against the union of every silo's database (what a shared hash function "
+    "is for: one hospital asking all the others by code); the federated rows are answered through the "
+    "fan-out to the silos' own indexes, the references by the same ranking over their pooled codes; a column "
+    "is the querying silo, the mean is over querying silos.")
+
+
+def cross_silo_notes(cross: Mapping[str, Any]) -> list[str]:
+    """The lines under the cross-silo table: ratios to the best single silo, which silo that is, who answered."""
+    out = []
+    for m in method_order(cross):
+        if not m.startswith("federated"):
+            continue
+        suffix = m[len("federated"):]
+        best = _row(cross, "best single silo" + suffix)
+        v, b = method_mean(_row(cross, m)), method_mean(best)
+        if v is not None and b:
+            out.append(f"- {m} / best single silo{suffix} ({best.get('model_of', '?')}'s local model used by every "
+                       f"silo) = {v / b:.2f}x")
+        failed = _row(cross, m).get("failed") or []
+        if failed:
+            who = sorted({f.get("silo") or f"node {f.get('node')}" for f in failed})
+            out.append(f"- {m}: {len(failed)} fan-out replies missing ({', '.join(who)}); those silos' databases "
+                       "are absent from these figures")
+    return out
+
+
+def tables_md(summary: Mapping[str, Any], run_id: str) -> str:
+    """table.md: the own-silo table and, when the run has one, the cross-silo table."""
+    final, silos = summary.get("final") or {}, summary.get("silos") or []
+    text = f"# mAP@{K} per silo: {summary.get('run_id') or run_id}\n\n{OWN_SILO_SENTENCE}\n\n" + \
+        format_table(final, silos, markdown=True)
+    cross = summary.get("cross_silo") or {}
+    if cross:
+        text += (f"\n# mAP@{K} across silos (each silo's queries against every silo's database)\n\n"
+                 f"{CROSS_SILO_SENTENCE}\n\n" + format_table(cross, silos, markdown=True))
+        notes = cross_silo_notes(cross)
+        text += ("\n" + "\n".join(notes) + "\n") if notes else ""
+    return text
+
+
 # --------------------------------------------------------------------------- per-round data
 
 
@@ -383,8 +428,12 @@ def render_report(summary: Mapping[str, Any], plots: Mapping[str, str] | None = 
             out += [f"![{PLOT_TITLES['partition']}]({plots['partition']})", ""]
 
     out += [f"## Results: mAP@{K} per silo", "",
-            "Each silo is scored on its own query and database split; the mean is over silos.", "",
+            OWN_SILO_SENTENCE, "",
             format_table(final, silos, markdown=True).rstrip(), ""]
+    cross = summary.get("cross_silo") or {}
+    if cross:
+        out += [f"## Results across silos: mAP@{K} per querying silo", "", CROSS_SILO_SENTENCE, "",
+                format_table(cross, silos, markdown=True).rstrip(), "", *cross_silo_notes(cross), ""]
 
     figs = [k for k in ("map_rounds", "map_silos", "bit_balance", "loss", "comm") if k in plots]
     if figs:
@@ -441,8 +490,7 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> dict
     write("summary", "summary.json", atomic.write_json, dict(summary))
     write("rounds_json", "rounds.json", atomic.write_json, rounds)
     write("rounds_csv", "rounds.csv", atomic.write_text, rounds_csv(rounds, silos))
-    write("table", "table.md", atomic.write_text,
-          f"# mAP@{K} per silo: {summary.get('run_id') or run_dir.name}\n\n" + format_table(final, silos, markdown=True))
+    write("table", "table.md", atomic.write_text, tables_md(summary, run_dir.name))
 
     jobs = {
         "map_rounds": lambda p: _plot_map_rounds(rounds, final, silos, p),

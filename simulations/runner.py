@@ -30,8 +30,8 @@ from hashing.errors import ConfigError, TrainingError
 from hashing.silos import label_histogram, make_silos, source_dataset
 from server.link import gist
 
-from . import console, engine, references
-from .report import format_table, write_report
+from . import console, cross_silo, engine, references
+from .report import cross_silo_notes, format_table, write_report
 from .runs import new_run_dir
 from .scenario import Scenario
 
@@ -45,9 +45,11 @@ def run_federated(cfg: Config, scenario: dict[str, Any], *, label: str, progress
 
 
 def run_federations(cfgs: list[Config], scenario: dict[str, Any], *, labels: list[str], progress: bool = True,
-                    verbose: bool = False, log_path: Path | None = None) -> list[dict[str, Any]]:
+                    verbose: bool = False, log_path: Path | None = None,
+                    after_run: Callable[[Any, Any], None] | None = None) -> list[dict[str, Any]]:
     """One Flower simulation that runs each of ``cfgs`` in turn on the same simulated silos
     (one Ray start, SuperNodes that load their silo once); returns each run's federation.json.
+    ``after_run(grid, federation)`` runs after each, on the same simulated silos (the cross-silo evaluation).
 
     A simulated silo gets one core (``client-threads`` 1 unless set): one single-threaded actor per core."""
     from flwr.simulation import run_simulation
@@ -75,7 +77,8 @@ def run_federations(cfgs: list[Config], scenario: dict[str, Any], *, labels: lis
             try:
                 engine.start_ray(cpus)
                 engine.fast_feeder(cfgs[0].feed_interval)
-                run_simulation(make_server_app(cfgs, scenario=scenario, on_round=on_round, on_grid=engine.tune_grid),
+                run_simulation(make_server_app(cfgs, scenario=scenario, on_round=on_round, on_grid=engine.tune_grid,
+                                               after_run=after_run),
                                client_app, num_supernodes=cfgs[0].num_silos, backend_config=backend,
                                verbose_logging=verbose)
             finally:
@@ -157,8 +160,10 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
             c.check()
         check_privacy_plans(fcfgs, data)
         t0 = time.perf_counter()
+        fanned: dict[str, dict[str, Any]] = {}  # out-dir -> the federated model's cross-silo row, through the fan-out
+        truth = cross_silo.Truth(data)
         statuses = run_federations(fcfgs, scn.to_dict(), labels=tags, progress=progress, verbose=verbose,
-                                   log_path=log_path)
+                                   log_path=log_path, after_run=functools.partial(_cross_silo, data, truth, fanned))
         timings["federated (all modes, one simulation)"] = time.perf_counter() - t0
         final, refs, artifacts, rounds_by_mode = {}, {}, {}, {}
         head_ref_cfg: Config | None = None
@@ -178,7 +183,8 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
             ref_cfg = dataclasses.replace(fcfg, mode="probe")  # the mode's own knobs: same schedule as its federation
             if "local-only" in scn.references:
                 for d in data:  # one job per silo: small jobs balance the cores
-                    jobs.append(((f"local-only{suffix}", d.name), functools.partial(references.local_only_silo, ref_cfg, d)))
+                    jobs.append(((f"local-only{suffix}", d.name),
+                                 functools.partial(references.local_only_silo, ref_cfg, d, data)))
             if "centralized" in scn.references:
                 if suffix:
                     jobs.insert(0, ((f"centralized{suffix}", None), functools.partial(references.centralized, ref_cfg, data)))
@@ -193,17 +199,25 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
             t0 = time.perf_counter()
             refs["centralized"] = references.centralized(head_ref_cfg, data)
             timings["centralized"] = time.perf_counter() - t0
+        cross = {f"federated{suffix}": fanned[c.out_dir] for suffix, c in zip(suffixes, fcfgs) if c.out_dir in fanned}
         for (key, silo), (res, seconds) in done.items():
             if silo is None:
                 refs[key] = res
                 timings[key] = seconds
         for key in dict.fromkeys(k for k, silo in done if silo is not None):  # local-only: its silos in order
             parts = [(d.name, done[(key, d.name)]) for d in data]
-            refs[key] = references.row([(name, res) for name, (res, _) in parts], 0.0) | \
+            refs[key] = references.row([(name, score) for name, ((score, _), _) in parts], 0.0) | \
                 {"seconds": sum(t for _, (_, t) in parts)}
             timings[key] = refs[key]["seconds"]
+            suffix = key[len("local-only"):]
+            cross |= {f"{k}{suffix}": v for k, v in
+                      references.single_silo_rows({name: c for name, ((_, c), _) in parts}).items()}
+        for key, r in refs.items():
+            if "cross_silo" in r:
+                cross[key] = r.pop("cross_silo")
         order = ["local-only", "centralized", "itq"]
         final |= {k: refs[k] for k in sorted(refs, key=lambda k: (" (" in k, order.index(k.split(" (")[0]), k))}
+        timings["cross-silo evaluation (fan-outs)"] = sum(r["seconds"] for r in fanned.values())
         timings["total"] = time.perf_counter() - t_start
 
         head = "supervised" if cfg.supervised else "unsupervised"
@@ -215,7 +229,8 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
                        "n_query": int(len(s.splits.query)), "n_db": int(len(s.splits.database)),
                        "label_hist": hist[i].tolist(), "domain": s.domain, "content_fingerprint": s.content_fingerprint()}
                       for i, s in enumerate(silos)],
-            "rounds": rounds_by_mode[head], "rounds_by_mode": rounds_by_mode, "final": final, "timings": timings,
+            "rounds": rounds_by_mode[head], "rounds_by_mode": rounds_by_mode, "final": final,
+            "cross_silo": cross, "timings": timings,
             "artifacts": artifacts, "partition_plot": "partition.png", "log": "log.txt",
             "references_note": (f"Rows without a suffix are {head} CroVCA; '(unsupervised)'/'(supervised)' rows are "
                                 "the other mode on the same silos. Every row trains for the same number of epochs "
@@ -228,6 +243,20 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     return run_dir, summary
 
 
+def _cross_silo(data: list[site.SiloData], truth: cross_silo.Truth, out: dict[str, dict[str, Any]],
+                grid, fed) -> None:
+    """After a federation, on its simulated silos: every silo's queries through the fan-out to every silo's
+    index (``after_run`` of the ServerApp)."""
+    from server.search import fan_out
+
+    hasher = fed.model.hasher
+    hasher.load_state(fed.model.params, fed.model.buffers)
+    last = fed.history[-1]["round"] if fed.history else 0
+    out[fed.cfg.out_dir] = cross_silo.fanout_row(
+        lambda req: fan_out(fed.link, req, server_round=last), cross_silo.hasher_encoder(hasher), fed.model.version(),
+        data, fed.cfg.to_json(), truth)
+
+
 def _strategy_label(c: Config) -> str:
     knobs = [f"server-lr {c.server_lr:g}"] if c.server_lr else []
     knobs += [f"server-momentum {c.server_momentum:g}"] if c.strategy == "fedavgm" and c.server_momentum else []
@@ -238,6 +267,12 @@ def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     print()
     print(f"mAP@1000 per silo ({summary['bits']} bits, {summary['mode']} mode, {summary['strategy']}):")
     print(format_table(summary["final"], summary["silos"]))
+    if summary.get("cross_silo"):
+        print("mAP@1000 across silos (each silo's queries against every silo's database; federated rows through "
+              "the fan-out):")
+        print(format_table(summary["cross_silo"], summary["silos"]))
+        for line in cross_silo_notes(summary["cross_silo"]):
+            print(line[2:])
     for sub, art in summary.get("artifacts", {}).items():
         idx = art.get("indexes", {})
         print(f"{sub}: model {art.get('model_version')}, {len(idx)} silo indexes under {run_dir / sub / 'silos'}")

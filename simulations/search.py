@@ -111,12 +111,23 @@ def audit(args) -> int:
     return 0
 
 
+def _queries(spec: str) -> tuple[list[str], list]:
+    if Path(spec).is_dir():
+        ds = R.load_images(spec, strict=True)
+        return list(ds.paths or []), [ds.image(i) for i in range(len(ds))]
+    return [spec], [R.read_query(spec)]
+
+
 def search(args) -> int:
-    if Path(args.image).is_dir():
-        ds = R.load_images(args.image, strict=True)
-        names, images = list(ds.paths or []), [ds.image(i) for i in range(len(ds))]
-    else:
-        names, images = [args.image], [R.read_query(args.image)]
+    where = [w for w in ("index", "federation", "run") if getattr(args, w)]
+    if len(where) != 1:
+        raise FedhashError("name one place to search: --index (this silo's index), --federation (every site, "
+                           "through a SuperLink) or --run (every silo of a fedhash simulate run)")
+    if where[0] != "index":
+        return search_federation(args)
+    if args.model or args.mode:
+        raise FedhashError("--model and --mode are for --federation and --run; a local index encodes with its own model")
+    names, images = _queries(args.image)
     with _open(args) as idx:
         t0 = time.perf_counter()
         idx.encoder().backbone() if idx.encoder().reads_features else None  # built once, not a query's cost
@@ -139,6 +150,37 @@ def search(args) -> int:
     ms = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items())
     print(f"({ms})")
     return 0
+
+
+def search_federation(args) -> int:
+    """``fedhash search --federation CONN --model M`` or ``--run RUN``: the query encoded here, codes to every silo."""
+    from . import federated_search as F
+
+    if args.asymmetric:
+        raise FedhashError("--asymmetric re-ranks with the soft query, which never leaves this site; across silos "
+                           "search is by Hamming distance of the codes")
+    names, images = _queries(args.image)
+    t0 = time.perf_counter()
+    ans = F.search_federation(images, federation=args.federation, run=args.run, model=args.model, k=args.k,
+                              mode=args.mode, weights=args.weights, cache_dir=args.cache_dir, app=args.app,
+                              timeout=args.timeout)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({**ans, "queries": [{"query": q, "results": hits}
+                                              for q, hits in zip(names, ans["queries"])]}, indent=2))
+        return 0 if ans["answered"] else 1
+    for q, hits in zip(names, ans["queries"]):
+        print(f"query {q} (model {ans['model_version']}): top {len(hits)} across {len(ans['answered'])} silos")
+        print(f"{'rank':>4}  {'silo':<16}  {'id':<16}  {'Hamming':>7}  labels")
+        for h in hits:
+            print(f"{h['rank']:>4}  {h['silo']:<16}  {h['id']:<16}  {h['distance']:>7}  "
+                  f"{','.join(h['labels']) if 'labels' in h else '(not shared)'}")
+    print(f"asked {ans['asked']} silos; answered: {', '.join(ans['answered']) or 'none'}")
+    for f in ans["failed"]:
+        who = f"node {f['node']}" + (f" ({f['silo']})" if f.get("silo") else "")
+        print(f"  no answer from {who}: {f['reason'][-200:]}")
+    print(f"(fan-out {ans['seconds'] * 1000:.0f} ms; {seconds:.1f} s in all, encoding and the Flower run included)")
+    return 0 if ans["answered"] else 1
 
 
 def serve(args) -> int:
@@ -205,10 +247,22 @@ def add_parsers(sub) -> None:
     common(au)
     au.set_defaults(func=audit)
 
-    s = sub.add_parser("search", help="the top-k of a query image in a silo's index")
-    s.add_argument("--index", required=True)
+    s = sub.add_parser("search", help="the top-k of a query image: in a silo's index, or across every silo by code")
+    where = s.add_argument_group("where (one of)")
+    where.add_argument("--index", help="this silo's index folder")
+    where.add_argument("--federation", metavar="CONNECTION",
+                       help="every site of a federation: a SuperLink connection of the Flower config (as flwr run "
+                            "takes it); the query is encoded here and only its code travels")
+    where.add_argument("--run", help="every silo of a fedhash simulate run folder (a Flower simulation of its silos)")
     s.add_argument("--image", required=True, help="a query image file (or a folder of them)")
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--model", help="--federation: this site's copy of the federation's hash function (its index "
+                                   "folder, a model.pt or run folder); --run: default the run's federated model")
+    s.add_argument("--mode", choices=("supervised", "unsupervised"),
+                   help="--run: which of the run's federations (default: its headline one)")
+    s.add_argument("--app", help="--federation: the fedhash Flower app folder (default: where fedhash is installed from)")
+    s.add_argument("--timeout", type=float, default=120.0,
+                   help="--federation: seconds each site may take to answer (the run's round-timeout)")
     s.add_argument("--asymmetric", action="store_true",
                    help="re-rank a Hamming shortlist by the soft query (sum |sigmoid(z) - b|)")
     s.add_argument("--json", action="store_true")

@@ -15,8 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flwr_config() -> dict:
+    """The Config keys of [tool.flwr.app.config] (its [search] table is a search run's, tested below)."""
     with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+        table = dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    table.pop("search", None)
+    return table
+
+
+def test_pyproject_search_table_is_the_protocols_search_job():
+    from flwr.common.config import flatten_dict
+
+    from hashing.federated import protocol as P
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    flat = flatten_dict({"search": table["search"]})
+    assert flat == P.JOB_DEFAULTS
+    job, rest = P.split_search_job(flatten_dict(table))  # the defaults: no search, every other key for Config
+    assert job is None and Config.from_dict(rest) == Config()
 
 
 def test_pyproject_lists_every_key_of_the_config_and_no_other():

@@ -31,6 +31,8 @@ from hashing import catalogue, retrieval
 from hashing.index import SiloIndex
 from hashing.silos import make_silos
 from server import checkpoint as ckpt
+from hashing.federated.search import brute_force
+from simulations import cross_silo, federated_search
 from simulations.cli import main
 
 from .conftest import write_png
@@ -210,6 +212,51 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     assert res[0]["distance"] == 0
     assert catalogue.fmt_id(int(s.content_ids()[s.splits.database[5]])) in [h["id"] for h in res if h["distance"] == 0]
 
+    # across silos (the report's second table): every silo's queries went through the fan-out to every
+    # silo's index; the figures equal the same ranking over the pooled codes of the final model
+    cross = summary["cross_silo"]
+    assert {"federated", "centralized", "best single silo", "single silo (mean over models)", "itq"} <= set(cross)
+    names = sorted(x.name for x in silos)
+    assert cross["federated"]["answered"] == {n: names for n in names} and cross["federated"]["failed"] == []
+    assert cross["best single silo"]["model_of"] in names
+    assert "across silos" in table and "across silos" in (run / "report.md").read_text() and "across silos" in out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the simulated silos
+    try:
+        final_model, _ = model.load_model(fed / "model.pt")
+        ref = cross_silo.pooled_row(cross_silo.hasher_encoder(final_model), features)
+    finally:
+        torch.set_num_threads(threads)
+    assert ref["per_silo"] == pytest.approx(cross["federated"]["per_silo"], abs=1e-12)
+    assert all(0 < v <= 1 for v in ref["per_silo"].values())
+
+    # a user searches every silo of the run with one image: the merged top-k is brute force over the union
+    union = {}
+    for x in silos:
+        with retrieval.open_index(fed / "silos" / x.name) as idx:
+            union[x.name] = idx.cat.codes(version)
+    qcode = federated_search.encode_queries(federated_search.query_encoder(fed), [png])
+    assert main(["search", "--run", str(run), "--image", str(png), "-k", "25", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["answered"] == names and got["failed"] == [] and got["model_version"] == version
+    want = brute_force(union, qcode, 25)
+    assert [(h["silo"], h["id"], h["distance"]) for h in got["queries"][0]["results"]] == \
+        [(h["silo"], h["id"], h["distance"]) for h in want.hits(0)]
+    assert all("labels" not in h for h in got["queries"][0]["results"])  # ids and distances only
+    # a silo that fails and one that stalls: the others answer, within the timeout, and the answer says who did not
+    t_fail = time.perf_counter()
+    ans = federated_search.search_simulation(
+        run, qcode, 25, version, settings={"inject-failures": f"{names[1]}@search,{names[2]}@search-stall",
+                                           "round-timeout": 4})
+    t_fail = time.perf_counter() - t_fail
+    assert ans["answered"] == [names[0]] and ans["asked"] == NUM_SILOS and len(ans["failed"]) == 2
+    reasons = " | ".join(f["reason"] for f in ans["failed"])
+    assert f"injected failure of {names[1]}" in reasons and "no reply within round-timeout=4 s" in reasons
+    assert ans["latencies"][0] < 4 + 2.0, ans["latencies"]
+    alone = brute_force({names[0]: union[names[0]]}, qcode, 25)
+    assert [(h["silo"], h["id"], h["distance"]) for h in ans["queries"][0]] == \
+        [(h["silo"], h["id"], h["distance"]) for h in alone.hits(0)]
+
     # checkpoints with provenance
     ck = {r: fed / "checkpoints" / f"round-{r:04d}.pt" for r in (1, 2)}
     assert all(p.is_file() for p in ck.values())
@@ -271,7 +318,7 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     print(f"per silo per round: {up} bytes up, {down} down; backbone {backbone} bytes "
           f"({up / backbone:.2f}x); round seconds {[round(r['seconds'], 2) for r in rounds]}; "
           f"simulate {t1 - t0:.1f} s {({k: round(v, 1) for k, v in summary['timings'].items()})}, "
-          f"children gone after {t2 - t1:.1f} s")
+          f"children gone after {t2 - t1:.1f} s; fan-out with a failing and a stalling silo {t_fail:.1f} s")
 
 
 # --------------------------------------------------------------------------- b. failures and resume

@@ -139,9 +139,10 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
     lb = _load("run_loopback")
     sites = {"site-a": str(_image_folder(tmp_path / "data-a", digits, offset=0)),
              "site-b": str(_image_folder(tmp_path / "data-b", digits, offset=30))}
+    queries = [sorted(Path(sites["site-a"]).rglob("*.png"))[0], sorted(Path(sites["site-b"]).rglob("*.png"))[1]]
     s = lb.run_loopback(tmp_path / "fed", sites,
                         "num-server-rounds=2 bits=16 size=32 views=2 batch-size=32 local-epochs=1 client-threads=1",
-                        app=REPO, timeout=480)
+                        app=REPO, timeout=480, search=[str(q) for q in queries], search_k=15)
     assert s["run_status"] == "finished:completed", s
     assert s["ok"], s
 
@@ -167,6 +168,27 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
         found = {h.path for row in idx.search_codes(codes, 1000, model_version=idx.model_version) for h in row}
         assert found <= {str(p.resolve()) for p in Path(sites["site-a"]).rglob("*.png")}  # its own images only
     assert sorted(p.name for p in (server / "checkpoints").glob("round-*.pt")) == ["round-0001.pt", "round-0002.pt"]
+
+    # one cross-silo query batch after training, by code only, through the SuperLink: both registered sites
+    # answered (the intruder was never asked), and the merged top-k is brute force over both sites' indexes
+    from hashing.federated.search import brute_force
+    from simulations import federated_search
+
+    ans = s["search"]
+    assert ans["asked"] == 2 and ans["answered"] == ["site-a", "site-b"] and ans["failed"] == [], ans
+    assert ans["model_version"] == fed["model_version"]
+    union = {}
+    for name in sites:
+        with retrieval.open_index(next(Path(s["sites"][name]["out_dir"]).rglob("catalogue.sqlite")).parent) as idx:
+            union[name] = idx.cat.codes(idx.model_version)
+    codes = federated_search.encode_queries(federated_search.query_encoder(ans["index"]), queries)
+    want = brute_force(union, codes, 15)
+    for q in range(2):
+        assert [(h["silo"], h["id"], h["distance"]) for h in ans["queries"][q]] == \
+            [(h["silo"], h["id"], h["distance"]) for h in want.hits(q)]
+        assert all("labels" not in h and "path" not in h for h in ans["queries"][q])  # ids and distances only
+    assert ans["queries"][0][0]["distance"] == 0 and ans["queries"][1][0]["distance"] == 0  # each found itself
+    assert "search" not in (tmp_path / "fed" / "logs" / "supernode-intruder.log").read_text().lower()
 
     # the unregistered SuperNode was refused: Flower exit code 305, "Failed to activate SuperNode"
     intruder = s["intruder"]

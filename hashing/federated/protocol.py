@@ -12,14 +12,24 @@ A round, by message type (server -> every silo -> server):
 ``evaluate``       down: ARRAYS, GLOBALS, CONFIG;  up: METRICS (:func:`evaluation`), SILO
 ``query.index``    down: ARRAYS, GLOBALS, CONFIG (with the model version and the privacy guarantee)
                    up:   METRICS (the final model's evaluation), SILO (with the index's path)
+
+Search across silos (any time after the index phase; ``hashing.federated.search``):
+
+``query.search``   down: QUERIES (packed query codes), CONFIG (:func:`search_config`: k, the codes' model version)
+                   up:   HITS (the silo's top-k: content ids, Hamming distances), SHARED (only what the site's
+                         node config shares: labels), METRICS (n-db, seconds), SILO
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 # --------------------------------------------------------------------------- message types
 
@@ -28,6 +38,7 @@ MSG_EVALUATE = "evaluate"       # Flower's MessageType.EVALUATE
 MSG_STATS = "query.stats"
 MSG_MOMENTS = "query.moments"
 MSG_INDEX = "query.index"
+MSG_SEARCH = "query.search"
 
 
 def query_action(message_type: str) -> str:
@@ -47,6 +58,9 @@ METRICS = "metrics"   # the silo's report
 SILO = "silo"         # who the silo is (name, content-ids fingerprint, domain, index folder)
 STATS = "stats"       # activation sums for the pooled statistics
 MOMENTS = "moments"   # released feature moments
+QUERIES = "queries"   # search: the packed query codes
+HITS = "hits"         # search: a silo's top-k (content ids, distances)
+SHARED = "shared"     # search: what a silo's node config lets it share beyond ids and distances
 
 PROTOTYPES = "prototypes"  # the global class prototypes, an entry of GLOBALS (never part of the hash function)
 
@@ -206,3 +220,134 @@ def read_releases(m: Mapping[str, Any]) -> list[list[float]] | None:
     if DP_NOISE not in m:
         return None
     return [[float(a), float(b), int(c)] for a, b, c in zip(m[DP_NOISE], m[DP_SAMPLE_RATE], m[DP_STEPS])]
+
+
+# --------------------------------------------------------------------------- search across silos
+
+SEARCH_K = "k"
+SEARCH_CODES, SEARCH_IDS, SEARCH_DISTANCES, SEARCH_LABELS = "codes", "ids", "distances", "labels"
+MAX_SEARCH_QUERIES = 10_000   # a search message's query codes at most
+MAX_SEARCH_K = 10_000         # hits per query a silo returns at most
+SHAREABLE = ("labels",)       # what a site's node config may share beyond ids and distances
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    codes: Any              # uint8 (n, bits/8)
+    k: int
+    model_version: str
+    fedconfig: str = ""     # simulation only: the run's config (which silo a partition is, where its index is)
+
+
+def search_config(k: int, model_version: str, fedconfig: str | None = None) -> dict[str, Any]:
+    """A search message's CONFIG record."""
+    out: dict[str, Any] = {SEARCH_K: int(k), MODEL_VERSION: str(model_version)}
+    if fedconfig:
+        out[FEDCONFIG] = fedconfig
+    return out
+
+
+def check_search(codes: Any, k: Any, model_version: Any) -> tuple[Any, int, str]:
+    """(codes, k, model version) of a search, or ValueError naming what is wrong with it."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] == 0:
+        raise ValueError(f"the query codes are {codes.dtype} {codes.shape}; a search carries packed codes, uint8 "
+                         "(queries, bits/8)")
+    if not 1 <= codes.shape[0] <= MAX_SEARCH_QUERIES:
+        raise ValueError(f"a search carries 1 to {MAX_SEARCH_QUERIES} query codes, got {codes.shape[0]}; "
+                         "split the batch")
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.integer)) or float(k) != int(k):
+        raise ValueError(f"k is {k!r}; give a whole number of hits per query")
+    k = int(k)
+    if not 1 <= k <= MAX_SEARCH_K:
+        raise ValueError(f"k is {k}; a silo returns 1 to {MAX_SEARCH_K} hits per query")
+    if not str(model_version or ""):
+        raise ValueError("the search names no model version; codes from different hash functions must never meet")
+    return codes, k, str(model_version)
+
+
+def _numpy(v: Any) -> np.ndarray:
+    """An array of a record (Flower's ``Array`` has ``.numpy()``) or any array-like, as numpy."""
+    return v.numpy() if hasattr(v, "numpy") else np.asarray(v)
+
+
+def read_search_request(arrays: Mapping[str, Any], config: Mapping[str, Any]) -> SearchRequest:
+    """A search message as a silo reads it (``arrays``: the QUERIES record)."""
+    try:
+        codes, k, version = check_search(_numpy(arrays[SEARCH_CODES]), config[SEARCH_K], config[MODEL_VERSION])
+    except KeyError as e:
+        raise ValueError(f"the search message lacks {e}; server and silo must run the same fedhash") from None
+    return SearchRequest(codes, k, version, str(config.get(FEDCONFIG, "")))
+
+
+def search_reply(ids: Any, distances: Any, labels: Sequence[Sequence[str]] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(HITS arrays, SHARED config or None) of a silo's reply; labels, when shared, as ';'-joined names per hit,
+    row-major."""
+    hits = {SEARCH_IDS: np.ascontiguousarray(ids, dtype=np.int64),
+            SEARCH_DISTANCES: np.ascontiguousarray(distances, dtype=np.int32)}
+    shared = None if labels is None else {SEARCH_LABELS: [str(x) for row in labels for x in row]}
+    return hits, shared
+
+
+def read_search_reply(hits: Mapping[str, Any], shared: Mapping[str, Any] | None, n: int, k: int
+                      ) -> tuple[Any, Any, list[list[str]] | None]:
+    """(ids int64 (n, k), distances int32 (n, k), labels or None) of a silo's reply, checked against the request."""
+    try:
+        ids, dist = _numpy(hits[SEARCH_IDS]), _numpy(hits[SEARCH_DISTANCES])
+    except KeyError as e:
+        raise ValueError(f"the silo's reply lacks {e}") from None
+    if ids.shape != (n, k) or dist.shape != (n, k) or ids.dtype != np.int64 or dist.dtype != np.int32:
+        raise ValueError(f"the silo's reply holds ids {ids.dtype} {ids.shape} and distances {dist.dtype} {dist.shape}; "
+                         f"expected int64 and int32 ({n}, {k})")
+    labels = None
+    if shared is not None and SEARCH_LABELS in shared:
+        flat = [str(x) for x in shared[SEARCH_LABELS]]
+        if len(flat) != n * k:
+            raise ValueError(f"the silo's reply shares {len(flat)} labels for {n * k} hits")
+        labels = [flat[i * k:(i + 1) * k] for i in range(n)]
+    return ids, dist, labels
+
+
+# A search run (``flwr run --run-config``): the [tool.flwr.app.config.search] table of pyproject.toml.
+# Non-empty codes make the ServerApp fan them out to every silo instead of training.
+SEARCH_JOB_PREFIX = "search."
+JOB_CODES, JOB_BITS, JOB_K, JOB_VERSION = "search.codes", "search.bits", "search.k", "search.model-version"
+JOB_REPEAT = "search.repeat"
+JOB_DEFAULTS = {JOB_CODES: "", JOB_BITS: 0, JOB_K: 10, JOB_VERSION: "", JOB_REPEAT: 1}
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    request: SearchRequest
+    repeat: int = 1  # fan the batch out this many times (latency measurements); the answer is the last one's
+
+
+def search_job(codes: Any, k: int, model_version: str, repeat: int = 1) -> dict[str, Any]:
+    """The run-config overrides of a search run (codes as base64, so they travel in a TOML string)."""
+    codes, k, model_version = check_search(codes, k, model_version)
+    return {JOB_CODES: base64.b64encode(np.ascontiguousarray(codes).tobytes()).decode(),
+            JOB_BITS: int(codes.shape[1] * 8), JOB_K: k, JOB_VERSION: model_version, JOB_REPEAT: int(repeat)}
+
+
+def split_search_job(run_config: Mapping[str, Any]) -> tuple[SearchJob | None, dict[str, Any]]:
+    """(the search the run config asks for, or None; the rest of the run config, for Config)."""
+    rest = {k: v for k, v in run_config.items() if not str(k).startswith(SEARCH_JOB_PREFIX)}
+    blob = str(run_config.get(JOB_CODES, "") or "")
+    if not blob:
+        return None, rest
+    bits = int(run_config.get(JOB_BITS, 0) or 0)
+    if bits <= 0 or bits % 8:
+        raise ValueError(f"run config {JOB_BITS} is {bits}; give the code length of the search's codes")
+    try:
+        raw = np.frombuffer(base64.b64decode(blob, validate=True), np.uint8)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"run config {JOB_CODES} is not base64 ({e}); fedhash search writes it") from None
+    if raw.size % (bits // 8):
+        raise ValueError(f"run config {JOB_CODES} holds {raw.size} bytes, not whole {bits}-bit codes")
+    codes, k, version = check_search(raw.reshape(-1, bits // 8), run_config.get(JOB_K, 10),
+                                     run_config.get(JOB_VERSION, ""))
+    repeat = run_config.get(JOB_REPEAT, 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= 1000:
+        raise ValueError(f"run config {JOB_REPEAT} is {repeat!r}; give a whole number from 1 to 1000")
+    return SearchJob(SearchRequest(codes, k, version), repeat), rest

@@ -21,6 +21,8 @@ What it does, with the commands a real deployment types (see README, "Running ac
    and exits with status 1 (Flower maps every error code to process status 1).
 6. `flwr run <app> sites --run-config "..." --format json`, then `flwr ls sites --run-id ID --format
    json` until the run is finished, and `flwr log ID sites --show` into `logs/run.log`.
+   With `--search IMAGE`: the first site's index encodes the image and a second Flower run fans its
+   code out to every site (`fedhash search --federation sites`); the merged answer is in the summary.
 7. Stops every process it started, by PID, and every process those started (SuperExec, ServerApp,
    ClientApp): SIGTERM, then SIGKILL after a grace period; on success, on failure, on Ctrl-C
    (try/finally, atexit, SIGTERM handler).
@@ -266,12 +268,15 @@ def guarded(procs: "Procs", summary: dict, work: Path, grace: float,
 
 def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: Path = REPO,
                  timeout: float = 1200.0, intruder: bool = True, cache_dir: str | None = None,
-                 env: dict | None = None, grace: float = 10.0) -> dict:
+                 env: dict | None = None, grace: float = 10.0, search: list[str] | None = None,
+                 search_k: int = 10, search_repeat: int = 1) -> dict:
     """Start a SuperLink, register and start one SuperNode per site, run the app, stop everything.
 
     `sites` maps a silo name to its data (a folder of class_name/*.png, a CSV manifest, or
     "fashion-mnist"). Each site's out-dir is `work/sites/<name>`; the server's is `work/server`
-    (appended to `run_config` as `out-dir`). Returns the summary (see the module docstring).
+    (appended to `run_config` as `out-dir`). With `search` (query image files), the first site then
+    searches every site by code (`fedhash search --federation`'s Python door, a second Flower run):
+    the answer is `summary["search"]`. Returns the summary (see the module docstring).
     """
     work = Path(work).resolve()
     logs, home = work / "logs", work / "flwr-home"
@@ -396,7 +401,27 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
         except subprocess.TimeoutExpired:
             pass
         summary["ok"] = status == "finished:completed" and (not intruder or summary["intruder"]["refused"])
+        if search and summary["ok"]:
+            summary["search"] = search_sites(work, summary, search, search_k, search_repeat, app, env)
+            procs.track_descendants()
+            summary["ok"] = bool(summary["search"]["answered"])
     return summary
+
+
+def search_sites(work: Path, summary: dict, images: list[str], k: int, repeat: int, app: Path, env: dict) -> dict:
+    """The first site searches every site by code: its own index's model encodes `images` here, the codes go
+    to the SuperLink as a Flower run, the merged answer comes back through `flwr log`."""
+    from simulations import federated_search as F
+
+    first = next(iter(summary["sites"].values()))
+    folder = next(Path(first["out_dir"]).rglob("catalogue.sqlite")).parent
+    enc = F.query_encoder(folder)
+    codes = F.encode_queries(enc, images)
+    t0 = time.monotonic()
+    answer = F.search_deployment(CONNECTION, codes, k, enc.version, app=app, env=env, repeat=repeat, timeout=60)
+    answer["wall_seconds"] = round(time.monotonic() - t0, 2)
+    answer["index"] = str(folder)
+    return answer
 
 
 # ---------------------------------------------------------------- `flwr run .` on a local simulation
@@ -495,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds the run may take")
     p.add_argument("--cache-dir", help="the sites' feature cache (node config cache-dir)")
     p.add_argument("--no-intruder", action="store_true", help="skip the unregistered-SuperNode check")
+    p.add_argument("--search", action="append", metavar="IMAGE", default=[],
+                   help="after training, the first site searches every site with this image, by code (repeat)")
+    p.add_argument("--search-k", type=int, default=10, help="hits per query of --search")
+    p.add_argument("--search-repeat", type=int, default=1,
+                   help="fan the --search batch out this many times in its run (latency measurements)")
     p.add_argument("--local", type=int, metavar="N", help="instead: `flwr run <app> local` on a local simulation "
                    "of N SuperNodes, then stop the SuperLink it leaves behind (--site is ignored)")
     args = p.parse_args(argv)
@@ -511,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_local_simulation(args.work, args.run_config, args.app, args.local, args.timeout)
         else:
             summary = run_loopback(args.work, sites, args.run_config, args.app, args.timeout,
-                                   intruder=not args.no_intruder, cache_dir=args.cache_dir)
+                                   intruder=not args.no_intruder, cache_dir=args.cache_dir, search=args.search,
+                                   search_k=args.search_k, search_repeat=args.search_repeat)
     except Exception as e:  # noqa: BLE001
         print(f"run_loopback: {e}\nlogs: {args.work / 'logs'}", file=sys.stderr)
         summary = json.loads((args.work / "summary.json").read_text())
