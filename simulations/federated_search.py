@@ -181,7 +181,7 @@ def search_deployment(federation: str, codes: np.ndarray, k: int, model_version:
     if not res.get("success"):
         raise FedhashError(f"flwr run refused the search: {res.get('error-message', res)}")
     run_id = str(res["run-id"])
-    deadline = t0 + float(timeout) + 120.0
+    deadline = t0 + float(timeout) * max(1, int(repeat)) + 120.0  # each fan-out waits up to timeout
     status = "pending"
     while not status.startswith("finished"):
         if time.monotonic() > deadline:

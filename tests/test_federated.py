@@ -244,15 +244,16 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
         [(h["silo"], h["id"], h["distance"]) for h in want.hits(0)]
     assert all("labels" not in h for h in got["queries"][0]["results"])  # ids and distances only
     # a silo that fails and one that stalls: the others answer, within the timeout, and the answer says who did not
+    # (10 s: a cold simulated ClientApp on a busy 2-core machine takes a few seconds to answer its first message)
     t_fail = time.perf_counter()
     ans = federated_search.search_simulation(
         run, qcode, 25, version, settings={"inject-failures": f"{names[1]}@search,{names[2]}@search-stall",
-                                           "round-timeout": 4})
+                                           "round-timeout": 10})
     t_fail = time.perf_counter() - t_fail
-    assert ans["answered"] == [names[0]] and ans["asked"] == NUM_SILOS and len(ans["failed"]) == 2
+    assert ans["answered"] == [names[0]] and ans["asked"] == NUM_SILOS and len(ans["failed"]) == 2, ans
     reasons = " | ".join(f["reason"] for f in ans["failed"])
-    assert f"injected failure of {names[1]}" in reasons and "no reply within round-timeout=4 s" in reasons
-    assert ans["latencies"][0] < 4 + 2.0, ans["latencies"]
+    assert f"injected failure of {names[1]}" in reasons and "no reply within round-timeout=10 s" in reasons
+    assert ans["latencies"][0] < 10 + 2.0, ans["latencies"]
     alone = brute_force({names[0]: union[names[0]]}, qcode, 25)
     assert [(h["silo"], h["id"], h["distance"]) for h in ans["queries"][0]] == \
         [(h["silo"], h["id"], h["distance"]) for h in alone.hits(0)]
