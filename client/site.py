@@ -1,10 +1,12 @@
 """What one silo does with its own data: load it, cache its features, train locally, report the
-statistics the server pools, evaluate, and build its index. Flower-free except for the names of
-node-config keys; ``client_app.py`` wires these functions to Flower messages.
+statistics the server pools, evaluate, build its index, and answer another site's search by code.
+Flower-free except for the names of node-config keys; ``client_app.py`` wires these functions to Flower
+messages.
 
 A site's own node config says where its data is and what the silo is called (``data``, ``silo``: the
-server's config has no such key), and where its index, cache and threads go (``out-dir``, ``cache-dir``,
-``threads``), which win over the run config's ``out-dir``, ``cache-dir`` and ``client-threads``.
+server's config has no such key), where its index, cache and threads go (``out-dir``, required at a real
+site, ``cache-dir``, ``threads``), which win over the run config's ``out-dir``, ``cache-dir`` and
+``client-threads``, and what its search replies share beyond content ids and distances (``search-share``).
 """
 from __future__ import annotations
 
