@@ -44,13 +44,9 @@ def confusions(encode, data, truth, classes: int) -> tuple[np.ndarray, float]:
         q = d.silo.splits.query
         merged = brute_force(union, encode(d, q), 1000)
         maps.append(cross_silo.score(merged, truth, d.labels[q]))
-        hit_labels = np.full(merged.ids.shape, -1)
-        for s, name in enumerate(merged.silos):
-            ids, labels = truth.labels[name]
-            mask = merged.silo == s
-            hit_labels[mask] = labels[np.searchsorted(ids, merged.ids[mask])]
-        for a, row in zip(d.labels[q], hit_labels):
-            conf[a] += np.bincount(row[row >= 0], minlength=classes) / max(1, (row >= 0).sum())
+        hit_labels, found = truth.hit_labels(merged)
+        for a, row, ok in zip(d.labels[q], hit_labels, found):
+            conf[a] += np.bincount(row[ok], minlength=classes) / max(1, ok.sum())
             count[a] += 1
     return conf / np.maximum(count, 1)[:, None], float(np.mean(maps))
 

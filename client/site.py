@@ -394,7 +394,7 @@ def search_folder(node_config: Mapping[str, Any], req: P.SearchRequest) -> tuple
                               "is, where its index is); search a simulation with fedhash search --run")
         cfg = Config.from_json(req.fedconfig)
         name = silo_name(cfg, int(node_config[NODE_PARTITION]))
-        return name, site_dir(str(node_config.get(NODE_OUT_DIR, cfg.out_dir)), name)
+        return name, site_dir(out_dir(cfg, node_config), name)
     raise ConfigError("node config has neither 'data' (a real site) nor 'partition-id' (simulation)")
 
 
@@ -430,11 +430,12 @@ def search(node_config: Mapping[str, Any], req: P.SearchRequest) -> SearchResult
     name, folder = search_folder(node_config, req)
     share = shared_fields(node_config)
     if NODE_PARTITION in node_config and req.fedconfig:  # a simulated silo asked to misbehave (inject-failures)
-        injected = failures_of(Config.from_json(req.fedconfig).inject_failures).get(name, set())
+        run_cfg = Config.from_json(req.fedconfig)
+        injected = failures_of(run_cfg.inject_failures).get(name, set())
         if "search" in injected:
             raise RuntimeError(f"injected failure of {name} in a search (inject-failures)")
         if "search-stall" in injected:
-            time.sleep(Config.from_json(req.fedconfig).round_timeout + 2.0)
+            time.sleep(run_cfg.round_timeout + 2.0)
     idx = _search_index(folder, name)
     if idx.model_version != req.model_version:
         raise ModelVersionError(f"silo '{name}': its index holds model {idx.model_version}, the query codes come from "

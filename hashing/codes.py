@@ -59,6 +59,17 @@ def hamming(q_codes: np.ndarray, db_codes: np.ndarray) -> np.ndarray:
     return np.rint((k - sq @ sd.T) * 0.5).astype(np.int32)
 
 
+def topk_by_id(codes: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-``k`` by Hamming distance over packed ``codes`` stored under ``ids``, equal distances
+    by ascending id: (distances int32 (nq, <=k), ids int64 (nq, <=k)), fewer columns when fewer codes."""
+    ids = np.asarray(ids, np.int64)
+    if not len(ids):
+        return np.zeros((len(query), 0), np.int32), np.zeros((len(query), 0), np.int64)
+    d = hamming(query, codes)
+    order = np.lexsort((np.broadcast_to(ids, d.shape), d), axis=1)[:, :k]
+    return np.take_along_axis(d, order, 1), ids[order]
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)

@@ -376,7 +376,7 @@ class SiloIndex:
         kk = min(n, max(2 * k, k + 16))
         while True:
             D, I = self._search(q, kk)
-            if kk >= n or kk <= k or (D[:, -1] > D[:, k - 1]).all():
+            if kk >= n or (D[:, -1] > D[:, k - 1]).all():
                 break  # every code tied with a k-th hit is among the kk
             kk = min(n, 4 * kk)
         order = np.lexsort((np.where(I < 0, np.iinfo(np.int64).max, I), D), axis=1)[:, :k]

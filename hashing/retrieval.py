@@ -781,11 +781,9 @@ def open_index(folder: str | os.PathLike, *, weights: str | None = None,
 
 def brute_force(codes: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Reference top-k by Hamming over packed codes, ties by id (for tests and benchmarks)."""
-    from .codes import hamming
+    from .codes import topk_by_id
 
-    d = hamming(query, codes)
-    order = np.lexsort((np.broadcast_to(ids, d.shape), d), axis=1)[:, :k]
-    return np.take_along_axis(d, order, 1), ids[order]
+    return topk_by_id(codes, ids, query, k)
 
 
 __all__ = ["SearchIndex", "Hit", "AddReport", "UnknownItemsError", "build", "create", "open_index", "load_images",

@@ -45,7 +45,7 @@ def fan_out(link: Link, req: P.SearchRequest, *, server_round: int = 0, node_ids
             continue
         replies.append(SiloHits(name, ids, dist, labels, int(m.content[P.METRICS].get(P.N_DB, 0))))
     merged = merge(replies, req.k)
-    return Answer(req.model_version, req.k, merged, answered=[r.silo for r in sorted(replies, key=lambda r: r.silo)],
+    return Answer(req.model_version, req.k, merged, answered=list(merged.silos),
                   failed=[{k: v for k, v in f.items() if k in ("node", "silo", "reason")}
                           for f in link.failures[before:]],
                   asked=len(nodes), seconds=time.perf_counter() - t0)

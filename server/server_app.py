@@ -40,26 +40,25 @@ def make_server_app(cfg: Config | Sequence[Config] | None = None, *, scenario: M
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("fedhash").setLevel(logging.INFO)
-        if job is not None:
-            if on_grid is not None and cfg is not None:
-                on_grid(grid, cfg if isinstance(cfg, Config) else list(cfg)[0])
-            out = job(grid)
-            if result is not None:
-                result["job"] = out
-            return
-        if cfg is None:
+        search = None
+        if cfg is None and job is None:
             try:
                 search, rest = P.split_search_job(dict(context.run_config))
             except ValueError as e:
                 raise ConfigError(f"run config: {e}") from None
             cfgs = [Config.from_dict(rest, source="run config")]
-            if search is not None:
-                run_search(grid, cfgs[0], search)
-                return
         else:
-            cfgs = [cfg] if isinstance(cfg, Config) else list(cfg)
-        if on_grid is not None:
+            cfgs = [] if cfg is None else [cfg] if isinstance(cfg, Config) else list(cfg)
+        if search is not None:
+            run_search(grid, cfgs[0], search)
+            return
+        if on_grid is not None and cfgs:
             on_grid(grid, cfgs[0])
+        if job is not None:
+            out = job(grid)
+            if result is not None:
+                result["job"] = out
+            return
         for c in cfgs:
             fed = Federation(grid, c, scenario=scenario, on_round=on_round)
             out = fed.run()

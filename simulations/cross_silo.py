@@ -43,10 +43,11 @@ class Truth:
             order = np.argsort(cids[first], kind="stable")
             self.labels[d.name] = (cids[first][order], d.labels[pos[first]][order])
 
-    def hit_relevance(self, merged: Merged, q_labels: np.ndarray) -> np.ndarray:
-        """(nq, k) bool: hit r of query q shares a label with it (False past the last hit)."""
-        nq, k = merged.ids.shape
-        rel = np.zeros((nq, k), bool)
+    def hit_labels(self, merged: Merged) -> tuple[np.ndarray, np.ndarray]:
+        """(labels of every hit (nq, k) + the label shape, bool (nq, k): where there is a hit)."""
+        found = merged.silo >= 0
+        some = next(iter(self.labels.values()))[1]
+        out = np.zeros(merged.ids.shape + some.shape[1:], some.dtype)
         for s, name in enumerate(merged.silos):
             mask = merged.silo == s
             if not mask.any():
@@ -55,13 +56,15 @@ class Truth:
             at = np.searchsorted(ids, merged.ids[mask])
             if not np.array_equal(ids[np.minimum(at, len(ids) - 1)], merged.ids[mask]):
                 raise ValueError(f"silo {name} answered with a content id its database does not hold")
-            qi = np.nonzero(mask)[0]
-            hit_labels = labels[at]
-            if q_labels.ndim == 1:
-                rel[mask] = q_labels[qi] == hit_labels
-            else:
-                rel[mask] = (q_labels[qi].astype(bool) & hit_labels.astype(bool)).any(axis=1)
-        return rel
+            out[mask] = labels[at]
+        return out, found
+
+    def hit_relevance(self, merged: Merged, q_labels: np.ndarray) -> np.ndarray:
+        """(nq, k) bool: hit r of query q shares a label with it (False past the last hit)."""
+        labels, found = self.hit_labels(merged)
+        if q_labels.ndim == 1:
+            return found & (q_labels[:, None] == labels)
+        return found & (q_labels[:, None, :].astype(bool) & labels.astype(bool)).any(axis=2)
 
 
 def score(merged: Merged, truth: Truth, q_labels: np.ndarray) -> float:

@@ -65,28 +65,23 @@ def encode_queries(encoder: Encoder, images: Sequence[np.ndarray | str | os.Path
 def run_config(run: str | os.PathLike, mode: str | None = None) -> tuple[Config, Path]:
     """(the federation's config, with out-dir at its folder; that folder) of a ``fedhash simulate`` run."""
     run = Path(run)
-    subs = sorted(p.parent for p in run.glob("federated*/federation.json"))
+    subs = {p.parent: json.loads(p.read_text()) for p in sorted(run.glob("federated*/federation.json"))}
     if not subs:
         raise FedhashError(f"{run} holds no federation (no federated*/federation.json); pass a fedhash simulate run "
                            "folder")
     if mode is None:
-        sub = run / "federated" if (run / "federated" / "federation.json").is_file() else subs[0]
+        sub = run / "federated" if run / "federated" in subs else next(iter(subs))
     else:
-        sub = next((s for s in subs if s.name in (f"federated-{mode}", "federated") and
-                    _mode_of(s) == mode), None)
+        sub = next((s for s, st in subs.items()
+                    if ("supervised" if st.get("config", {}).get("supervised") else "unsupervised") == mode), None)
         if sub is None:
             raise FedhashError(f"{run} holds no {mode} federation (it holds {', '.join(s.name for s in subs)})")
-    status = json.loads((sub / "federation.json").read_text())
+    status = subs[sub]
     if status.get("status") != "done":
         raise FedhashError(f"the federation in {sub} did not finish (status {status.get('status')}); its silos hold "
                            "no index to search")
     cfg = Config.from_dict(status["config"]).replace(out_dir=str(sub.resolve()), min_train_nodes=1)
     return cfg, sub
-
-
-def _mode_of(sub: Path) -> str:
-    cfg = json.loads((sub / "federation.json").read_text()).get("config", {})
-    return "supervised" if cfg.get("supervised") else "unsupervised"
 
 
 def search_simulation(run: str | os.PathLike, codes: np.ndarray, k: int, model_version: str, *,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..catalogue import fmt_id
-from ..codes import hamming
+from ..codes import topk_by_id
 
 PAD_ID = -1
 PAD_DISTANCE = np.iinfo(np.int32).max
@@ -107,13 +107,8 @@ def brute_force(silos: Mapping[str, tuple[np.ndarray, np.ndarray]], query: np.nd
     references' rows only; a federation answers through the fan-out)."""
     replies = []
     for name, (ids, codes) in silos.items():
-        ids = np.asarray(ids, np.int64)
-        d = hamming(np.asarray(query, np.uint8), np.asarray(codes, np.uint8)) if len(ids) else \
-            np.zeros((len(query), 0), np.int32)
-        kk = min(k, len(ids))
-        order = np.lexsort((np.broadcast_to(ids, d.shape), d), axis=1)[:, :kk]
-        replies.append(SiloHits(name, ids[order] if kk else np.zeros((len(query), 0), np.int64),
-                                np.take_along_axis(d, order, 1)))
+        d, i = topk_by_id(np.asarray(codes, np.uint8), ids, np.asarray(query, np.uint8), k)
+        replies.append(SiloHits(name, i, d))
     return merge(replies, k)
 
 
@@ -153,9 +148,9 @@ def read_answer(log_text: str) -> dict[str, Any] | None:
     for line in log_text.splitlines():
         i = line.find(ANSWER_MARK)
         if i >= 0:
-            blob = line[i + len(ANSWER_MARK):].strip().split()[0] if line[i + len(ANSWER_MARK):].strip() else ""
+            words = line[i + len(ANSWER_MARK):].split()
             try:
-                found = json.loads(zlib.decompress(base64.b64decode(blob)))
+                found = json.loads(zlib.decompress(base64.b64decode(words[0] if words else "")))
             except (ValueError, zlib.error):
                 continue
     return found
