@@ -14,6 +14,25 @@ from hashing.federated import protocol as P
 
 log = logging.getLogger("fedhash.server")
 
+POLL = 0.05  # seconds between two pulls of a phase's replies
+
+
+def quick_object_pulls(poll: float = 0.2) -> None:
+    """The ServerApp's pulls of the replies' objects: Flower backs off from 1 s to 10 s while an object is on
+    its way (a floor of 1-3 s under every phase); here from poll/10 to ``poll``, still for up to Flower's
+    2 hours. Guarded: an unknown Flower is left as it is. (client/supernode.py does the same for a site.)"""
+    try:
+        from flwr.supercore.inflatable import inflatable_utils as iu
+    except ImportError:
+        return
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        kw = getattr(fn, "__kwdefaults__", None) or {}
+        if {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(kw):
+            kw.update(initial_backoff=poll / 10, backoff_cap=poll, max_tries_per_object=None)
+
+
+quick_object_pulls()
+
 
 def silo_of(msg: Message) -> dict[str, str]:
     """Who sent ``msg`` (its SILO record, or its node id)."""
@@ -28,6 +47,8 @@ class Link:
         self.kept = kept  # what a stopped run keeps (the last checkpoint), for the error
         self.failures: list[dict] = []
         self.names: dict[int, str] = {}  # node id -> silo name, learnt from every good reply
+        self.last: dict[str, dict] = {}  # node id -> its last reply (or silence): round, phase, when, ok
+        self.on_phase: Callable[[str, int], None] | None = None  # called as a phase's messages go out
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -52,13 +73,19 @@ class Link:
         """Send, wait up to round-timeout, log every failure and timeout (under phase ``what``); return the good
         replies in silo order. With ``require`` (the phase's name for the user, "training"), fewer than
         min-train-nodes good replies stop the run (TrainingError)."""
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        n_failed = len(self.failures)
+        if self.on_phase is not None:
+            self.on_phase(what, server_round)
+        replies = self.exchange(messages)
         # Replies arrive in whatever order the silos finish; aggregate in silo order instead, so that
         # float sums (FedAvg, pooled statistics) and with them the whole run are reproducible.
         ok = sorted((m for m in replies if not m.has_error()),
                     key=lambda m: (silo_of(m)[P.SILO_NAME], int(m.metadata.src_node_id)))
+        now = time.time()
         for m in ok:
             self.names[int(m.metadata.src_node_id)] = silo_of(m)[P.SILO_NAME]
+            self.last[str(m.metadata.src_node_id)] = {"silo": silo_of(m)[P.SILO_NAME], "round": server_round,
+                                                     "phase": what, "at": now, "ok": True}
         answered = {m.metadata.src_node_id for m in replies}
         for m in replies:
             if m.has_error():
@@ -67,10 +94,29 @@ class Link:
             if msg.metadata.dst_node_id not in answered:
                 self.failure(server_round, what, msg.metadata.dst_node_id,
                              f"no reply within round-timeout={self.timeout:.0f} s")
+        refusals = [f for f in self.failures[n_failed:] if P.PRIVACY_FLOOR in f["reason"]]
+        if refusals:
+            raise TrainingError(f"round {server_round} {what}: {gist(refusals[0]['reason'])}; the run stops: a site "
+                                f"refuses to work below its own privacy floor. {self.kept()}")
         if require and len(ok) < self.min_nodes:
             raise TrainingError(f"round {server_round} {require}: only {len(ok)} of {len(messages)} silos replied, "
                                 f"fewer than min-train-nodes={self.min_nodes}; the run stops here: {self.kept()}")
         return ok
+
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        """Push the messages, then pull their replies every POLL seconds until all are in or round-timeout
+        has passed (Flower's ``send_and_receive`` pulls every 3 s, a floor under every message phase)."""
+        ids = set(self.grid.push_messages(messages))
+        deadline = time.time() + self.timeout
+        replies: list[Message] = []
+        while ids:
+            got = list(self.grid.pull_messages(ids))
+            replies += got
+            ids -= {m.metadata.reply_to_message_id for m in got}
+            if not ids or time.time() >= deadline:
+                break
+            time.sleep(POLL)
+        return replies
 
     def failure(self, server_round: int, what: str, node: int, reason: str) -> None:
         reason = " ".join(str(reason).split())
@@ -79,6 +125,8 @@ class Link:
         log.warning("round %d %s: %s failed: %s", server_round, what, who, gist(reason))
         self.failures.append({"round": server_round, "phase": what, "node": int(node), "reason": reason[-2000:]}
                              | ({"silo": silo} if silo else {}))
+        self.last[str(node)] = {"silo": silo, "round": server_round, "phase": what, "at": time.time(), "ok": False,
+                                "reason": gist(reason)}
 
 
 def gist(reason: str) -> str:

@@ -8,12 +8,12 @@ What it does, with the commands a real deployment types (see README, "Running ac
 
 1. `make_certs.py`: a test CA, a SuperLink certificate for 127.0.0.1/localhost, one ECDSA P-384 key
    pair per site and one for an "intruder" that is never registered.
-2. `flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
+2. `fedhash-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
    --enable-supernode-auth --disable-runtime-dependency-installation --host 127.0.0.1 --port P` (one
    HTTPS port serves the Fleet, Control and Runtime APIs in Flower 1.41 and 1.42).
 3. `flwr supernode register keys/<site>.pub sites` for each site: the connection `sites` lives in
    `$FLWR_HOME/config.toml` (address 127.0.0.1:P, root-certificates ca.crt).
-4. `flower-supernode --superlink 127.0.0.1:P --root-certificates ca.crt --auth-supernode-private-key
+4. `fedhash-supernode --superlink 127.0.0.1:P --root-certificates ca.crt --auth-supernode-private-key
    keys/<site> --port Q --node-config 'data="..." silo="<site>" out-dir="<WORK>/sites/<site>"'`.
 5. The intruder: the same command with the unregistered key. The SuperLink answers its ActivateNode
    with HTTP 412 / API error 2004 ("No SuperNode found with the given public key"), and the SuperNode
@@ -57,6 +57,10 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import make_certs  # noqa: E402
 
+from hashing.federated.processes import alive as _alive  # noqa: E402
+from hashing.federated.processes import children_map as _children_map  # noqa: E402
+from hashing.federated.processes import proc_stat as _proc_stat  # noqa: E402
+
 CONNECTION = "sites"
 REFUSAL_EXIT_CODE = 305  # flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR, logged as "Exit Code: 305"
 REFUSAL_SUPERNODE_LINE = "Failed to activate SuperNode"
@@ -64,32 +68,6 @@ REFUSAL_SUPERLINK_LINE = "No SuperNode found with the given public key"
 
 
 # ---------------------------------------------------------------- processes
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, start time) of a process, None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])
-
-
-def _alive(pid: int, start: int | None = None) -> bool:
-    """True while `pid` runs (zombies are dead) and, if given, is still the process that started at `start`."""
-    st = _proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X") and (start is None or st[2] == start)
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            st = _proc_stat(int(d))
-            if st is not None:
-                kids.setdefault(st[1], []).append(int(d))
-    return kids
 
 
 @dataclass
@@ -220,9 +198,9 @@ def wait_https(port: int, ca_cert: Path, proc: subprocess.Popen, timeout: float 
     raise RuntimeError(f"flower-superlink not serving on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
-def node_config(data: str, silo: str, out_dir: Path, cache_dir: str | None = None) -> str:
+def node_config(data: str, silo: str, out_dir: Path, cache_dir: str | None = None, extra: str = "") -> str:
     cfg = f'data="{data}" silo="{silo}" out-dir="{out_dir}"'
-    return cfg + (f' cache-dir="{cache_dir}"' if cache_dir else "")
+    return (cfg + (f' cache-dir="{cache_dir}"' if cache_dir else "") + (f" {extra}" if extra else "")).strip()
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -269,7 +247,7 @@ def guarded(procs: "Procs", summary: dict, work: Path, grace: float,
 def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: Path = REPO,
                  timeout: float = 1200.0, intruder: bool = True, cache_dir: str | None = None,
                  env: dict | None = None, grace: float = 10.0, search: list[str] | None = None,
-                 search_k: int = 10, search_repeat: int = 1) -> dict:
+                 search_k: int = 10, search_repeat: int = 1, node_extra: dict[str, str] | None = None) -> dict:
     """Start a SuperLink, register and start one SuperNode per site, run the app, stop everything.
 
     `sites` maps a silo name to its data (a folder of class_name/*.png, a CSV manifest, or
@@ -292,12 +270,11 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
         write_connection(home, CONNECTION, address, creds["ca_cert"])
 
         superlink = procs.start("superlink", [
-            "flower-superlink",
+            "fedhash-superlink",
             "--ssl-ca-certfile", str(creds["ca_cert"]),
             "--ssl-certfile", str(creds["server_cert"]),
             "--ssl-keyfile", str(creds["server_key"]),
             "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",  # the sites' Python already holds fedhash
             "--host", "127.0.0.1", "--port", str(port),
             "--database", str(home / "superlink-state.db"),
         ])
@@ -314,18 +291,18 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
             out = work / "sites" / name
             out.mkdir(parents=True, exist_ok=True)
             p = procs.start(f"supernode-{name}", [
-                "flower-supernode",
+                "fedhash-supernode",
                 "--superlink", address,
                 "--root-certificates", str(creds["ca_cert"]),
                 "--auth-supernode-private-key", str(creds["nodes"][name][0]),
                 "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", node_config(data, name, out, cache_dir),
+                "--node-config", node_config(data, name, out, cache_dir, (node_extra or {}).get(name, "")),
             ])
             summary["sites"][name].update({"pid": p.pid, "data": data, "out_dir": str(out)})
 
         if intruder:
             p = procs.start("supernode-intruder", [
-                "flower-supernode",
+                "fedhash-supernode",
                 "--superlink", address,
                 "--root-certificates", str(creds["ca_cert"]),
                 "--auth-supernode-private-key", str(creds["nodes"]["intruder"][0]),
