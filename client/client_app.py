@@ -37,9 +37,9 @@ from hashing.hashers import Hasher
 from hashing.state import state_nbytes
 
 from . import site
-from .mods import train_clipping_mod
+from .mods import site_errors_mod, train_clipping_mod
 
-app = ClientApp()
+app = ClientApp(mods=[site_errors_mod])  # a real site's errors reach the server without its paths
 
 _warm = False
 
@@ -54,6 +54,11 @@ def _warm_up() -> None:
         p.grad = torch.zeros(1)
         torch.optim.AdamW([p]).step()
         _warm = True
+
+
+def site_error_text(ex: BaseException, context: Context | None) -> str:
+    """The text of ``ex`` as this node may send it to the server (a real site's paths removed)."""
+    return site.site_error_text(str(ex), None if context is None else context.node_config)
 
 
 @dataclass
@@ -78,6 +83,8 @@ def _receive(msg: Message, context: Context, *, model: bool = True) -> Received:
     _warm_up()
     data = site.silo_data(cfg, node)
     site.check_silo(data)
+    if site.is_site(node):
+        site.check_privacy_floor(cfg, node, data.n_train)
     got = Received(cfg, rc, data)
     if model:
         params = msg.content[P.ARRAYS].to_torch_state_dict()
@@ -152,8 +159,10 @@ def index(msg: Message, context: Context) -> Message:
         raise FedhashError(f"the index message names no model version ({P.MODEL_VERSION!r}); server and silo "
                            "must run the same fedhash")
     out = site.out_dir(got.cfg, context.node_config)
+    privacy = (site.own_privacy(got.cfg, got.data, got.round.privacy) if site.is_site(context.node_config)
+               else got.round.privacy)
     try:
-        path, n = site.build_index(got.cfg, got.data, got.hasher, got.round.model_version, out, got.round.privacy)
+        path, n = site.build_index(got.cfg, got.data, got.hasher, got.round.model_version, out, privacy)
     except OSError as e:
         raise FedhashError(f"silo {got.data.name}: cannot write its index under {out} ({e}); "
                            "set the node's out-dir to a writable folder") from e

@@ -1,4 +1,9 @@
-"""Client-side clipping for client-level DP, as a Flower mod on the train handler.
+"""Flower mods of the ClientApp.
+
+``site_errors_mod`` (every message): at a real site an error leaves without the site's paths; the whole
+error, traceback included, stays in the site's own log.
+
+``train_clipping_mod``: client-side clipping for client-level DP, on the train handler.
 
 The server's ``DifferentialPrivacyClientSideFixedClipping`` / ``...AdaptiveClipping`` wrappers send a
 ``clipping_norm`` in the train message's config; this mod clips the silo's update (its reply's
@@ -10,6 +15,8 @@ same but demand a message of exactly one ArrayRecord, and fedhash's train messag
 message as it came.
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message
@@ -25,6 +32,26 @@ from flwr.supercore.differential_privacy import (
 from hashing.config import Config
 from hashing.errors import FedhashError
 from hashing.federated import protocol as P
+
+from . import site
+
+
+log = logging.getLogger("fedhash.client")
+
+
+class SiteError(FedhashError):
+    """A real site's error as the server sees it: its kind and its text, no site path in it."""
+
+
+def site_errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the handler; at a real site an exception is logged here in full and re-raised without paths."""
+    try:
+        return call_next(msg, context)
+    except Exception as e:
+        if not site.is_site(context.node_config):
+            raise
+        log.error("%s failed at this site", msg.metadata.message_type, exc_info=e)
+        raise SiteError(f"{type(e).__name__}: {site.site_error_text(str(e), context.node_config)}") from None
 
 
 def _adaptive(config) -> bool:

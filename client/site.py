@@ -3,10 +3,17 @@ statistics the server pools, evaluate, build its index, and answer another site'
 Flower-free except for the names of node-config keys; ``client_app.py`` wires these functions to Flower
 messages.
 
-A site's own node config says where its data is and what the silo is called (``data``, ``silo``: the
-server's config has no such key), where its index, cache and threads go (``out-dir``, required at a real
-site, ``cache-dir``, ``threads``), which win over the run config's ``out-dir``, ``cache-dir`` and
-``client-threads``, and what its search replies share beyond content ids and distances (``search-share``).
+**A real site obeys only its own node config** (a node config with ``data``; the server's config has no
+such key). Its data, its name, its out-dir (required), feature cache, backbone weights, torch threads and
+the backbone itself come from its node config (``data``, ``silo``, ``out-dir``, ``cache-dir``, ``weights``,
+``threads``, ``backbone``) or else fedhash's installed defaults, never from the run config: the server's
+values for those keys are ignored with a logged warning (a different backbone is refused: the model would
+not be the federation's). Test switches (``inject-failures``) are ignored. The node config can set a
+privacy floor (``require-dp="sample"``, ``max-epsilon=8``): the site refuses to train under a weaker
+setting, with an error the server stops the run on. What its search replies share beyond content ids and
+distances is ``search-share``. Errors a site sends back name none of its paths (:func:`site_error_text`).
+
+In simulation (node config ``partition-id``) server and silos are one user, and the run config decides.
 """
 from __future__ import annotations
 
@@ -14,6 +21,8 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -49,18 +58,54 @@ _lock = threading.Lock()
 
 # node-config keys a site sets for itself (flower-supernode --node-config '...')
 NODE_DATA, NODE_SILO, NODE_OUT_DIR, NODE_CACHE_DIR, NODE_THREADS = "data", "silo", "out-dir", "cache-dir", "threads"
+NODE_WEIGHTS, NODE_BACKBONE = "weights", "backbone"
 NODE_SHARE = "search-share"  # what a search reply may carry beyond content ids and distances: "" or "labels"
+NODE_REQUIRE_DP, NODE_MAX_EPSILON = "require-dp", "max-epsilon"  # a site's privacy floor
 NODE_PARTITION, NODE_PARTITIONS = "partition-id", "num-partitions"  # set by Flower's simulation engine
+
+# Config fields a real site decides for itself: field -> the node-config key that sets it (None: nothing
+# does; the installed default holds). The server's values are ignored.
+SITE_OWNED: dict[str, str | None] = {"data": NODE_DATA, "out_dir": NODE_OUT_DIR, "cache_dir": NODE_CACHE_DIR,
+                                     "weights": NODE_WEIGHTS, "client_threads": NODE_THREADS,
+                                     "inject_failures": None}
+_DEFAULTS = Config()
+_warned: set[tuple[str, ...]] = set()
 
 
 # --------------------------------------------------------------------------- the site's own settings
 
 
+def is_site(node_config: Mapping[str, Any]) -> bool:
+    """A real site (its node config names its data), not a simulated silo."""
+    return NODE_DATA in node_config
+
+
 def own_settings(cfg: Config, node_config: Mapping[str, Any]) -> Config:
-    """The run's config with what the site's own node config says in place of the server's."""
-    if NODE_CACHE_DIR in node_config:
-        cfg = dataclasses.replace(cfg, cache_dir=str(node_config[NODE_CACHE_DIR]))
-    return cfg
+    """The run's config as this node must use it. At a real site every path and site-side switch is its
+    own (node config, else fedhash's default; the server's values are ignored, with a warning), and the
+    backbone must be the site's. In simulation, the run's config (a node config's cache-dir wins)."""
+    if not is_site(node_config):
+        if NODE_CACHE_DIR in node_config:
+            cfg = dataclasses.replace(cfg, cache_dir=str(node_config[NODE_CACHE_DIR]))
+        return cfg
+    name = node_silo_name(node_config)
+    mine_backbone = str(node_config.get(NODE_BACKBONE, _DEFAULTS.backbone))
+    if cfg.backbone != mine_backbone:
+        raise ConfigError(f"site '{name}' runs backbone {mine_backbone!r} and the run asks for {cfg.backbone!r}; run "
+                          f"with backbone=\"{mine_backbone}\" (or every site sets backbone in its node config)")
+    changes: dict[str, Any] = {}
+    for field, key in SITE_OWNED.items():
+        default = getattr(_DEFAULTS, field)
+        mine = type(default)(node_config[key]) if key is not None and key in node_config else default
+        if getattr(cfg, field) != mine:
+            changes[field] = mine
+    ignored = tuple(sorted(k.replace("_", "-") for k in changes
+                           if getattr(cfg, k) != getattr(_DEFAULTS, k)))  # the server set them
+    if ignored and (name, *ignored) not in _warned:
+        _warned.add((name, *ignored))
+        log.warning("site %s ignores the run config's %s: a site's paths and switches come from its own node config",
+                    name, ", ".join(ignored))
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def set_threads(cfg: Config, node_config: Mapping[str, Any]) -> None:
@@ -68,6 +113,75 @@ def set_threads(cfg: Config, node_config: Mapping[str, Any]) -> None:
     threads = int(node_config.get(NODE_THREADS, cfg.client_threads))
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def privacy_floor(node_config: Mapping[str, Any]) -> tuple[str, float | None]:
+    """The site's privacy floor from its node config: (required DP unit or "", the largest ε it accepts)."""
+    need = str(node_config.get(NODE_REQUIRE_DP, "")).strip().lower()
+    if need not in ("", "none", "sample"):
+        raise ConfigError(f"node config {NODE_REQUIRE_DP}={need!r}: a site can require \"sample\" (sample-level DP, "
+                          "whose ε it computes itself), or nothing")
+    raw = node_config.get(NODE_MAX_EPSILON)
+    max_eps = None
+    if raw is not None:
+        try:
+            max_eps = float(raw)
+        except (TypeError, ValueError):
+            max_eps = -1.0
+        if not max_eps > 0:
+            raise ConfigError(f"node config {NODE_MAX_EPSILON}={raw!r}: give a number > 0, e.g. max-epsilon=8")
+        need = "sample"  # a site can check only the ε of its own sample-level plan
+    return ("" if need == "none" else need), max_eps
+
+
+def check_privacy_floor(cfg: Config, node_config: Mapping[str, Any], n_train: int) -> None:
+    """Refuse to work under a weaker setting than the site's floor (P.PRIVACY_FLOOR in the error: the server
+    stops the run on it). The ε checked is the one this site's own accountant plans for the whole run."""
+    need, max_eps = privacy_floor(node_config)
+    if not need:
+        return
+    name = node_silo_name(node_config)
+    floor = f"{NODE_REQUIRE_DP}=\"{need}\"" + (f" {NODE_MAX_EPSILON}={max_eps:g}" if max_eps is not None else "")
+    if cfg.dp != need:
+        raise ConfigError(f"site '{name}' refuses: its {P.PRIVACY_FLOOR} is {floor} and the run asks dp=\"{cfg.dp}\"; "
+                          f"run with dp=\"{need}\"" + (f" and dp-epsilon <= {max_eps:g}" if max_eps else ""))
+    if max_eps is not None:
+        eps = accountant.silo_plan(cfg, n_train, silo=name).epsilon
+        if eps > max_eps * (1 + 1e-9):
+            raise ConfigError(f"site '{name}' refuses: its {P.PRIVACY_FLOOR} is {floor} and the run's plan gives its "
+                              f"data epsilon={eps:.3g}; run with dp-epsilon <= {max_eps:g}")
+
+
+def own_privacy(cfg: Config, data: "SiloData", announced: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The privacy record a real site writes into its index: what its own accountant computes for what it
+    ran. Sample-level DP: its plan for the whole run (its noise, its sampling rate, every planned step and the
+    moments release: an upper bound when it skipped rounds). Otherwise it can account for nothing itself,
+    and says whose figure it carries."""
+    if cfg.dp == "sample":
+        plan = dp_plan(cfg, data)
+        return {"unit": "sample (one image)", "mechanism": accountant.MECHANISM, "accountant": accountant.ACCOUNTANT,
+                "computed_by": f"site {data.name}", "epsilon": plan.epsilon, "delta": plan.delta,
+                "noise_multiplier": plan.noise_multiplier, "moments_noise": plan.moments_noise,
+                "sample_rate": plan.sample_rate, "steps": plan.steps_per_round * plan.rounds,
+                "max_grad_norm": plan.max_grad_norm, "rounds": plan.rounds, "n": plan.n}
+    if cfg.dp == "none":
+        return {"unit": "none", "epsilon": math.inf, "computed_by": f"site {data.name}"}
+    return dict(announced or {}) | {"computed_by": "server (a site cannot account client-level DP alone)"}
+
+
+_PATH = re.compile(r"(?<![\w>.~])(?:~|\.{1,2})?/[^\s'\"<>,;()\[\]{}]*")  # not the rest of a <site path>
+
+
+def site_error_text(text: str, node_config: Mapping[str, Any] | None) -> str:
+    """What a real site tells the server about its own error: the text, every path in it (and every value of
+    its node config that names a file or folder) replaced by <site path>. A simulated silo's text is kept."""
+    if not node_config or not is_site(node_config):
+        return text
+    for key in (NODE_DATA, NODE_OUT_DIR, NODE_CACHE_DIR, NODE_WEIGHTS):
+        v = str(node_config.get(key, "")).strip()
+        if len(v) > 1:
+            text = text.replace(v, "<site path>")
+    return _PATH.sub(lambda m: "<site path>" if len(m.group(0)) > 1 else m.group(0), text)
 
 
 def out_dir(cfg: Config, node_config: Mapping[str, Any]) -> str:
@@ -99,8 +213,13 @@ def shared_fields(node_config: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def node_silo_name(node_config: Mapping[str, Any]) -> str:
-    """A real site's silo name: its node config's ``silo``, else its data folder's name."""
-    return str(node_config.get(NODE_SILO, Path(str(node_config[NODE_DATA])).name))
+    """A real site's silo name: its node config's ``silo``, else silo-<partition-id> on a test bench, else its
+    data folder's name."""
+    if NODE_SILO in node_config:
+        return str(node_config[NODE_SILO])
+    if NODE_PARTITION in node_config:
+        return f"silo-{int(node_config[NODE_PARTITION])}"
+    return Path(str(node_config[NODE_DATA])).name
 
 
 # --------------------------------------------------------------------------- silos
@@ -108,6 +227,12 @@ def node_silo_name(node_config: Mapping[str, Any]) -> str:
 
 def silo_from_node(cfg: Config, node_config: Mapping[str, Any]) -> Silo:
     """The silo a node holds: a partition in simulation, its own data at a real site."""
+    if NODE_DATA in node_config and NODE_PARTITION in node_config:
+        # a test bench: a real SuperNode holding partition i of its own data, cut as a simulation cuts it
+        n = int(node_config.get(NODE_PARTITIONS, cfg.num_silos))
+        part_cfg = cfg.replace(data=str(node_config[NODE_DATA]), num_silos=n)
+        silo = make_silo(source_dataset(part_cfg), part_cfg, int(node_config[NODE_PARTITION]))
+        return dataclasses.replace(silo, name=node_silo_name(node_config))
     if NODE_DATA in node_config:  # a real site: node config data="<folder or manifest>" silo="<name>"
         ds = load_dataset(str(node_config[NODE_DATA]))
         name = node_silo_name(node_config)

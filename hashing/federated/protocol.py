@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ MSG_STATS = "query.stats"
 MSG_MOMENTS = "query.moments"
 MSG_INDEX = "query.index"
 MSG_SEARCH = "query.search"
+
+# The words of a site's refusal to work below its own privacy floor (node config require-dp / max-epsilon):
+# the server stops the run when a reply's error carries them, whatever min-train-nodes allows.
+PRIVACY_FLOOR = "privacy floor"
 
 
 def query_action(message_type: str) -> str:
@@ -351,3 +356,28 @@ def split_search_job(run_config: Mapping[str, Any]) -> tuple[SearchJob | None, d
     if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= 1000:
         raise ValueError(f"run config {JOB_REPEAT} is {repeat!r}; give a whole number from 1 to 1000")
     return SearchJob(SearchRequest(codes, k, version), repeat), rest
+
+
+# --------------------------------------------------------------------------- records in a run's log
+
+STATUS_MARK = "fedhash-status:"  # a federated run's progress, one line per phase (fedhash status --federation)
+
+
+def log_line(mark: str, record: Mapping[str, Any]) -> str:
+    """A JSON record as one log line (zlib + base64 after ``mark``): what a ServerApp hands to ``flwr log``."""
+    blob = base64.b64encode(zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 9)).decode()
+    return mark + blob
+
+
+def read_log_line(log_text: str, mark: str) -> dict[str, Any] | None:
+    """The last record under ``mark`` in a run's log, or None when the log holds none."""
+    found = None
+    for line in log_text.splitlines():
+        i = line.find(mark)
+        if i >= 0:
+            words = line[i + len(mark):].split()
+            try:
+                found = json.loads(zlib.decompress(base64.b64decode(words[0] if words else "")))
+            except (ValueError, zlib.error):
+                continue
+    return found
