@@ -41,6 +41,7 @@ from .pooling import pooling_for
 from .strategies import make_strategy, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedhash.server")
+status_log = logging.getLogger("fedhash.status")  # the operator's view in the run's log (fedhash status)
 
 RoundHook = Callable[[dict], None]
 
@@ -59,6 +60,8 @@ class Federation:
         self.ledger = Ledger(cfg)
         self.pooling = pooling_for(cfg, self.model, self.ledger)
         self.link = Link(grid, round_timeout=cfg.round_timeout, min_nodes=cfg.min_train_nodes, kept=self._kept)
+        self.link.on_phase = self._phase
+        self.phase, self.round_in_flight, self.t_start = "start-up", 0, time.time()
         self.history: list[dict] = []
         self.libraries = ckpt.library_versions()  # once per run, for every checkpoint and model.pt
         self.start_round = 1
@@ -188,11 +191,26 @@ class Federation:
         self.start_round = int(rec["round"]) + 1
         log.info("resuming from %s: round %d of %d", path, self.start_round, self.cfg.num_server_rounds)
 
+    def _phase(self, what: str, server_round: int) -> None:
+        """A phase's messages are going out: the operator's view (fedhash status) says so."""
+        if self.phase in ("done", "failed"):  # a search after the run (simulation) changes nothing here
+            return
+        self.phase, self.round_in_flight = what, server_round
+        self._write_progress("running")
+
     def _write_progress(self, status: str, **extra: Any) -> None:
-        atomic.write_json(self.out / "federation.json", {
-            "status": status, "config": self.cfg.to_dict(), "scenario": self.scenario, "rounds": self.history,
+        now = time.time()
+        if status != "running":
+            self.phase = status
+        view = {"status": status, "round": self.round_in_flight, "num_server_rounds": self.cfg.num_server_rounds,
+                "phase": self.phase, "started_at": self.t_start, "updated_at": now,
+                "elapsed_seconds": round(now - self.t_start, 1), "sites": self.link.last,
+                "n_failures": len(self.link.failures), "last_failures": self.link.failures[-5:]}
+        atomic.write_json(self.out / "federation.json", view | {
+            "config": self.cfg.to_dict(), "scenario": self.scenario, "rounds": self.history,
             "silos": self.model.silos, "failures": self.link.failures, "model_version": self.model.version(),
             "privacy": self.ledger.guarantee(self.history[-1]["round"] if self.history else 0), **extra})
+        status_log.info("%s", P.log_line(P.STATUS_MARK, view | {"out_dir": str(self.out)}))
 
     # tests and tools read these
     @property

@@ -174,10 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--runs-dir", default="runs")
     d.set_defaults(func=cmd_simulate, scenario="demo", resume=None)
 
+    st = sub.add_parser("status", help="a federated run's progress: round, phase, each site's last reply, failures")
+    st.add_argument("dir", nargs="?", help="the run's out-dir (on the SuperLink's machine) or a simulate run folder")
+    st.add_argument("--federation", metavar="CONNECTION", help="instead: a SuperLink of the Flower config (flwr log)")
+    st.add_argument("--run-id", type=int, help="with --federation: this run (default: the newest running one)")
+    st.add_argument("--json", action="store_true", help="print the view as JSON")
+    st.add_argument("--watch", type=float, metavar="S", help="redraw every S seconds until the run ends")
+    st.set_defaults(func=cmd_status)
+
     from . import search
 
     search.add_parsers(sub)
     return p
+
+
+def cmd_status(args) -> int:
+    from .status import status_command
+
+    return status_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,7 @@ def test_simulate_cli_end_to_end(cfg, silos, features, cache_dir, tmp_path, caps
     t1 = time.perf_counter()
     captured = capsys.readouterr()
     out = captured.out
-    assert rc == 0
+    assert rc == 0, captured.err.splitlines()[-1:]
     _assert_no_new_children(before)
     # a quiet console: fedhash's own progress and results; the libraries' chatter is in the run's log.txt
     for noise in ("alembic", "DEPRECATED", "fraction_evaluate", "Manually terminating", "FutureWarning"):

@@ -8,9 +8,6 @@ top-k of the replies is exactly the top-k of the union of every silo's codes (:f
 """
 from __future__ import annotations
 
-import base64
-import json
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +16,7 @@ import numpy as np
 
 from ..catalogue import fmt_id
 from ..codes import topk_by_id
+from . import protocol as P
 
 PAD_ID = -1
 PAD_DISTANCE = np.iinfo(np.int32).max
@@ -136,21 +134,11 @@ ANSWER_MARK = "fedhash-search-answer:"
 
 
 def answer_line(answer: Mapping[str, Any]) -> str:
-    """The answer as one log line (zlib + base64 JSON): how a search run's ServerApp hands its answer to
-    ``flwr log``, the one channel open-source Flower gives a remote user."""
-    blob = base64.b64encode(zlib.compress(json.dumps(answer, separators=(",", ":")).encode(), 9)).decode()
-    return ANSWER_MARK + blob
+    """The answer as one log line: how a search run's ServerApp hands its answer to ``flwr log``, the one
+    channel open-source Flower gives a remote user."""
+    return P.log_line(ANSWER_MARK, answer)
 
 
 def read_answer(log_text: str) -> dict[str, Any] | None:
     """The last answer line of a run's log, or None when the log holds none."""
-    found = None
-    for line in log_text.splitlines():
-        i = line.find(ANSWER_MARK)
-        if i >= 0:
-            words = line[i + len(ANSWER_MARK):].split()
-            try:
-                found = json.loads(zlib.decompress(base64.b64decode(words[0] if words else "")))
-            except (ValueError, zlib.error):
-                continue
-    return found
+    return P.read_log_line(log_text, ANSWER_MARK)
