@@ -41,7 +41,6 @@ from .pooling import pooling_for
 from .strategies import make_strategy, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedhash.server")
-status_log = logging.getLogger("fedhash.status")  # the operator's view in the run's log (fedhash status)
 
 RoundHook = Callable[[dict], None]
 
@@ -50,8 +49,9 @@ class Federation:
     """One federated run on the server."""
 
     def __init__(self, grid: Grid, cfg: Config, *, scenario: Mapping[str, Any] | None = None,
-                 on_round: RoundHook | None = None):
+                 on_round: RoundHook | None = None, print_status: bool = False):
         self.cfg, self.scenario, self.on_round = cfg, dict(scenario or {}), on_round
+        self.print_status = print_status  # a `flwr run`: each progress write also goes to the run's log
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         weights_id, dim = backbone_identity(cfg.backbone, cfg.weights or None, cfg.cache_dir or None)
@@ -210,7 +210,8 @@ class Federation:
             "config": self.cfg.to_dict(), "scenario": self.scenario, "rounds": self.history,
             "silos": self.model.silos, "failures": self.link.failures, "model_version": self.model.version(),
             "privacy": self.ledger.guarantee(self.history[-1]["round"] if self.history else 0), **extra})
-        status_log.info("%s", P.log_line(P.STATUS_MARK, view | {"out_dir": str(self.out)}))
+        if self.print_status:  # into the run's log, which `flwr log` (fedhash status --federation) reads
+            print(P.log_line(P.STATUS_MARK, view | {"out_dir": str(self.out)}), flush=True)
 
     # tests and tools read these
     @property

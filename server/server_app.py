@@ -60,7 +60,7 @@ def make_server_app(cfg: Config | Sequence[Config] | None = None, *, scenario: M
                 result["job"] = out
             return
         for c in cfgs:
-            fed = Federation(grid, c, scenario=scenario, on_round=on_round)
+            fed = Federation(grid, c, scenario=scenario, on_round=on_round, print_status=cfg is None)
             out = fed.run()
             if after_run is not None:
                 after_run(grid, fed)

@@ -14,16 +14,11 @@ _CONSOLE = "fedhash-console"
 _FILE = "fedhash-run-log"
 
 
-STATUS_LOGGER = "fedhash.status"  # server.federation's fedhash-status: lines
-
-
 class _Own(logging.Filter):
     """fedhash's own records (and anything CRITICAL); the rest is the run log's. A silo's failure reaches
     the terminal as fedhash's one line (``fedhash.server``); Flower's traceback of it is in the log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == STATUS_LOGGER:  # the operator's view, for the run's log (fedhash status), not the terminal
-            return False
         return record.name == "fedhash" or record.name.startswith("fedhash.") or record.levelno >= logging.CRITICAL
 
 

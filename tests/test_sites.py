@@ -145,6 +145,10 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
                         app=REPO, timeout=480, search=[str(q) for q in queries], search_k=15)
     assert s["run_status"] == "finished:completed", s
     assert s["ok"], s
+    view = s["status_view"]  # fedhash status --federation, through the SuperLink's Control API
+    assert view["status"] == "done" and view["round"] == 2 and view["num_server_rounds"] == 2, view
+    assert sorted(v["silo"] for v in view["sites"].values()) == ["site-a", "site-b"]
+    assert all(v["ok"] and v["phase"] == "index" for v in view["sites"].values()) and view["n_failures"] == 0
 
     for name in sites:  # each site's index under its own out-dir (node config out-dir)
         out = Path(s["sites"][name]["out_dir"])

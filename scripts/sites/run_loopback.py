@@ -377,6 +377,12 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
             (logs / "run.log").write_text(r.stdout + r.stderr)
         except subprocess.TimeoutExpired:
             pass
+        st = subprocess.run([sys.executable, "-m", "simulations.cli", "status", "--federation", CONNECTION, "--run-id",
+                             str(run_id), "--json"], env=env, capture_output=True, text=True, timeout=120)
+        try:  # the operator's view through the SuperLink (fedhash status --federation)
+            summary["status_view"] = json.loads(st.stdout)
+        except ValueError:
+            summary["status_view"] = {"error": (st.stdout + st.stderr)[-500:]}
         summary["ok"] = status == "finished:completed" and (not intruder or summary["intruder"]["refused"])
         if search and summary["ok"]:
             summary["search"] = search_sites(work, summary, search, search_k, search_repeat, app, env)
