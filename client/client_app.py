@@ -80,6 +80,8 @@ def _receive(msg: Message, context: Context, *, model: bool = True) -> Received:
     site.check_node_config(node)
     cfg = site.own_settings(Config.from_json(rc.fedconfig), node)
     site.set_threads(cfg, node)
+    if site.is_site(node):
+        site.check_privacy_floor(cfg, node, None)  # the DP unit, before any work
     _warm_up()
     data = site.silo_data(cfg, node)
     site.check_silo(data)

@@ -134,9 +134,10 @@ def privacy_floor(node_config: Mapping[str, Any]) -> tuple[str, float | None]:
     return ("" if need == "none" else need), max_eps
 
 
-def check_privacy_floor(cfg: Config, node_config: Mapping[str, Any], n_train: int) -> None:
+def check_privacy_floor(cfg: Config, node_config: Mapping[str, Any], n_train: int | None) -> None:
     """Refuse to work under a weaker setting than the site's floor (P.PRIVACY_FLOOR in the error: the server
-    stops the run on it). The ε checked is the one this site's own accountant plans for the whole run."""
+    stops the run on it). The ε checked is the one this site's own accountant plans for the whole run for its
+    ``n_train`` images (None: the DP unit only, before the silo is loaded)."""
     need, max_eps = privacy_floor(node_config)
     if not need:
         return
@@ -145,7 +146,7 @@ def check_privacy_floor(cfg: Config, node_config: Mapping[str, Any], n_train: in
     if cfg.dp != need:
         raise ConfigError(f"site '{name}' refuses: its {P.PRIVACY_FLOOR} is {floor} and the run asks dp=\"{cfg.dp}\"; "
                           f"run with dp=\"{need}\"" + (f" and dp-epsilon <= {max_eps:g}" if max_eps else ""))
-    if max_eps is not None:
+    if max_eps is not None and n_train is not None:
         eps = accountant.silo_plan(cfg, n_train, silo=name).epsilon
         if eps > max_eps * (1 + 1e-9):
             raise ConfigError(f"site '{name}' refuses: its {P.PRIVACY_FLOOR} is {floor} and the run's plan gives its "

@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from hashing.federated.processes import Tree
+from hashing.federated.processes import Tree, die_with_parent
 
 log = logging.getLogger("fedhash.supernode")
 
@@ -74,10 +74,11 @@ class _Clock:
         time.sleep(min(seconds, self.cap))
 
 
-def quick_object_pulls(poll: float) -> None:
+def quick_object_pulls(poll: float, max_time: float | None = None) -> None:
     """Flower pulls a message's objects with a back-off that starts at 1 s and doubles to 10 s while an object
     is still on its way (a floor of 1-3 s under every message); here it starts at a tenth of ``poll`` and
-    stops at ``poll``, still for up to Flower's 2 hours. Guarded: an unknown Flower is left as it is."""
+    stops at ``poll``, for up to ``max_time`` seconds (Flower: 2 hours). Guarded: an unknown Flower is left as it
+    is."""
     try:
         from flwr.supercore.inflatable import inflatable_utils as iu
     except ImportError:
@@ -86,18 +87,26 @@ def quick_object_pulls(poll: float) -> None:
         kw = getattr(fn, "__kwdefaults__", None) or {}
         if {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(kw):
             kw.update(initial_backoff=poll / 10, backoff_cap=poll, max_tries_per_object=None)
+            if max_time is not None:
+                kw["max_time"] = max_time
 
 
-def run_flower_supernode(argv: list[str], poll: float) -> None:
-    """Flower's ``flower-supernode`` main, its idle polls capped at ``poll`` seconds when Flower's module
-    still looks as fedhash knows it (flwr 1.41, 1.42)."""
+def run_flower_supernode(argv: list[str], poll: float, heartbeat: float) -> None:
+    """Flower's ``flower-supernode`` main, its idle polls capped at ``poll`` seconds and its heartbeat every
+    ``heartbeat`` seconds (Flower: 30; the SuperLink takes a node for gone after two), when Flower's modules
+    still look as fedhash knows them (flwr 1.41, 1.42)."""
     try:
+        from flwr.supercore import heartbeat as hb
+        from flwr.supernode import fleet_http_connection as fhc
         from flwr.supernode import start_client_internal as sci
         if getattr(sci, "time", None) is time:
             sci.time = _Clock(poll)
         else:
             logging.getLogger("fedhash.supernode").warning(
                 "flwr's SuperNode loop has changed; it polls at Flower's own interval")
+        if isinstance(getattr(fhc, "HEARTBEAT_DEFAULT_INTERVAL", None), int) and \
+                isinstance(getattr(hb, "HEARTBEAT_DEFAULT_INTERVAL", None), int):
+            fhc.HEARTBEAT_DEFAULT_INTERVAL = hb.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
     except ImportError:
         pass
     quick_object_pulls(poll)
@@ -181,14 +190,16 @@ def check_app(fab_id: str, fab_version: str) -> None:
 
 
 def serve_tasks(address: str, secret: bytes, stop: threading.Event, poll: float,
-                alive=lambda: True) -> None:
+                alive=lambda: True, pull_timeout: float = 300.0) -> None:
     """Claim ClientApp tasks from the SuperNode's Runtime API and run each in this process, until ``stop``."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 
     _warm_imports()
-    quick_object_pulls(poll)
+    # A message whose objects never reach the SuperNode (the SuperLink died mid-transfer) would hold this one
+    # process for Flower's 2 hours; after pull_timeout its task fails and the next message is served.
+    quick_object_pulls(poll, max_time=pull_timeout)
     client = _runtime_client(address, [RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                                        SuperExecAuthHttpInterceptor(master_secret=secret,
                                                                     protected_methods=_AUTH_METHODS)],
@@ -221,6 +232,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="fedhash-supernode", add_help=False)
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--grace", type=float, default=5.0)
+    p.add_argument("--heartbeat-interval", type=float, default=10.0)
+    p.add_argument("--rejoin-wait", type=float, default=120.0)
+    p.add_argument("--task-pull-timeout", type=float, default=300.0)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9094)
     p.add_argument("--isolation")
@@ -232,21 +246,23 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [FLOWER_FLAG]:
-        poll = float(argv[1])
-        run_flower_supernode(argv[2:], poll)
+        run_flower_supernode(argv[3:], float(argv[1]), float(argv[2]))
         return 0
     own, flower_args = _parse(argv)
     if own.help:
         print(__doc__)
-        print("fedhash's own options: --poll-interval S (default 0.2), --grace S (default 5); every other option "
-              "is flower-supernode's (flower-supernode --help)")
+        print("fedhash's own options: --poll-interval S (default 0.2), --grace S (default 5), --heartbeat-interval S "
+              "(default 10, Flower's least), --rejoin-wait S (default 120), --task-pull-timeout S (default 300: how long a "
+              "message's objects may take to reach the SuperNode); every other option is flower-supernode's "
+              "(flower-supernode --help)")
         return 0
     if own.isolation or own.superexec_auth_secret_file:
         print("fedhash-supernode: --isolation and --superexec-auth-secret-file are set by fedhash-supernode itself "
               "(it is the SuperNode's executor); drop them", file=sys.stderr)
         return 2
-    if own.poll_interval <= 0 or own.grace < 0:
-        print("fedhash-supernode: --poll-interval must be > 0 and --grace >= 0", file=sys.stderr)
+    if own.poll_interval <= 0 or own.grace < 0 or not 10 <= own.heartbeat_interval <= 1800 or own.rejoin_wait < 0:
+        print("fedhash-supernode: --poll-interval must be > 0, --grace and --rejoin-wait >= 0, --heartbeat-interval "
+              "between 10 and 1800 (Flower's bounds)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "faiss.loader"):  # a line per poll, a line per CPU feature probed
@@ -266,16 +282,28 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cmd = [sys.executable, "-m", "client.supernode", FLOWER_FLAG, str(own.poll_interval), *flower_args,
-           "--isolation", "process", "--superexec-auth-secret-file", secret_path,
+    cmd = [sys.executable, "-m", "client.supernode", FLOWER_FLAG, str(own.poll_interval), str(own.heartbeat_interval),
+           *flower_args, "--isolation", "process", "--superexec-auth-secret-file", secret_path,
            "--host", own.host, "--port", str(own.port)]
-    node = subprocess.Popen(cmd, env=site_env(), stdin=subprocess.DEVNULL)
-    tree.add(node)
     watcher = threading.Thread(target=_watch, args=(tree, stop), daemon=True)
     watcher.start()
     host = "127.0.0.1" if own.host in ("0.0.0.0", "") else own.host
+    deadline = time.monotonic() + own.rejoin_wait
+    node = None
     try:
-        serve_tasks(f"{host}:{own.port}", secret, stop, own.poll_interval, alive=lambda: node.poll() is None)
+        while True:
+            node, refused, echo = _start_node(cmd)
+            tree.add(node)
+            serve_tasks(f"{host}:{own.port}", secret, stop, own.poll_interval, alive=lambda: node.poll() is None,
+                        pull_timeout=own.task_pull_timeout)
+            node.wait()
+            echo.join(timeout=5)
+            if not (refused.is_set() and time.monotonic() < deadline):
+                break
+            log.warning("the SuperLink refused this SuperNode: its key is not registered (flwr supernode register), or "
+                        "its previous session is still open there (it closes two heartbeats after the site went "
+                        "away); trying again in 5 s, for --rejoin-wait=%.0f s in all", own.rejoin_wait)
+            stop.wait(5.0)
     except Stop:
         log.info("stopping: the SuperNode and every process it started")
     finally:
@@ -287,7 +315,31 @@ def main(argv: list[str] | None = None) -> int:
             log.error("processes still alive after the stop: %s", left)
     if by_signal:
         return 0
-    return node.returncode if node.returncode is not None else 1
+    return node.returncode if node is not None and node.returncode is not None else 1
+
+
+# What Flower's SuperNode prints when the SuperLink refuses it: its key is not registered, or (a site killed and
+# restarted) its previous session is still online there until two heartbeats have passed; the two read the same
+REFUSED_ACTIVATION = b"Failed to activate SuperNode"
+
+
+def _start_node(cmd: list[str]) -> tuple[subprocess.Popen, threading.Event, threading.Thread]:
+    """Start Flower's SuperNode; its output goes on to ours, watched for a refused activation."""
+    node = subprocess.Popen(cmd, env=site_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    refused = threading.Event()
+
+    def echo() -> None:
+        out = sys.stdout.buffer
+        for line in node.stdout:
+            out.write(line)
+            out.flush()
+            if REFUSED_ACTIVATION in line:
+                refused.set()
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    return node, refused, t
 
 
 def _watch(tree: Tree, stop: threading.Event) -> None:

@@ -31,6 +31,18 @@ def quick_object_pulls(poll: float = 0.2) -> None:
             kw.update(initial_backoff=poll / 10, backoff_cap=poll, max_tries_per_object=None)
 
 
+def bound_object_pulls(max_time: float) -> None:
+    """At most ``max_time`` seconds for a reply's objects (Flower: 2 hours, during which one silo that died
+    mid-upload holds the whole phase)."""
+    try:
+        from flwr.supercore.inflatable import inflatable_utils as iu
+    except ImportError:
+        return
+    kw = getattr(iu.pull_objects, "__kwdefaults__", None) or {}
+    if "max_time" in kw:
+        kw["max_time"] = float(max_time)
+
+
 quick_object_pulls()
 
 
@@ -49,6 +61,7 @@ class Link:
         self.names: dict[int, str] = {}  # node id -> silo name, learnt from every good reply
         self.last: dict[str, dict] = {}  # node id -> its last reply (or silence): round, phase, when, ok
         self.on_phase: Callable[[str, int], None] | None = None  # called as a phase's messages go out
+        self.sent_to: dict[str, int] = {}  # message id -> the node it went to, for the phase in flight
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -86,10 +99,15 @@ class Link:
             self.names[int(m.metadata.src_node_id)] = silo_of(m)[P.SILO_NAME]
             self.last[str(m.metadata.src_node_id)] = {"silo": silo_of(m)[P.SILO_NAME], "round": server_round,
                                                      "phase": what, "at": now, "ok": True}
-        answered = {m.metadata.src_node_id for m in replies}
+        # whom a reply answers: the node its message went to (an error the SuperLink itself writes, "Node
+        # Unavailable", comes from no node)
+        node_of = {m.metadata.reply_to_message_id: m.metadata.src_node_id for m in replies} | {
+            m.metadata.reply_to_message_id: self.sent_to[m.metadata.reply_to_message_id] for m in replies
+            if m.metadata.reply_to_message_id in self.sent_to}
+        answered = set(node_of.values())
         for m in replies:
             if m.has_error():
-                self.failure(server_round, what, m.metadata.src_node_id, m.error.reason)
+                self.failure(server_round, what, node_of[m.metadata.reply_to_message_id], m.error.reason)
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self.failure(server_round, what, msg.metadata.dst_node_id,
@@ -106,16 +124,22 @@ class Link:
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Push the messages, then pull their replies every POLL seconds until all are in or round-timeout
         has passed (Flower's ``send_and_receive`` pulls every 3 s, a floor under every message phase)."""
-        ids = set(self.grid.push_messages(messages))
+        bound_object_pulls(self.timeout)  # a reply whose objects stop coming (its site died) fails, not hangs
+        pushed = list(self.grid.push_messages(messages))
+        self.sent_to = {mid: m.metadata.dst_node_id for mid, m in zip(pushed, messages)}
+        ids = set(pushed)
         deadline = time.time() + self.timeout
         replies: list[Message] = []
+        last = False
         while ids:
             got = list(self.grid.pull_messages(ids))
             replies += got
             ids -= {m.metadata.reply_to_message_id for m in got}
-            if not ids or time.time() >= deadline:
+            if not ids or last:
                 break
-            time.sleep(POLL)
+            last = time.time() >= deadline  # one more pull: replies that came in while a pull was blocked
+            if not last:
+                time.sleep(POLL)
         return replies
 
     def failure(self, server_round: int, what: str, node: int, reason: str) -> None:

@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from hashing.federated.processes import Tree
+from hashing.federated.processes import Tree, die_with_parent
 
 
 def flower_env(base: dict | None = None) -> dict:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     link = subprocess.Popen([str(Path(sys.executable).parent / "flower-superlink"), *flower_args],
-                            env=flower_env(), stdin=subprocess.DEVNULL)
+                            env=flower_env(), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     tree.add(link)
     try:
         while not stopping.is_set() and link.poll() is None:

@@ -206,3 +206,77 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
     assert s["alive_after_stop"] == []
     assert len(s["pids"]) >= 4  # superlink, two supernodes, the intruder (and their SuperExecs, apps)
     assert _dead(s["pids"])
+
+
+# ---------------------------------------------------------------- slow: sites that come and go
+
+COME_AND_GO = ("num-server-rounds=4 bits=16 size=32 views=2 batch-size=32 local-epochs=1 min-train-nodes=1 "
+               "round-timeout=30")
+# a message whose objects never arrive (the SuperLink killed mid-transfer) fails its task after 15 s
+PULL = ["--task-pull-timeout", "15"]
+
+
+def _two_sites(tmp_path, digits) -> dict[str, str]:
+    return {"site-a": str(_image_folder(tmp_path / "data-a", digits, offset=0)),
+            "site-b": str(_image_folder(tmp_path / "data-b", digits, offset=30))}
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_run_is_recorded_and_rejoins_with_the_current_model(tmp_path, flower_env, digits):
+    lb = _load("run_loopback")
+
+    def chaos(ctx):
+        done = len(ctx.view().get("rounds") or [])
+        if done >= 1 and "killed" not in ctx.state:
+            ctx.down.add("site-b")
+            ctx.kill("supernode-site-b")  # kill -9 the site's launcher: its SuperNode dies with it
+            ctx.state["killed"] = done
+        elif "killed" in ctx.state and "back" not in ctx.state and done >= ctx.state["killed"] + 1:
+            ctx.start_site("site-b")  # the same command, the same key: the same node
+            ctx.down.discard("site-b")
+            ctx.state["back"] = done
+
+    rounds = 10  # a restarted SuperNode takes a few seconds to come online; rounds here take about 3 s
+    s = lb.run_loopback(tmp_path / "fed", _two_sites(tmp_path, digits),
+                        COME_AND_GO.replace("num-server-rounds=4", f"num-server-rounds={rounds}"), app=REPO,
+                        timeout=900, intruder=False, chaos=chaos, supernode_args=PULL)
+    assert s["ok"] and s["run_status"] == "finished:completed", s
+    fed = json.loads((Path(s["server_out_dir"]) / "federation.json").read_text())
+    trained = [r["trained"] for r in fed["rounds"]]
+    assert [r["round"] for r in fed["rounds"]] == list(range(1, rounds + 1))
+    assert trained[0] == ["site-a", "site-b"]
+    gone = [i for i, t in enumerate(trained) if t == ["site-a"]]
+    assert gone, trained  # a round finished with the site that stayed
+    assert trained[-1] == ["site-a", "site-b"], trained  # ... and the killed site trained again later
+    assert any(f.get("silo") == "site-b" or str(f["node"]) == s["sites"]["site-b"]["node_id"] for f in fed["failures"])
+    for name in ("site-a", "site-b"):  # both sites hold the final model's index
+        folder = next(Path(s["sites"][name]["out_dir"]).rglob("catalogue.sqlite")).parent
+        with retrieval.open_index(folder) as idx:
+            assert idx.model_version == fed["model_version"]
+    assert s["alive_after_stop"] == [] and _dead(s["pids"])
+
+
+@pytest.mark.slow
+def test_a_superlink_killed_mid_run_restarts_and_the_run_resumes(tmp_path, flower_env, digits):
+    lb = _load("run_loopback")
+
+    def chaos(ctx):
+        done = len(ctx.view().get("rounds") or [])
+        if done >= 2 and "killed" not in ctx.state:
+            ctx.state["killed"] = done
+            ctx.kill("superlink")  # kill -9 the SuperLink's launcher: the SuperLink and its ServerApp die with it
+            ctx.start_superlink()  # the same port and database: registrations and SuperNodes carry on
+            return "resume"
+        return None
+
+    s = lb.run_loopback(tmp_path / "fed", _two_sites(tmp_path, digits), COME_AND_GO.replace("min-train-nodes=1",
+                        "min-train-nodes=2"), app=REPO, timeout=900, intruder=False, chaos=chaos, supernode_args=PULL)
+    assert s["ok"] and s["run_status"] == "finished:completed", s
+    assert len(s["run_ids"]) == 2  # the killed run, and the one that resumed it
+    server = Path(s["server_out_dir"])
+    fed = json.loads((server / "federation.json").read_text())
+    assert [r["round"] for r in fed["rounds"]] == [1, 2, 3, 4] and fed["status"] == "done"
+    assert sorted(p.name for p in (server / "checkpoints").glob("round-*.pt")) == [
+        f"round-{r:04d}.pt" for r in (1, 2, 3, 4)]
+    assert all(r["trained"] == ["site-a", "site-b"] for r in fed["rounds"])
+    assert s["alive_after_stop"] == [] and _dead(s["pids"])

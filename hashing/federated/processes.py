@@ -16,6 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` of a launcher's child: the kernel sends it SIGKILL when the launcher dies, even by
+    ``kill -9`` (Linux ``prctl(PR_SET_PDEATHSIG)``), so no Flower process outlives its launcher."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, parent pid, start time in clock ticks) of a process; None when it is gone."""
     try:

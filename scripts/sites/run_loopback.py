@@ -57,8 +57,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import make_certs  # noqa: E402
 
+from hashing.federated.processes import Tree  # noqa: E402
 from hashing.federated.processes import alive as _alive  # noqa: E402
-from hashing.federated.processes import children_map as _children_map  # noqa: E402
 from hashing.federated.processes import proc_stat as _proc_stat  # noqa: E402
 
 CONNECTION = "sites"
@@ -72,70 +72,47 @@ REFUSAL_SUPERLINK_LINE = "No SuperNode found with the given public key"
 
 @dataclass
 class Procs:
-    """Every process this script starts (or adopts), and their descendants; stopped by PID only."""
+    """Every process this script starts (or adopts), and their descendants; stopped by PID only
+    (:class:`hashing.federated.processes.Tree`), each with a name for the summary."""
 
     log_dir: Path
     env: dict
     started: dict = field(default_factory=dict)  # name -> Popen
-    known: dict = field(default_factory=dict)  # pid -> (name, start time): roots and descendants
-    roots: list = field(default_factory=list)  # the pids signalled first
+    tree: Tree = field(default_factory=Tree)
+    names: dict = field(default_factory=dict)  # pid -> name ("superlink", "superlink/child", ...)
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
+        with open(self.log_dir / f"{name}.log", "ab") as log:  # a restarted process appends
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env=self.env, cwd=self.log_dir, start_new_session=True)
         self.started[name] = p
-        self.adopt(p.pid, name)
+        self.tree.add(p)
+        self.names[p.pid] = name
         return p
 
     def adopt(self, pid: int, name: str) -> None:
         """Take charge of a process this script caused to start (e.g. the SuperLink `flwr run` leaves)."""
-        if pid not in self.known:
-            st = _proc_stat(pid)
-            self.known[pid] = (name, st[2] if st else -1)  # -1: already gone, never signalled
-            self.roots.append(pid)
+        if pid not in self.tree.known:
+            self.tree.add(pid)
+            self.names[pid] = name
+
+    @property
+    def known(self) -> dict:
+        """pid -> (name, start time) of every process seen."""
+        return {pid: (self.names.get(pid, "?"), start) for pid, start in self.tree.known.items()}
 
     def track_descendants(self) -> None:
         """Remember the live descendants of every known process (SuperExec, ServerApp, ClientApp, Ray...)."""
-        kids = _children_map()
-        todo = [pid for pid in self.known if _alive(pid, self.known[pid][1])]
-        while todo:
-            pid = todo.pop()
-            for kid in kids.get(pid, []):
-                if kid not in self.known:
-                    st = _proc_stat(kid)
-                    if st is not None:
-                        self.known[kid] = (f"{self.known[pid][0]}/child", st[2])
-                        todo.append(kid)
-
-    def _signal(self, pid: int, sig: int) -> None:
-        if _alive(pid, self.known[pid][1]):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def _wait(self, pids: list[int], seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and any(_alive(pid, self.known[pid][1]) for pid in pids):
-            for p in self.started.values():
-                p.poll()  # reap our own children
-            time.sleep(0.2)
+        before = set(self.tree.known)
+        self.tree.track()
+        for pid in sorted(set(self.tree.known) - before):
+            st = _proc_stat(pid)
+            self.names[pid] = f"{self.names.get(st[1], '?') if st else '?'}/child"
 
     def stop(self, grace: float = 10.0) -> list[int]:
         """SIGTERM the roots, then every descendant; SIGKILL what outlives `grace`. Returns pids still alive."""
         self.track_descendants()
-        for pid in self.roots:
-            self._signal(pid, signal.SIGTERM)
-        self._wait(self.roots, grace)
-        self.track_descendants()  # children started while stopping
-        for pid in self.known:
-            self._signal(pid, signal.SIGTERM)
-        self._wait(list(self.known), min(grace, 5.0))
-        for pid in self.known:
-            self._signal(pid, signal.SIGKILL)
-        self._wait(list(self.known), 2.0)
-        return [pid for pid, (_, start) in self.known.items() if _alive(pid, start)]
+        return self.tree.stop(grace)
 
 
 # ---------------------------------------------------------------- helpers
@@ -244,17 +221,51 @@ def guarded(procs: "Procs", summary: dict, work: Path, grace: float,
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
+@dataclass
+class Chaos:
+    """What a ``chaos`` hook of :func:`run_loopback` may touch."""
+
+    procs: "Procs"
+    summary: dict
+    env: dict
+    server_out: Path
+    start_site: Callable[[str], subprocess.Popen]
+    start_superlink: Callable[[], subprocess.Popen]
+    down: set = field(default_factory=set)  # sites killed on purpose (not an error while down)
+    state: dict = field(default_factory=dict)  # the hook's own memory
+
+    def view(self) -> dict:
+        """The run's federation.json as the server last wrote it ({} before the first write)."""
+        try:
+            return json.loads((self.server_out / "federation.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a process this script started (``supernode-<site>``, ``superlink``), and, when it dies, its
+        children follow (the launchers' children die with them)."""
+        p = self.procs.started[name]
+        self.procs.track_descendants()
+        os.kill(p.pid, sig)
+        p.wait(timeout=30)
+
+
 def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: Path = REPO,
                  timeout: float = 1200.0, intruder: bool = True, cache_dir: str | None = None,
                  env: dict | None = None, grace: float = 10.0, search: list[str] | None = None,
-                 search_k: int = 10, search_repeat: int = 1, node_extra: dict[str, str] | None = None) -> dict:
+                 search_k: int = 10, search_repeat: int = 1, node_extra: dict[str, str] | None = None,
+                 chaos: Callable[["Chaos"], str | None] | None = None,
+                 supernode_args: list[str] | None = None) -> dict:
     """Start a SuperLink, register and start one SuperNode per site, run the app, stop everything.
 
     `sites` maps a silo name to its data (a folder of class_name/*.png, a CSV manifest, or
     "fashion-mnist"). Each site's out-dir is `work/sites/<name>`; the server's is `work/server`
     (appended to `run_config` as `out-dir`). With `search` (query image files), the first site then
     searches every site by code (`fedhash search --federation`'s Python door, a second Flower run):
-    the answer is `summary["search"]`. Returns the summary (see the module docstring).
+    the answer is `summary["search"]`. ``chaos(ctx)`` (tests of sites that come and go) is called every
+    second while the run is in flight; it may kill and restart sites and the SuperLink through ``ctx``
+    (:class:`Chaos`), and returns "resume" after restarting the SuperLink: a new run then continues the
+    old one with ``resume=true``. Returns the summary (see the module docstring).
     """
     work = Path(work).resolve()
     logs, home = work / "logs", work / "flwr-home"
@@ -269,25 +280,29 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
         address = f"127.0.0.1:{port}"
         write_connection(home, CONNECTION, address, creds["ca_cert"])
 
-        superlink = procs.start("superlink", [
-            "fedhash-superlink",
-            "--ssl-ca-certfile", str(creds["ca_cert"]),
-            "--ssl-certfile", str(creds["server_cert"]),
-            "--ssl-keyfile", str(creds["server_key"]),
-            "--enable-supernode-auth",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--database", str(home / "superlink-state.db"),
-        ])
-        wait_https(port, creds["ca_cert"], superlink)
-        summary["superlink"] = {"address": address, "pid": superlink.pid}
+        def start_superlink() -> subprocess.Popen:
+            p = procs.start("superlink", [
+                "fedhash-superlink",
+                "--ssl-ca-certfile", str(creds["ca_cert"]),
+                "--ssl-certfile", str(creds["server_cert"]),
+                "--ssl-keyfile", str(creds["server_key"]),
+                "--enable-supernode-auth",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--database", str(home / "superlink-state.db"),
+            ])
+            wait_https(port, creds["ca_cert"], p)
+            summary["superlink"] = {"address": address, "pid": p.pid}
+            return p
 
+        start_superlink()
         for name in sites:
             res = flwr_json(env, "supernode", "register", str(creds["nodes"][name][1]), CONNECTION, "--name", name)
             if not res.get("success"):
                 raise RuntimeError(f"registering {name} failed: {res}")
             summary["sites"][name] = {"node_id": str(res["node-id"])}
 
-        for name, data in sites.items():
+        def start_site(name: str) -> subprocess.Popen:
+            data = sites[name]
             out = work / "sites" / name
             out.mkdir(parents=True, exist_ok=True)
             p = procs.start(f"supernode-{name}", [
@@ -297,8 +312,13 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
                 "--auth-supernode-private-key", str(creds["nodes"][name][0]),
                 "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", node_config(data, name, out, cache_dir, (node_extra or {}).get(name, "")),
+                *(supernode_args or []),
             ])
             summary["sites"][name].update({"pid": p.pid, "data": data, "out_dir": str(out)})
+            return p
+
+        for name in sites:
+            start_site(name)
 
         if intruder:
             p = procs.start("supernode-intruder", [
@@ -307,7 +327,7 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
                 "--root-certificates", str(creds["ca_cert"]),
                 "--auth-supernode-private-key", str(creds["nodes"]["intruder"][0]),
                 "--host", "127.0.0.1", "--port", str(free_port()),
-                "--max-retries", "2", "--max-wait-time", "30",
+                "--max-retries", "2", "--max-wait-time", "30", "--rejoin-wait", "0",
                 "--node-config", node_config(next(iter(sites.values())), "intruder", work / "sites" / "intruder"),
             ])
             summary["intruder"] = {"pid": p.pid}
@@ -351,25 +371,36 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
 
         cfg = f"{run_config} out-dir=\"{work / 'server'}\"".strip()
         summary["run_config"] = cfg
-        res = flwr_json(env, "run", str(app), CONNECTION, "--run-config", cfg)
-        if not res.get("success"):
-            raise RuntimeError(f"flwr run failed: {res}")
-        run_id = int(res["run-id"])
-        summary["run_id"] = run_id
+        ctx = Chaos(procs=procs, summary=summary, env=env, server_out=work / "server", start_site=start_site,
+                    start_superlink=start_superlink)
+        summary["run_ids"] = []
         t_run = time.monotonic()
-        status = "pending"
-        while not status.startswith("finished"):
-            if time.monotonic() - t_run > timeout:
-                flwr(env, "stop", str(run_id), CONNECTION)
-                raise RuntimeError(f"run {run_id} not finished after {timeout:.0f} s (status {status})")
-            procs.track_descendants()
-            time.sleep(3)
-            runs = flwr_json(env, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
-            status = runs[0]["status"] if runs else status
-            for name in sites:
-                if procs.started[f"supernode-{name}"].poll() is not None:
-                    raise RuntimeError(f"supernode {name} exited during the run: "
-                                       f"{_tail(logs / f'supernode-{name}.log')}")
+        status, resume = "pending", False
+        while True:
+            res = flwr_json(env, "run", str(app), CONNECTION, "--run-config", cfg + (" resume=true" if resume else ""))
+            if not res.get("success"):
+                raise RuntimeError(f"flwr run failed: {res}")
+            run_id = int(res["run-id"])
+            summary["run_id"] = run_id
+            summary["run_ids"].append(run_id)
+            status, resume = "pending", False
+            while not status.startswith("finished"):
+                if time.monotonic() - t_run > timeout:
+                    flwr(env, "stop", str(run_id), CONNECTION)
+                    raise RuntimeError(f"run {run_id} not finished after {timeout:.0f} s (status {status})")
+                procs.track_descendants()
+                time.sleep(1 if chaos else 3)
+                if chaos is not None and chaos(ctx) == "resume":  # the SuperLink was restarted: a new run resumes
+                    resume = True
+                    break
+                runs = flwr_json(env, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+                status = runs[0]["status"] if runs else status
+                for name in sites:
+                    if name not in ctx.down and procs.started[f"supernode-{name}"].poll() is not None:
+                        raise RuntimeError(f"supernode {name} exited during the run: "
+                                           f"{_tail(logs / f'supernode-{name}.log')}")
+            if not resume:
+                break
         summary["run_status"] = status
         summary["run_seconds"] = round(time.monotonic() - t_run, 1)
         try:
