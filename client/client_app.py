@@ -37,9 +37,10 @@ from hashing.hashers import Hasher
 from hashing.state import state_nbytes
 
 from . import site
-from .mods import site_errors_mod, train_clipping_mod
+from .mods import site_errors_mod, train_clipping_mod, wire_mod
 
-app = ClientApp(mods=[site_errors_mod])  # a real site's errors reach the server without its paths
+# records of several arrays travel packed; a real site's errors reach the server without its paths
+app = ClientApp(mods=[wire_mod, site_errors_mod])
 
 _warm = False
 

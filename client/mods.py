@@ -1,5 +1,8 @@
 """Flower mods of the ClientApp.
 
+``wire_mod`` (every message, outermost): a record of several arrays travels as one packed array
+(``hashing.federated.protocol.pack_arrays``); the handlers and the other mods see the arrays themselves.
+
 ``site_errors_mod`` (every message): at a real site an error leaves without the site's paths; the whole
 error, traceback included, stays in the site's own log.
 
@@ -19,7 +22,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message
+from collections import OrderedDict
+
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import (
@@ -37,6 +42,31 @@ from . import site
 
 
 log = logging.getLogger("fedhash.client")
+
+
+def unpack_content(content: RecordDict) -> None:
+    """Every packed ArrayRecord of ``content`` back to its arrays, in place."""
+    for name, rec in list(content.array_records.items()):
+        if list(rec.keys()) == [P.PACKED]:
+            arrays = P.unpack_arrays(rec[P.PACKED].numpy())
+            content[name] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
+
+
+def pack_content(content: RecordDict) -> None:
+    """Every ArrayRecord of ``content`` with more than one array packed into one, in place."""
+    for name, rec in list(content.array_records.items()):
+        if len(rec) > 1:
+            content[name] = ArrayRecord({P.PACKED: Array(P.pack_arrays({k: rec[k].numpy() for k in rec}))})
+
+
+def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Unpack the message's records, run the handler, pack the reply's."""
+    if msg.has_content():
+        unpack_content(msg.content)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        pack_content(reply.content)
+    return reply
 
 
 class SiteError(FedhashError):

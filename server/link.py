@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from hashing.errors import TrainingError
@@ -29,6 +30,22 @@ def quick_object_pulls(poll: float = 0.2) -> None:
         kw = getattr(fn, "__kwdefaults__", None) or {}
         if {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(kw):
             kw.update(initial_backoff=poll / 10, backoff_cap=poll, max_tries_per_object=None)
+
+
+def pack_content(content: RecordDict) -> None:
+    """Every ArrayRecord of ``content`` with more than one array packed into one, in place (the wire's
+    form, ``hashing.federated.protocol.pack_arrays``; client/mods.py unpacks it, and packs the replies)."""
+    for name, rec in list(content.array_records.items()):
+        if len(rec) > 1:
+            content[name] = ArrayRecord({P.PACKED: Array(P.pack_arrays({k: rec[k].numpy() for k in rec}))})
+
+
+def unpack_content(content: RecordDict) -> None:
+    """A reply's packed ArrayRecords back to their arrays, in place."""
+    for name, rec in list(content.array_records.items()):
+        if list(rec.keys()) == [P.PACKED]:
+            arrays = P.unpack_arrays(rec[P.PACKED].numpy())
+            content[name] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
 
 
 def bound_object_pulls(max_time: float) -> None:
@@ -125,6 +142,8 @@ class Link:
         """Push the messages, then pull their replies every POLL seconds until all are in or round-timeout
         has passed (Flower's ``send_and_receive`` pulls every 3 s, a floor under every message phase)."""
         bound_object_pulls(self.timeout)  # a reply whose objects stop coming (its site died) fails, not hangs
+        for content in {id(m.content): m.content for m in messages if m.has_content()}.values():
+            pack_content(content)  # shared by the messages of a phase: once per content
         pushed = list(self.grid.push_messages(messages))
         self.sent_to = {mid: m.metadata.dst_node_id for mid, m in zip(pushed, messages)}
         ids = set(pushed)
@@ -135,6 +154,9 @@ class Link:
             got = list(self.grid.pull_messages(ids))
             replies += got
             ids -= {m.metadata.reply_to_message_id for m in got}
+            for m in got:
+                if m.has_content():
+                    unpack_content(m.content)
             if not ids or last:
                 break
             last = time.time() >= deadline  # one more pull: replies that came in while a pull was blocked

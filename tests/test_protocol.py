@@ -94,3 +94,31 @@ def test_the_moments_record_is_what_the_dp_release_returns():
     assert set(got) == {"count", "sum", "outer"}
     rec = ArrayRecord({k: torch.from_numpy(v) for k, v in got.items()})
     assert set(rec.to_torch_state_dict()) == set(got)
+
+
+def test_packed_records_are_lossless_and_malformed_ones_refused():
+    from collections import OrderedDict
+
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from client.mods import pack_content as client_pack, unpack_content as client_unpack
+    from hashing.hashers import create_hasher
+    from server.link import pack_content as server_pack, unpack_content as server_unpack
+
+    params, buffers = create_hasher("probe", feature_dim=24, bits=16).state()
+    state = OrderedDict(list(params.items()) + list(buffers.items()))  # float32 weights, an int64 counter
+    rec = ArrayRecord(state)
+    content = RecordDict({P.ARRAYS: rec, P.QUERIES: ArrayRecord({P.SEARCH_CODES: Array(np.zeros((2, 2), np.uint8))})})
+    for pack, unpack in ((server_pack, client_unpack), (client_pack, server_unpack)):
+        c = RecordDict({k: v for k, v in content.items()})
+        pack(c)
+        assert list(c[P.ARRAYS].keys()) == [P.PACKED] and list(c[P.QUERIES].keys()) == [P.SEARCH_CODES]
+        unpack(c)
+        back = c[P.ARRAYS].to_torch_state_dict()
+        assert list(back) == list(state)
+        for k, v in state.items():
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape and bool((back[k] == v).all()), k
+    blob = P.pack_arrays({"a": np.arange(4, dtype=np.float32)})
+    for bad in (blob[:-1], np.concatenate([blob, blob[:1]]), blob.astype(np.int16), blob[:5]):
+        with pytest.raises(ValueError, match="packed record"):
+            P.unpack_arrays(bad)
