@@ -116,15 +116,10 @@ class Link:
             self.names[int(m.metadata.src_node_id)] = silo_of(m)[P.SILO_NAME]
             self.last[str(m.metadata.src_node_id)] = {"silo": silo_of(m)[P.SILO_NAME], "round": server_round,
                                                      "phase": what, "at": now, "ok": True}
-        # whom a reply answers: the node its message went to (an error the SuperLink itself writes, "Node
-        # Unavailable", comes from no node)
-        node_of = {m.metadata.reply_to_message_id: m.metadata.src_node_id for m in replies} | {
-            m.metadata.reply_to_message_id: self.sent_to[m.metadata.reply_to_message_id] for m in replies
-            if m.metadata.reply_to_message_id in self.sent_to}
-        answered = set(node_of.values())
+        answered = {self.node_of(m) for m in replies}
         for m in replies:
             if m.has_error():
-                self.failure(server_round, what, node_of[m.metadata.reply_to_message_id], m.error.reason)
+                self.failure(server_round, what, self.node_of(m), m.error.reason)
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self.failure(server_round, what, msg.metadata.dst_node_id,
@@ -137,6 +132,11 @@ class Link:
             raise TrainingError(f"round {server_round} {require}: only {len(ok)} of {len(messages)} silos replied, "
                                 f"fewer than min-train-nodes={self.min_nodes}; the run stops here: {self.kept()}")
         return ok
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the one its message went to (an error the SuperLink writes itself,
+        "Node Unavailable", comes from no node)."""
+        return self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Push the messages, then pull their replies every POLL seconds until all are in or round-timeout
