@@ -57,11 +57,6 @@ def _warm_up() -> None:
         _warm = True
 
 
-def site_error_text(ex: BaseException, context: Context | None) -> str:
-    """The text of ``ex`` as this node may send it to the server (a real site's paths removed)."""
-    return site.site_error_text(str(ex), None if context is None else context.node_config)
-
-
 @dataclass
 class Received:
     """A message as the silo reads it."""

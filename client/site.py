@@ -188,7 +188,7 @@ def site_error_text(text: str, node_config: Mapping[str, Any] | None) -> str:
 def out_dir(cfg: Config, node_config: Mapping[str, Any]) -> str:
     """Where a node keeps its index: a real site's own out-dir (only its node config names it), the run's
     out-dir in simulation."""
-    if NODE_DATA in node_config:
+    if is_site(node_config):
         check_node_config(node_config)
         return str(node_config[NODE_OUT_DIR])
     return str(node_config.get(NODE_OUT_DIR, cfg.out_dir))
@@ -197,7 +197,7 @@ def out_dir(cfg: Config, node_config: Mapping[str, Any]) -> str:
 def check_node_config(node_config: Mapping[str, Any]) -> None:
     """A real site's node config names where its index goes, and shares only what fedhash can share;
     checked at the first message, before any work."""
-    if NODE_DATA in node_config and not str(node_config.get(NODE_OUT_DIR, "")).strip():
+    if is_site(node_config) and not str(node_config.get(NODE_OUT_DIR, "")).strip():
         raise ConfigError(f"the node config of site '{node_silo_name(node_config)}' names no out-dir; a site keeps its "
                           "index where its own node config says: add out-dir=\"/var/lib/fedhash\" to --node-config")
     shared_fields(node_config)
@@ -228,13 +228,13 @@ def node_silo_name(node_config: Mapping[str, Any]) -> str:
 
 def silo_from_node(cfg: Config, node_config: Mapping[str, Any]) -> Silo:
     """The silo a node holds: a partition in simulation, its own data at a real site."""
-    if NODE_DATA in node_config and NODE_PARTITION in node_config:
+    if is_site(node_config) and NODE_PARTITION in node_config:
         # a test bench: a real SuperNode holding partition i of its own data, cut as a simulation cuts it
         n = int(node_config.get(NODE_PARTITIONS, cfg.num_silos))
         part_cfg = cfg.replace(data=str(node_config[NODE_DATA]), num_silos=n)
         silo = make_silo(source_dataset(part_cfg), part_cfg, int(node_config[NODE_PARTITION]))
         return dataclasses.replace(silo, name=node_silo_name(node_config))
-    if NODE_DATA in node_config:  # a real site: node config data="<folder or manifest>" silo="<name>"
+    if is_site(node_config):  # a real site: node config data="<folder or manifest>" silo="<name>"
         ds = load_dataset(str(node_config[NODE_DATA]))
         name = node_silo_name(node_config)
         return local_silo(ds, name, seed=cfg.seed, query_frac=cfg.query_frac)
@@ -510,7 +510,7 @@ def build_index(cfg: Config, data: SiloData, hasher: Hasher, model_version: str,
 def search_folder(node_config: Mapping[str, Any], req: P.SearchRequest) -> tuple[str, Path]:
     """(silo name, index folder) a search message reaches: a real site's from its own node config only;
     a simulated silo's from the run's config, which the simulation's search message carries."""
-    if NODE_DATA in node_config:
+    if is_site(node_config):
         check_node_config(node_config)
         name = node_silo_name(node_config)
         return name, site_dir(str(node_config[NODE_OUT_DIR]), name)

@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from hashing.federated.processes import Tree, die_with_parent
+from hashing.federated.processes import Tree, die_with_parent, flower_env
 
 log = logging.getLogger("fedhash.supernode")
 
@@ -48,14 +48,6 @@ _STOPPING = threading.Event()  # set by SIGTERM / SIGINT
 
 class Stop(BaseException):
     """Raised in the main thread by SIGTERM or SIGINT: abandon the message in flight and stop."""
-
-
-def site_env(base: dict | None = None) -> dict:
-    """The environment Flower's executables need: this venv's bin first on PATH, no runtime installs."""
-    env = dict(os.environ if base is None else base)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    return env
 
 
 # --------------------------------------------------------------------------- Flower's SuperNode, polled faster
@@ -140,7 +132,7 @@ def run_task(address: str, token: str) -> str:
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-    from . import client_app
+    from . import client_app, site
 
     client = _runtime_client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                                        RuntimeTokenHttpInterceptor(token)])
@@ -159,7 +151,7 @@ def run_task(address: str, token: str) -> str:
                  message.metadata.message_type, time.perf_counter() - t1, t1 - t0)
     except Exception as ex:  # noqa: BLE001 — the server gets the error, this site's log the traceback
         log.error("ClientApp raised an exception", exc_info=ex)
-        details = f"{type(ex)}:<'{client_app.site_error_text(ex, context)}'>"
+        details = f"{type(ex)}:<'{site.site_error_text(str(ex), None if context is None else context.node_config)}'>"
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     finally:
@@ -252,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if own.help:
         print(__doc__)
         print("fedhash's own options: --poll-interval S (default 0.2), --grace S (default 5), --heartbeat-interval S "
-              "(default 10, Flower's least), --rejoin-wait S (default 120), --task-pull-timeout S (default 300: how long a "
-              "message's objects may take to reach the SuperNode); every other option is flower-supernode's "
+              "(default 10, Flower's least), --rejoin-wait S (default 120), --task-pull-timeout S (default 300: how "
+              "long a message's objects may take to reach the SuperNode); every other option is flower-supernode's "
               "(flower-supernode --help)")
         return 0
     if own.isolation or own.superexec_auth_secret_file:
@@ -325,7 +317,7 @@ REFUSED_ACTIVATION = b"Failed to activate SuperNode"
 
 def _start_node(cmd: list[str]) -> tuple[subprocess.Popen, threading.Event, threading.Thread]:
     """Start Flower's SuperNode; its output goes on to ours, watched for a refused activation."""
-    node = subprocess.Popen(cmd, env=site_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    node = subprocess.Popen(cmd, env=flower_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     refused = threading.Event()
 

@@ -16,20 +16,22 @@ from hashing.federated import protocol as P
 log = logging.getLogger("fedhash.server")
 
 POLL = 0.05  # seconds between two pulls of a phase's replies
+OBJECT_POLL = 0.2  # the longest wait between two tries at a reply's object still on its way
 
 
-def quick_object_pulls(poll: float = 0.2) -> None:
+def quick_object_pulls(poll: float, max_time: float) -> None:
     """The ServerApp's pulls of the replies' objects: Flower backs off from 1 s to 10 s while an object is on
-    its way (a floor of 1-3 s under every phase); here from poll/10 to ``poll``, still for up to Flower's
-    2 hours. Guarded: an unknown Flower is left as it is. (client/supernode.py does the same for a site.)"""
+    its way (a floor of 1-3 s under every phase) and keeps at it for 2 hours (one silo that died mid-upload
+    then holds the whole phase); here from poll/10 to ``poll``, for at most ``max_time`` seconds. Guarded: an
+    unknown Flower is left as it is. (client/supernode.py does the same for a site.)"""
     try:
         from flwr.supercore.inflatable import inflatable_utils as iu
     except ImportError:
         return
     for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
         kw = getattr(fn, "__kwdefaults__", None) or {}
-        if {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(kw):
-            kw.update(initial_backoff=poll / 10, backoff_cap=poll, max_tries_per_object=None)
+        if {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"} <= set(kw):
+            kw.update(initial_backoff=poll / 10, backoff_cap=poll, max_tries_per_object=None, max_time=float(max_time))
 
 
 def pack_content(content: RecordDict) -> None:
@@ -46,21 +48,6 @@ def unpack_content(content: RecordDict) -> None:
         if list(rec.keys()) == [P.PACKED]:
             arrays = P.unpack_arrays(rec[P.PACKED].numpy())
             content[name] = ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items()))
-
-
-def bound_object_pulls(max_time: float) -> None:
-    """At most ``max_time`` seconds for a reply's objects (Flower: 2 hours, during which one silo that died
-    mid-upload holds the whole phase)."""
-    try:
-        from flwr.supercore.inflatable import inflatable_utils as iu
-    except ImportError:
-        return
-    kw = getattr(iu.pull_objects, "__kwdefaults__", None) or {}
-    if "max_time" in kw:
-        kw["max_time"] = float(max_time)
-
-
-quick_object_pulls()
 
 
 def silo_of(msg: Message) -> dict[str, str]:
@@ -141,7 +128,7 @@ class Link:
     def exchange(self, messages: list[Message]) -> list[Message]:
         """Push the messages, then pull their replies every POLL seconds until all are in or round-timeout
         has passed (Flower's ``send_and_receive`` pulls every 3 s, a floor under every message phase)."""
-        bound_object_pulls(self.timeout)  # a reply whose objects stop coming (its site died) fails, not hangs
+        quick_object_pulls(OBJECT_POLL, self.timeout)  # a reply whose objects stop coming fails, not hangs
         for content in {id(m.content): m.content for m in messages if m.has_content()}.values():
             pack_content(content)  # shared by the messages of a phase: once per content
         pushed = list(self.grid.push_messages(messages))

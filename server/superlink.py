@@ -15,22 +15,13 @@ Flower's SuperLink with its environment arranged and its stop made clean:
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from hashing.federated.processes import Tree, die_with_parent
-
-
-def flower_env(base: dict | None = None) -> dict:
-    """This venv's bin first on PATH, and no dependency installs at run time."""
-    env = dict(os.environ if base is None else base)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    return env
+from hashing.federated.processes import Tree, die_with_parent, flower_env
 
 
 def main(argv: list[str] | None = None) -> int:

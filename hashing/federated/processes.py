@@ -11,9 +11,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def flower_env(base: dict | None = None) -> dict:
+    """The environment Flower's executables need: this venv's bin first on PATH (Flower starts
+    ``flower-superexec`` by name) and no dependency installs at run time."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return env
 
 
 def die_with_parent() -> None:

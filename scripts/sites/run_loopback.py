@@ -57,7 +57,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import make_certs  # noqa: E402
 
-from hashing.federated.processes import Tree  # noqa: E402
+from hashing.federated.processes import Tree, flower_env  # noqa: E402
 from hashing.federated.processes import alive as _alive  # noqa: E402
 from hashing.federated.processes import proc_stat as _proc_stat  # noqa: E402
 
@@ -126,13 +126,10 @@ def free_port() -> int:
 
 def flwr_env(flwr_home: Path, base: dict | None = None) -> dict:
     """The environment every Flower process here runs in: own FLWR_HOME, no telemetry, no installs."""
-    env = dict(os.environ if base is None else base)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env = flower_env(base)
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
