@@ -252,7 +252,7 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
                  env: dict | None = None, grace: float = 10.0, search: list[str] | None = None,
                  search_k: int = 10, search_repeat: int = 1, node_extra: dict[str, str] | None = None,
                  chaos: Callable[["Chaos"], str | None] | None = None,
-                 supernode_args: list[str] | None = None) -> dict:
+                 supernode_args: list[str] | None = None, superlink_database: bool = True) -> dict:
     """Start a SuperLink, register and start one SuperNode per site, run the app, stop everything.
 
     `sites` maps a silo name to its data (a folder of class_name/*.png, a CSV manifest, or
@@ -262,7 +262,9 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
     the answer is `summary["search"]`. ``chaos(ctx)`` (tests of sites that come and go) is called every
     second while the run is in flight; it may kill and restart sites and the SuperLink through ``ctx``
     (:class:`Chaos`), and returns "resume" after restarting the SuperLink: a new run then continues the
-    old one with ``resume=true``. Returns the summary (see the module docstring).
+    old one with ``resume=true``. ``superlink_database=False`` runs the SuperLink on Flower's in-memory state
+    (no ``--database``: faster rounds, but a restarted SuperLink has forgotten the registrations). Returns the
+    summary (see the module docstring).
     """
     work = Path(work).resolve()
     logs, home = work / "logs", work / "flwr-home"
@@ -285,7 +287,7 @@ def run_loopback(work: Path, sites: dict[str, str], run_config: str = "", app: P
                 "--ssl-keyfile", str(creds["server_key"]),
                 "--enable-supernode-auth",
                 "--host", "127.0.0.1", "--port", str(port),
-                "--database", str(home / "superlink-state.db"),
+                *(["--database", str(home / "superlink-state.db")] if superlink_database else []),
             ])
             wait_https(port, creds["ca_cert"], p)
             summary["superlink"] = {"address": address, "pid": p.pid}
