@@ -10,10 +10,15 @@ import numpy as np
 from .errors import CodeLengthError
 
 
+MAX_BITS = 1024  # CroVCA's coding rate is a bits x bits log-determinant per batch; README: "Use", ranges
+
+
 def check_bits(bits: int) -> int:
     bits = int(bits)
     if bits <= 0 or bits % 8:
         raise CodeLengthError(f"code length {bits} is not a positive multiple of 8; use 16, 32 or 64 bits")
+    if bits > MAX_BITS:
+        raise CodeLengthError(f"code length {bits} is above fedhash's maximum of {MAX_BITS} bits; use 16, 32 or 64 bits")
     return bits
 
 

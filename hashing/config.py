@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .backbones import DEFAULT_BACKBONE
+from .codes import MAX_BITS
 from .errors import ConfigError
 
 MODES = ("probe", "lora")
@@ -28,6 +29,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity", "domain")
 DOMAINS = ("none", "invert", "blur", "animal-mnist")
 DEFAULT_DOMAINS = ("none", "invert", "blur")
 DEFAULT_SIZE = 96  # BENCHMARKS.md: backbone throughput and mAP by input size
+MIN_SIZE, MAX_SIZE = 32, 512  # input sizes in pixels: the backbones downsample by 32; above 512 px a CPU crawls
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,12 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"is {getattr(self, key)!r}; use one of: {', '.join(allowed)}")
-        if self.bits <= 0 or self.bits % 8:
-            bad("bits", f"is {self.bits}; the code length must be a positive multiple of 8 (FAISS binary indexes)")
+        if self.bits <= 0 or self.bits % 8 or self.bits > MAX_BITS:
+            bad("bits", f"is {self.bits}; the code length must be a positive multiple of 8 (FAISS binary indexes) "
+                        f"up to {MAX_BITS}, e.g. 64")
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            bad("size", f"is {self.size}; give an input size in pixels from {MIN_SIZE} (the backbone's stride: smaller "
+                        f"images leave it one pixel) to {MAX_SIZE}, e.g. {DEFAULT_SIZE}")
         for key in ("num_server_rounds", "local_epochs", "epochs", "batch_size", "size", "num_silos", "eval_every",
                     "classes_per_silo", "n_query", "n_train", "lora_r", "dp_dims"):
             if getattr(self, key) < 1:

@@ -249,9 +249,17 @@ def load_manifest(path: str | os.PathLike, *, strict: bool = False, check: bool 
             continue
         if len(row) != 2:
             raise DataError(f"manifest {path} line {lineno}: expected 2 columns 'path,labels', got {len(row)}")
-        p, labs = row[0].strip(), [s.strip() for s in row[1].split(";") if s.strip()]
-        if not labs:
+        p, labs = row[0].strip(), [s.strip() for s in row[1].split(";")]
+        if not p:
+            raise DataError(f"manifest {path} line {lineno}: the path is empty; write 'path,labels'")
+        if not any(labs):
             raise DataError(f"manifest {path} line {lineno}: no label for {p}; give at least one (';' separates several)")
+        if not all(labs):
+            raise DataError(f"manifest {path} line {lineno}: the labels {row[1]!r} of {p} hold an empty label; "
+                            "separate labels by exactly one ';' (e.g. 0;1)")
+        if len(set(labs)) != len(labs):
+            raise DataError(f"manifest {path} line {lineno}: the labels {row[1]!r} of {p} name a label twice; "
+                            "list each label once")
         full = p if os.path.isabs(p) else str(path.parent / p)
         if not os.path.exists(full):
             missing.append(p)

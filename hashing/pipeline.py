@@ -6,6 +6,7 @@ features of every image and the augmented-view features of the training images, 
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from .data import ImageSet, Splits, make_splits
 from .features import cached_features
 from .hashers import Inputs
 from .silos import source_dataset
+
+log = logging.getLogger("fedhash.train")
 
 
 @dataclass
@@ -44,11 +47,25 @@ class Prepared:
         return self.ds.labels[idx]
 
 
+def clamped_counts(cfg: Config, n: int) -> tuple[int, int]:
+    """``n-query`` and ``n-train`` as they fit ``n`` images (queries at most a tenth of them, training images at
+    most the database), each clamp said in one line."""
+    n_query = min(cfg.n_query, max(1, n // 10))
+    if n_query < cfg.n_query:
+        log.warning("n-query %d is more than a tenth of the %d images; using %d query images (give --n-query %d "
+                    "or less to silence this)", cfg.n_query, n, n_query, n_query)
+    n_train = min(cfg.n_train, n - n_query)
+    if n_train < cfg.n_train:
+        log.warning("n-train %d is more than the %d database images; training on all %d of them (give --n-train %d "
+                    "or less to silence this)", cfg.n_train, n - n_query, n_train, n_train)
+    return n_query, n_train
+
+
 def prepare(cfg: Config) -> Prepared:
     t0 = time.perf_counter()
     ds = source_dataset(cfg)
-    n_query = min(cfg.n_query, max(1, len(ds) // 10))
-    splits = make_splits(len(ds), seed=cfg.seed, n_query=n_query, n_train=cfg.n_train)
+    n_query, n_train = clamped_counts(cfg, len(ds))
+    splits = make_splits(len(ds), seed=cfg.seed, n_query=n_query, n_train=n_train)
     t1 = time.perf_counter()
     weights = cfg.weights or None
     wid, _ = backbone_identity(cfg.backbone, weights, cfg.cache_dir or None)

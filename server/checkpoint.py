@@ -114,3 +114,28 @@ def check_resume(rec: Mapping[str, Any], cfg: Config, identity: Mapping[str, Any
     if ddiff:
         raise ModelVersionError(f"cannot resume from {path}: its silos were built with {', '.join(ddiff)}; "
                                 "resume with the same data settings or start a fresh out-dir")
+    check_same_run(rec.get("config", {}), int(rec["round"]), cfg, f"cannot resume from {path}")
+
+
+# what a resumed run may set otherwise than the run it continues: where it runs and how it waits, not what it computes
+RESUME_FREE = ("resume", "out-dir", "cache-dir", "weights", "client-threads", "round-timeout", "min-train-nodes",
+               "feed-interval", "pull-interval", "keep-checkpoints", "inject-failures")
+
+
+def check_same_run(was: Mapping[str, Any], rounds_done: int, cfg: Config, what: str) -> None:
+    """A resume continues the run that wrote ``was`` (a config as kebab-case dict; keys it lacks take their
+    defaults) after ``rounds_done`` rounds: every setting but :data:`RESUME_FREE` the same, and at least as many
+    rounds (more extend it). The error names the first key that differs."""
+    defaults, now = Config().to_dict(), cfg.to_dict()
+    for key in sorted(now):
+        if key in RESUME_FREE or key == "num-server-rounds":
+            continue
+        before = was.get(key, defaults[key])
+        if before != now[key]:
+            raise ModelVersionError(f"{what}: the run was started with {key} = {before!r}, now {now[key]!r}; "
+                                    f"resume with {key} = {before!r} (only a larger num-server-rounds may change), "
+                                    "or start a fresh run")
+    if cfg.num_server_rounds < rounds_done:
+        raise ModelVersionError(f"{what}: the run has done {rounds_done} rounds; num-server-rounds = "
+                                f"{cfg.num_server_rounds} would rewrite them: give num-server-rounds of at least "
+                                f"{rounds_done} (more extends the run), or start a fresh run")

@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .centralized import train_run
 
     values = {"data": args.data, "seed": args.seed, "n-query": args.n_query, "n-train": args.n_train,
-              "size": args.size or DEFAULT_SIZE, "views": args.views, "strict": args.strict,
+              "size": DEFAULT_SIZE if args.size is None else args.size, "views": args.views, "strict": args.strict,
               "n-images": args.limit or 0, "bits": args.bits, "supervised": args.supervised, "epochs": args.epochs,
               "batch-size": args.batch_size, "lr": args.lr, "variant": args.variant}
     for key, value in (("backbone", args.backbone), ("weights", args.weights), ("cache-dir", args.cache_dir)):

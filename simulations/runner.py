@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 from client import site
 from hashing import atomic, plots
 from hashing.config import Config
-from hashing.errors import ConfigError, TrainingError
+from hashing.errors import TrainingError
 from hashing.silos import label_histogram, make_silos, source_dataset
 from server.link import gist
 
 from . import console, cross_silo, engine, references
+from . import resume as resume_checks
 from .report import cross_silo_notes, format_table, write_report
 from .runs import new_run_dir
 from .scenario import Scenario
@@ -135,30 +136,35 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
     """Run ``scn`` end to end; returns (run folder, summary)."""
     t_start = time.perf_counter()
     cfg = scn.cfg
-    if resume and not (Path(resume) / "scenario.json").exists():
-        raise ConfigError(f"--resume {resume}: not a fedhash simulate run folder (no scenario.json)")
+    modes = [cfg.supervised] + ([not cfg.supervised] if scn.also_unsupervised else [])
+    tags = ["supervised" if sup else "unsupervised" for sup in modes]
+    suffixes = ["" if sup == cfg.supervised else f" ({tag})" for sup, tag in zip(modes, tags)]
+    subs = ["federated" if sup == cfg.supervised else f"federated-{tag}" for sup, tag in zip(modes, tags)]
+
+    def federation_configs(run_dir: Path) -> list[Config]:
+        return [dataclasses.replace(scn.config_for(sup), out_dir=str(run_dir / sub), resume=bool(resume))
+                for sup, sub in zip(modes, subs)]
+
+    if resume:  # a resume that does not continue this run is refused before anything is written
+        resume_checks.check_resume_run(Path(resume), scn.to_dict(), federation_configs(Path(resume)))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     silos = make_silos(source_dataset(cfg), cfg)  # bad silos fail before a run folder exists
     run_dir = Path(resume) if resume else new_run_dir(runs_dir, scn.name)
+    fcfgs = federation_configs(run_dir)
+    for c in fcfgs:
+        c.check()
     with console.run_log(run_dir / "log.txt") as log_path:
         if cfg.mode == "lora" and scn.references:
             log.info("LoRA mode: the references train on cached features (probe mode) for comparison")
-        atomic.write_json(run_dir / "scenario.json", scn.to_dict())
         hist = label_histogram(silos)
-        plots.plot_partition(hist, [s.name for s in silos], list(silos[0].ds.classes), run_dir / "partition.png")
         data = silo_features_for_references(cfg, silos, progress)
         timings["features"] = time.perf_counter() - t0
-
-        modes = [cfg.supervised] + ([not cfg.supervised] if scn.also_unsupervised else [])
-        tags = ["supervised" if sup else "unsupervised" for sup in modes]
-        suffixes = ["" if sup == cfg.supervised else f" ({tag})" for sup, tag in zip(modes, tags)]
-        subs = ["federated" if sup == cfg.supervised else f"federated-{tag}" for sup, tag in zip(modes, tags)]
-        fcfgs = [dataclasses.replace(scn.config_for(sup), out_dir=str(run_dir / sub), resume=bool(resume))
-                 for sup, sub in zip(modes, subs)]
-        for c in fcfgs:
-            c.check()
         check_privacy_plans(fcfgs, data)
+        if resume:
+            resume_checks.drop_stale_report(run_dir)
+        atomic.write_json(run_dir / "scenario.json", scn.to_dict())
+        plots.plot_partition(hist, [s.name for s in silos], list(silos[0].ds.classes), run_dir / "partition.png")
         t0 = time.perf_counter()
         fanned: dict[str, dict[str, Any]] = {}  # out-dir -> the federated model's cross-silo row, through the fan-out
         truth = cross_silo.Truth(data)

@@ -79,7 +79,21 @@ def load_scenario(path_or_name: str | Path, overrides: dict[str, Any] | None = N
 
 
 def scenario_from_dict(raw: dict[str, Any], *, source: str = "scenario", overrides: dict[str, Any] | None = None) -> Scenario:
-    raw = dict(raw) | dict(overrides or {})
+    """The scenario of ``raw`` (a file's keys) with ``overrides`` (``--set``) on top. An error the overrides cause
+    names them (``--set k=v over <file>: ...``); an error of the file itself names the file."""
+    if not overrides:
+        return _scenario(dict(raw), source)
+    try:
+        return _scenario(dict(raw) | dict(overrides), source)
+    except ConfigError as e:
+        _scenario(dict(raw), source)  # the file alone: its own error blames the file
+        said = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
+        text = str(e)
+        text = text[len(source) + 2:] if text.startswith(f"{source}: ") else text
+        raise ConfigError(f"--set {said} (over {source}): {text}") from None
+
+
+def _scenario(raw: dict[str, Any], source: str) -> Scenario:
     nested = [k for k, v in raw.items() if isinstance(v, dict)]
     if nested:
         raise ConfigError(f"{source}: '{nested[0]}' is a table; scenario keys are flat (write {nested[0]}-<key> = ... "
