@@ -29,6 +29,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "quantity", "domain")
 DOMAINS = ("none", "invert", "blur", "animal-mnist")
 DEFAULT_DOMAINS = ("none", "invert", "blur")
 DEFAULT_SIZE = 96  # BENCHMARKS.md: backbone throughput and mAP by input size
+MAX_VIEWS = 64  # each view is cached as one feature row per training image
 MIN_SIZE, MAX_SIZE = 32, 512  # input sizes in pixels: the backbones downsample by 32; above 512 px a CPU crawls
 
 
@@ -136,6 +137,10 @@ class Config:
         """Every value in range, before any work starts; the error names the key and the fix."""
         def bad(key: str, why: str):
             raise ConfigError(f"{source}: '{key_prefix}{key.replace('_', '-')}' {why}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f.name, f"is {v}; give a finite number")
         choices = {"mode": MODES, "strategy": STRATEGIES, "partitioner": PARTITIONERS, "dp": DP_UNITS,
                    "dp_clipping": DP_CLIPPING, "variant": ("small", "large")}
         for key, allowed in choices.items():
@@ -156,8 +161,8 @@ class Config:
                 bad(key, f"is {getattr(self, key)}; it must be at least 0")
         if self.views < 2 and not self.supervised:
             bad("views", "must be at least 2 for unsupervised CroVCA (two views per image)")
-        if self.views < 1:
-            bad("views", f"is {self.views}; cache at least 1 augmented view per image")
+        if not 1 <= self.views <= MAX_VIEWS:
+            bad("views", f"is {self.views}; cache from 1 to {MAX_VIEWS} augmented views per image (default 4)")
         if not 0.0 < self.fraction_train <= 1.0:
             bad("fraction_train", f"is {self.fraction_train}; use a fraction in (0, 1]")
         if self.min_train_nodes < 1:

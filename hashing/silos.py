@@ -99,7 +99,12 @@ _FIX = "use fewer silos (num-silos), a larger alpha, or more images (n-images)"
 def source_dataset(cfg: Config) -> ImageSet:
     """The data set a simulation partitions (and ``fedhash train`` splits): the first ``n-images`` of
     ``data`` (0: all), unreadable images skipped unless ``strict``."""
-    return load_dataset(cfg.data, strict=cfg.strict, limit=cfg.n_images if cfg.n_images > 0 else None)
+    ds = load_dataset(cfg.data, strict=cfg.strict, limit=cfg.n_images if cfg.n_images > 0 else None)
+    if cfg.n_images > len(ds):
+        logging.getLogger("fedhash.data").warning(
+            "n-images %d is more than the %d images of %s; using all %d (give n-images 0 for all, or %d or less, to "
+            "silence this)", cfg.n_images, len(ds), cfg.data, len(ds), len(ds))
+    return ds
 
 
 # --------------------------------------------------------------------------- silos
