@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hashing.errors import FedhashError
 
-from . import console
+from . import console, options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="table of CroVCA vs ITQ, PCA, LSH and float cosine, with PR curves")
     e.add_argument("--run", required=True, help="a run folder written by fedhash train, or a federated run folder "
                                                 "(runs/<id>/federated: its mAP and privacy guarantee)")
-    e.add_argument("--bits", default="16,32,64", help="comma-separated code lengths")
-    e.add_argument("--k", type=int, default=1000, help="mAP@k")
+    e.add_argument("--bits", type=options.bits_list, default="16,32,64", help="comma-separated code lengths")
+    e.add_argument("--k", type=options.positive_int, default=1000, help="mAP@k")
     e.add_argument("--cache-dir", default=None)
     e.set_defaults(func=cmd_eval)
 
@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--scenario", default="dp-demo", help="a scenario .toml or the name of one (default dp-demo)")
     v.add_argument("--epsilons", default="inf,8,4,1", help="target ε per silo, comma-separated; inf = no DP")
     v.add_argument("--client-noise", default="0.5,1,2", help="client-level DP noise multipliers ('' for none)")
-    v.add_argument("--client-clip", type=float, default=0.05, help="client-level DP: update norm bound")
-    v.add_argument("--nodp-lr", type=float, default=1e-3, help="learning rate of the ε = inf run (the demo's)")
+    v.add_argument("--client-clip", type=options.positive_float, default=0.05, help="client-level DP: update norm bound")
+    v.add_argument("--nodp-lr", type=options.positive_float, default=1e-3, help="learning rate of the ε = inf run (the demo's)")
     v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
     v.add_argument("--runs-dir", default="runs")
     v.set_defaults(func=cmd_privacy_sweep)
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--federation", metavar="CONNECTION", help="instead: a SuperLink of the Flower config (flwr log)")
     st.add_argument("--run-id", type=int, help="with --federation: this run (default: the newest running one)")
     st.add_argument("--json", action="store_true", help="print the view as JSON")
-    st.add_argument("--watch", type=float, metavar="S", help="redraw every S seconds until the run ends")
+    st.add_argument("--watch", type=options.positive_float, metavar="S", help="redraw every S seconds until the run ends")
     st.set_defaults(func=cmd_status)
 
     from . import search

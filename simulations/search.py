@@ -10,6 +10,7 @@ from pathlib import Path
 from hashing import catalogue as C
 from hashing import retrieval as R
 from hashing.errors import FedhashError
+from . import options
 
 
 def _open(args) -> R.SearchIndex:
@@ -255,13 +256,13 @@ def add_parsers(sub) -> None:
                             "takes it); the query is encoded here and only its code travels")
     where.add_argument("--run", help="every silo of a fedhash simulate run folder (a Flower simulation of its silos)")
     s.add_argument("--image", required=True, help="a query image file (or a folder of them)")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=options.positive_int, default=10)
     s.add_argument("--model", help="--federation: this site's copy of the federation's hash function (its index "
                                    "folder, a model.pt or run folder); --run: default the run's federated model")
     s.add_argument("--mode", choices=("supervised", "unsupervised"),
                    help="--run: which of the run's federations (default: its headline one)")
     s.add_argument("--app", help="--federation: the fedhash Flower app folder (default: where fedhash is installed from)")
-    s.add_argument("--timeout", type=float, default=120.0,
+    s.add_argument("--timeout", type=options.positive_float, default=120.0,
                    help="--federation: seconds each site may take to answer (the run's round-timeout)")
     s.add_argument("--asymmetric", action="store_true",
                    help="re-rank a Hamming shortlist by the soft query (sum |sigmoid(z) - b|)")
@@ -272,9 +273,9 @@ def add_parsers(sub) -> None:
     v = sub.add_parser("serve", help="the index's HTTP API and search page (a bearer token guards all but /health)")
     v.add_argument("--index", required=True)
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--port", type=options.port, default=8080)
     v.add_argument("--token-file", default=None,
                    help="a file holding the bearer token (default: $FEDHASH_TOKEN, else a new one in <index>/serve.token)")
-    v.add_argument("--max-upload-mb", type=float, default=20)
+    v.add_argument("--max-upload-mb", type=options.positive_float, default=20)
     common(v)
     v.set_defaults(func=serve)

@@ -64,6 +64,23 @@ def test_train_refuses_out_of_range_options_before_any_work(tmp_path, capsys, op
     assert not runs.exists(), "a run folder was created for a refused command"
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["eval", "--run", "R", "--bits", "x"], ("--bits", "16,32,64")),
+    (["eval", "--run", "R", "--bits", "16,100000"], ("--bits", "1024")),
+    (["eval", "--run", "R", "--k", "0"], ("--k", "at least 1")),
+    (["search", "--index", "I", "--image", "q.png", "-k", "0"], ("-k", "at least 1")),
+    (["search", "--index", "I", "--image", "q.png", "--timeout", "-1"], ("--timeout", "above 0")),
+    (["serve", "--index", "I", "--port", "99999"], ("--port", "65535")),
+    (["serve", "--index", "I", "--max-upload-mb", "nan"], ("--max-upload-mb", "finite")),
+    (["privacy-sweep", "--client-clip", "-1"], ("--client-clip", "above 0")),
+    (["privacy-sweep", "--nodp-lr", "inf"], ("--nodp-lr", "finite")),
+    (["privacy-sweep", "--epsilons", "0"], ("--epsilons", "> 0")),
+    (["status", "R", "--watch", "0"], ("--watch", "above 0")),
+])
+def test_other_commands_refuse_out_of_range_numbers_before_any_work(capsys, args, needles):
+    _one_line_error(capsys, args, *needles)
+
+
 def test_clamped_counts_are_said_in_one_line(caplog):
     from hashing.pipeline import clamped_counts
 
