@@ -47,24 +47,24 @@ class Prepared:
         return self.ds.labels[idx]
 
 
-def clamped_counts(cfg: Config, n: int) -> tuple[int, int]:
+def clamped_counts(cfg: Config, n: int, say: bool = True) -> tuple[int, int]:
     """``n-query`` and ``n-train`` as they fit ``n`` images (queries at most a tenth of them, training images at
-    most the database), each clamp said in one line."""
+    most the database), each clamp said in one line (with ``say``)."""
     n_query = min(cfg.n_query, max(1, n // 10))
-    if n_query < cfg.n_query:
+    if n_query < cfg.n_query and say:
         log.warning("n-query %d is more than a tenth of the %d images; using %d query images (give --n-query %d "
                     "or less to silence this)", cfg.n_query, n, n_query, n_query)
     n_train = min(cfg.n_train, n - n_query)
-    if n_train < cfg.n_train:
+    if n_train < cfg.n_train and say:
         log.warning("n-train %d is more than the %d database images; training on all %d of them (give --n-train %d "
                     "or less to silence this)", cfg.n_train, n - n_query, n_train, n_train)
     return n_query, n_train
 
 
-def prepare(cfg: Config) -> Prepared:
+def prepare(cfg: Config, *, say_clamps: bool = True) -> Prepared:
     t0 = time.perf_counter()
     ds = source_dataset(cfg)
-    n_query, n_train = clamped_counts(cfg, len(ds))
+    n_query, n_train = clamped_counts(cfg, len(ds), say_clamps)
     splits = make_splits(len(ds), seed=cfg.seed, n_query=n_query, n_train=n_train)
     t1 = time.perf_counter()
     weights = cfg.weights or None

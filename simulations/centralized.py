@@ -109,7 +109,7 @@ def open_run(run: str | Path, cache_dir: str | None = None) -> tuple[Path, Confi
     cfg = run_config(run, read_run(run))
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
-    prep = prepare(cfg)
+    prep = prepare(cfg, say_clamps=False)  # fedhash train said them when it made the run
     _check_splits(run, prep)
     return run, cfg, prep
 
