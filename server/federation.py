@@ -45,6 +45,12 @@ log = logging.getLogger("fedhash.server")
 RoundHook = Callable[[dict], None]
 
 
+class Interrupted(Exception):
+    """The run was asked to stop (Ctrl-C, SIGTERM: ``simulations.engine`` raises it from the grid in the
+    ServerApp's thread). The federation writes ``"status": "interrupted"`` with its last complete round;
+    its checkpoints are whole (each is written atomically), so ``--resume`` continues after that round."""
+
+
 class Federation:
     """One federated run on the server."""
 
@@ -104,6 +110,9 @@ class Federation:
                 self.history[-1] |= _scores(scores) | {"seconds_index": time.perf_counter() - t_idx}
                 self._save(self.history[-1]["round"])  # the last checkpoint, now with its evaluation
             write_record(self.out / "model.pt", self._model_record())
+        except (Interrupted, KeyboardInterrupt) as e:
+            self._write_progress("interrupted", reason=str(e) or type(e).__name__)
+            raise
         except Exception as e:
             self._write_progress("failed", error=f"{type(e).__name__}: {e}")
             raise
@@ -202,7 +211,12 @@ class Federation:
         now = time.time()
         if status != "running":
             self.phase = status
-        view = {"status": status, "round": self.round_in_flight, "num_server_rounds": self.cfg.num_server_rounds,
+        done = self.history[-1]["round"] if self.history else 0  # the last complete round (its checkpoint)
+        if status == "interrupted":  # the round in flight is lost; --resume continues after `done`
+            lost = done + 1 if done < self.cfg.num_server_rounds else None  # None: stopped while indexing
+            extra = {"round_in_flight": lost, "last_checkpoint_round": done} | extra
+        view = {"status": status, "round": done if status == "interrupted" else self.round_in_flight,
+                "num_server_rounds": self.cfg.num_server_rounds,
                 "phase": self.phase, "started_at": self.t_start, "updated_at": now,
                 "elapsed_seconds": round(now - self.t_start, 1), "sites": self.link.last,
                 "n_failures": len(self.link.failures), "last_failures": self.link.failures[-5:]}

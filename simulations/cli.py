@@ -15,8 +15,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shlex
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from hashing.errors import FedhashError
@@ -194,18 +199,74 @@ def cmd_status(args) -> int:
     return status_command(args)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (and SIGINT) as a KeyboardInterrupt in the main thread, so both take Ctrl-C's clean path."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _catch_signals() -> dict:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread (a signal ignored on purpose, by nohup or a
+    shell's background job, stays ignored); returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, h in before.items():
+        if h in (signal.default_int_handler, signal.SIG_DFL):
+            signal.signal(sig, _raise_interrupted)
+    return {sig: h for sig, h in before.items() if h is not None}
+
+
+def _exit_if_held(code: int) -> None:
+    """After an interrupt of the ``fedhash`` command: threads a library left waiting for an answer that will
+    not come (a reply of a stopped silo) would keep the interpreter from exiting. They get a few seconds
+    (a ServerApp writing its last status), then the process exits anyway, its streams flushed."""
+    deadline = time.monotonic() + 5.0
+    held = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for t in held:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in held):
+        logging.getLogger("fedhash").debug("exiting with threads still waiting: %s",
+                                           [t.name for t in held if t.is_alive()])
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["fedhash"] + list(sys.argv[1:] if argv is None else argv))  # for audit logs
     console.setup(args.verbose)
+    handlers = _catch_signals()
     try:
         return args.func(args)
     except FedhashError as e:
         print(f"fedhash: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedhash: interrupted; nothing half-written was kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        for sig in handlers:  # a second Ctrl-C does not cut the exit short
+            signal.signal(sig, signal.SIG_IGN)
+        code = 128 + int(signum)
+        hint = ""
+        if getattr(args, "func", None) is cmd_simulate:  # simulate and demo: the last complete round is kept
+            again = ["fedhash", "simulate", str(args.scenario)] + [f"--set={s}" for s in args.set or []]
+            hint = f"; continue it with {shlex.join(again)} --resume {args.resume or '<its run folder>'}"
+        print(f"fedhash: interrupted ({signal.Signals(signum).name}); nothing half-written was kept{hint}",
+              file=sys.stderr, flush=True)
+        if argv is None:  # the fedhash command itself, not a caller in this process
+            _exit_if_held(code)
+        return code
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":

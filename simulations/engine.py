@@ -14,16 +14,28 @@ loops can each be switched off with a config key set to 0.
 * **Ray** is started by fedhash (Ray's public ``ray.init``) before Flower's engine, which then uses it
   as it is: Flower's own start passes a runtime environment, which makes Ray set up every worker
   through its agent (about 1.2 s more before the simulated silos start).
+* **Stops** (Ctrl-C, SIGTERM). Flower runs the ServerApp in a thread of its own and the simulated silos
+  in Ray actors; a signal lands in the main thread only. Flower's engine then shuts Ray down, but its
+  ServerApp thread went on waiting for replies (up to round-timeout, 600 s) and the engine's worker
+  threads waited forever in ``ray.get`` on actors still busy, so the process never exited. Here a
+  signal during a simulation also sets a stop flag: the grid the ServerApp talks through raises
+  ``server.federation.Interrupted`` at its next call (the federation writes ``"status": "interrupted"``
+  with its last complete round), the busy actors are killed before Flower's shutdown of Ray, and
+  ``stop_ray`` waits a few seconds for the ServerApp thread.
 """
 from __future__ import annotations
 
 import inspect
 import logging
+import signal
+import threading
 from typing import Any
 
 from hashing.config import Config
 
 log = logging.getLogger("fedhash.engine")
+
+STOP_GRACE = 10.0  # seconds stop_ray waits for the ServerApp thread to write its last status
 
 CHECKED = ("1.41.0", "1.42.0")  # Flower versions whose engine these tweaks were read against
 _FEEDER_SIGNATURE = ["state", "queue", "nodes_mapping", "f_stop"]
@@ -66,10 +78,12 @@ def fast_feeder(interval: float) -> bool:
 
 
 def tune_grid(grid: Any, cfg: Config) -> bool:
-    """Poll the simulation grid for replies every ``pull-interval`` seconds (0: Flower's 0.1 s).
-    Only Flower's in-memory (simulation) grid has the setting; returns whether it was set."""
+    """The ServerApp's grid (``on_grid``, called in the ServerApp's thread): it stops the run when a stop
+    was asked for (``stoppable``), and it polls for replies every ``pull-interval`` seconds (0: Flower's
+    0.1 s). Only Flower's in-memory (simulation) grid has the setting; returns whether it was set."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+    stoppable(grid)
     if cfg.pull_interval <= 0 or not isinstance(grid, InMemoryGrid) or not _flower_checked("reply poll"):
         return False
     if not isinstance(getattr(grid, "pull_interval", None), (int, float)):
@@ -79,20 +93,136 @@ def tune_grid(grid: Any, cfg: Config) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------------------ stops
+
+_stop = threading.Event()  # set by a signal during a simulation, or by stop_ray while the ServerApp still runs
+_why: list[str] = []  # what stopped it, for the federation's status
+_server: list[threading.Thread] = []  # the ServerApp's thread (tune_grid records it)
+_handlers: dict[int, Any] = {}  # the signal handlers start_ray replaced, which stop_ray puts back
+_GRID_CALLS = ("get_node_ids", "get_nodes", "push_messages", "pull_messages", "send_and_receive")
+
+
+def request_stop(why: str) -> None:
+    """Ask the running simulation to stop: the ServerApp raises ``Interrupted`` at its next grid call."""
+    if not _stop.is_set():
+        _why.append(why)
+        _stop.set()
+
+
+def stoppable(grid: Any) -> Any:
+    """Make every call of ``grid`` raise ``server.federation.Interrupted`` once a stop is asked for, so that
+    the ServerApp's thread stops within one reply poll. Records the calling thread as the ServerApp's."""
+    from server.federation import Interrupted
+
+    _server[:] = [threading.current_thread()]
+    for name in _GRID_CALLS:
+        call = getattr(grid, name, None)
+        if call is None or getattr(call, "_fedhash_stoppable", False):
+            continue
+
+        def checked(*args, _call=call, **kwargs):
+            if _stop.is_set():
+                raise Interrupted(_why[0] if _why else "stopped")
+            return _call(*args, **kwargs)
+
+        checked._fedhash_stoppable = True  # type: ignore[attr-defined]
+        setattr(grid, name, checked)
+    return grid
+
+
+def _on_signal(previous: Any):
+    """A signal handler for the length of a simulation: the first signal asks the ServerApp to stop and then
+    does what the handler before it did (a KeyboardInterrupt in the main thread: the CLI's, or Python's
+    for Ctrl-C; SIGTERM without a handler of its own is made one too); a second one, while the run winds
+    down (a few seconds), is ignored."""
+
+    def handler(signum, frame):
+        if _stop.is_set():
+            return
+        request_stop(f"stopped by {signal.Signals(signum).name}")
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    return handler
+
+
+def _install_handlers(before: dict[int, Any]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, previous in before.items():
+        if previous in (signal.SIG_IGN, None):  # ignored on purpose (nohup, a background job), or not Python's
+            continue
+        _handlers.setdefault(sig, previous)
+        signal.signal(sig, _on_signal(previous))
+
+
+def _terminate_kills_busy_actors() -> None:
+    """Flower's ``RayBackend.terminate`` ends the idle actors only; a run stopped mid-round leaves the engine's
+    worker threads in ``ray.get`` on busy ones, after Ray is gone: forever. fedhash kills the busy actors first
+    and waits (at most 5 s) for their replies to fail, so that those threads end. Guarded like the rest."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    cls = raybackend.RayBackend
+    flowers = getattr(cls, "flwr_terminate", cls.terminate)
+    if not _flower_checked("stop of busy actors"):
+        cls.terminate = flowers
+        return
+
+    def terminate(self) -> None:
+        import ray
+
+        busy = dict(getattr(getattr(self, "pool", None), "_future_to_actor", None) or {})
+        if busy and ray.is_initialized():
+            for actor in busy.values():
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception as e:  # noqa: BLE001 - an actor that is gone already
+                    log.debug("ray.kill: %s", e)
+            ray.wait(list(busy), num_returns=len(busy), timeout=5.0)
+        flowers(self)
+
+    cls.flwr_terminate = flowers  # type: ignore[attr-defined]
+    cls.terminate = terminate
+
+
 def start_ray(num_cpus: int) -> None:
     """Start Ray (local, no dashboard, no runtime environment) unless it runs already. The workers import
     fedhash from its installation (``pip install -e .``, as ``make setup`` does), not from a path that
     Flower's runtime environment would set. What they print is forwarded to this process's stdout and
-    stderr (``simulations.console.quiet_flower`` sends it to the run's log.txt)."""
+    stderr (``simulations.console.quiet_flower`` sends it to the run's log.txt).
+
+    A signal (SIGINT, SIGTERM) from now until ``stop_ray`` stops the simulation cleanly (``_on_signal``);
+    Ray's own SIGTERM handlers, which end the process at once, are replaced."""
     import ray
 
+    _stop.clear()
+    _why.clear()
+    _server.clear()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _terminate_kills_busy_actors()
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, logging_level=logging.ERROR)
+    _install_handlers(before)
 
 
 def stop_ray() -> None:
-    """Flower's engine shuts Ray down when it ends; this covers a run that failed before it did."""
+    """The end of a simulation, however it ended: a ServerApp thread still running is told to stop and given
+    ``STOP_GRACE`` seconds to write its status; Ray is shut down (Flower's engine does it when it ends, this
+    covers a run that failed before it did); the signal handlers are put back."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    try:
+        server = [t for t in _server if t.is_alive() and t is not threading.current_thread()]
+        if server:
+            request_stop("the simulation engine stopped")
+            server[0].join(STOP_GRACE)
+            if server[0].is_alive():
+                log.warning("the ServerApp did not stop within %.0f s", STOP_GRACE)
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in _handlers.items():
+                signal.signal(sig, previous)
+        _handlers.clear()

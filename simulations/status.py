@@ -109,7 +109,8 @@ def render(view: dict[str, Any], now: float | None = None) -> str:
 
 
 def finished(view: dict[str, Any]) -> bool:
-    return str(view.get("status")) in ("done", "failed") or str(view.get("flower_status", "")).startswith("finished")
+    return (str(view.get("status")) in ("done", "failed", "interrupted")
+            or str(view.get("flower_status", "")).startswith("finished"))
 
 
 def status_command(args) -> int:
