@@ -1,3 +1,5 @@
+import json
+import math
 import os
 
 import numpy as np
@@ -38,3 +40,21 @@ def train_digits(root, cache_dir, *, bits: int, epochs: int = 3):
     assert rc == 0
     (run,) = list(root.iterdir())
     return run
+
+
+def toml_text(values: dict) -> str:
+    """A flat TOML document of ``values`` (scenario files in tests): booleans, strings, numbers (nan, inf
+    included), lists and inline tables."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else repr(v))
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+    return "".join(f"{json.dumps(k)} = {val(v)}\n" for k, v in values.items())

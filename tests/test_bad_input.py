@@ -7,7 +7,6 @@ and never a hang. The commands' work is replaced by a recorder in the property t
 is tested, and a success must hand the work a config in range)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ from hashing.config import MAX_SIZE, MAX_VIEWS, MIN_SIZE, Config
 from hashing.errors import FedhashError
 from simulations import cli
 
-from .conftest import write_png
+from .conftest import toml_text, write_png
 
 
 def _one_line_error(capsys, args: list[str], *needles: str) -> str:
@@ -224,20 +223,6 @@ _toml_values = st.recursive(
     max_leaves=4)
 
 
-def _toml_text(values: dict) -> str:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else repr(v))
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
-        return repr(v)
-    return "".join(f"{json.dumps(k)} = {val(v)}\n" for k, v in values.items())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -245,7 +230,7 @@ def _toml_text(values: dict) -> str:
 def test_property_scenario_files(recorder, capsys, tmp_path, values, junk):
     recorder.clear()
     f = tmp_path / "generated.toml"
-    f.write_text(_toml_text(values) + junk)
+    f.write_text(toml_text(values) + junk)
     rc, err = _run(["simulate", str(f), "--runs-dir", str(tmp_path / "runs")], capsys)
     _assert_outcome(rc, err, f.read_text())
     if rc == 0:

@@ -35,7 +35,7 @@ from hashing.federated.search import brute_force
 from simulations import cross_silo, federated_search
 from simulations.cli import main
 
-from .conftest import write_png
+from .conftest import toml_text, write_png
 
 FedConfig = Config
 
@@ -119,16 +119,7 @@ def _assert_no_new_children(before: set[int], wait: float = 20.0) -> None:
 
 
 def _write_scenario(path: Path, values: dict) -> Path:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-
-    path.write_text("\n".join(f"{k} = {val(v)}" for k, v in values.items()) + "\n")
+    path.write_text(toml_text(values))
     return path
 
 

@@ -23,6 +23,8 @@ import pytest
 
 from server import checkpoint as ckpt
 
+from .conftest import toml_text
+
 ROOT = Path(__file__).resolve().parents[1]
 FEDHASH = str(Path(sys.executable).parent / "fedhash")
 EXIT_WITHIN = 15.0  # seconds from the signal to the exit
@@ -35,16 +37,6 @@ SCENARIO = {
 }
 
 
-def _toml(values: dict) -> str:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-    return "".join(f"{k} = {val(v)}\n" for k, v in values.items())
 
 
 def _marked(tag: str) -> list[int]:
@@ -147,7 +139,7 @@ def _status(out: Path) -> dict:
 
 def _scenario(tmp: Path, cache: Path, rounds: int) -> Path:
     scn = tmp / "interrupts.toml"
-    scn.write_text(_toml(SCENARIO | {"num-server-rounds": rounds, "cache-dir": str(cache)}))
+    scn.write_text(toml_text(SCENARIO | {"num-server-rounds": rounds, "cache-dir": str(cache)}))
     return scn
 
 

@@ -13,6 +13,8 @@ import pytest
 from server import checkpoint as ckpt
 from simulations.cli import main
 
+from .conftest import toml_text
+
 SCENARIO = {
     "name": "resume-truth", "references": [], "also-unsupervised": False,
     "data": "digits", "n-images": 0, "partitioner": "dirichlet", "alpha": 0.3, "num-silos": 3, "seed": 0,
@@ -21,16 +23,6 @@ SCENARIO = {
 }
 
 
-def _toml(values: dict) -> str:
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-    return "".join(f"{k} = {val(v)}\n" for k, v in values.items())
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
@@ -53,7 +45,7 @@ def test_resume_refuses_what_would_rewrite_history_and_extends_a_finished_run(tm
                                                                                monkeypatch):
     monkeypatch.setenv("FEDHASH_CACHE", str(cache_dir))
     scn = tmp_path / "resume.toml"
-    scn.write_text(_toml(SCENARIO | {"cache-dir": str(cache_dir)}))
+    scn.write_text(toml_text(SCENARIO | {"cache-dir": str(cache_dir)}))
     runs = tmp_path / "runs"
     assert main(["simulate", str(scn), "--runs-dir", str(runs)]) == 0
     capsys.readouterr()
@@ -89,7 +81,7 @@ def test_resume_refuses_what_would_rewrite_history_and_extends_a_finished_run(tm
 
 
 def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
-    (tmp_path / "scn.toml").write_text(_toml(SCENARIO))
+    (tmp_path / "scn.toml").write_text(toml_text(SCENARIO))
     _refused(capsys, ["simulate", str(tmp_path / "scn.toml"), "--resume", str(tmp_path)], "no scenario.json")
     (tmp_path / "scenario.json").write_text("{not json")
     _refused(capsys, ["simulate", str(tmp_path / "scn.toml"), "--resume", str(tmp_path)], "unreadable")
