@@ -17,6 +17,8 @@ from hashing.config import Config
 from hashing.errors import ConfigError
 from server import checkpoint as ckpt
 
+from .runs import read_status
+
 # the files of simulations.report.write_report that state the run's rounds and figures
 REPORT_FILES = ("report.md", "table.md", "summary.json", "rounds.json", "rounds.csv")
 _FREE = set(ckpt.RESUME_FREE) | {"num-server-rounds", "source"}
@@ -56,7 +58,7 @@ def check_resume_run(run_dir: Path, scenario: Mapping[str, Any], cfgs: Sequence[
             continue
         rec = ckpt.load_checkpoint(last)
         ckpt.check_same_run(rec.get("config", {}), int(rec["round"]), c, what)
-        status = _status(Path(c.out_dir))
+        status = read_status(c.out_dir)
         complete = complete and int(rec["round"]) == c.num_server_rounds and status.get("status") == "done"
     if complete:
         n = cfgs[0].num_server_rounds
@@ -68,10 +70,3 @@ def drop_stale_report(run_dir: Path) -> None:
     """The shorter run's report goes before its resume trains (it is written again when the resume ends)."""
     for name in REPORT_FILES:
         (run_dir / name).unlink(missing_ok=True)
-
-
-def _status(out: Path) -> dict[str, Any]:
-    try:
-        return json.loads((out / "federation.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ from server.link import gist
 from . import console, cross_silo, engine, references
 from . import resume as resume_checks
 from .report import cross_silo_notes, format_table, write_report
-from .runs import new_run_dir
+from .runs import new_run_dir, read_status
 from .scenario import Scenario
 
 log = logging.getLogger("fedhash.simulate")
@@ -87,11 +86,11 @@ def run_federations(cfgs: list[Config], scenario: dict[str, Any], *, labels: lis
                     bar.close()
                 engine.stop_ray()
     except RuntimeError as e:
-        errors = [s.get("error") for s in map(_read_status, (c.out_dir for c in cfgs)) if s.get("error")]
+        errors = [s.get("error") for s in map(read_status, (c.out_dir for c in cfgs)) if s.get("error")]
         raise TrainingError(errors[0] if errors else f"the Flower simulation failed: {e}") from e
     out = []
     for c in cfgs:
-        status = _read_status(c.out_dir)
+        status = read_status(c.out_dir)
         if status.get("status") != "done":
             raise TrainingError(status.get("error") or f"the federated run did not finish; see {c.out_dir}/federation.json")
         out.append(status)
@@ -105,14 +104,6 @@ def check_privacy_plans(cfgs: list[Config], data: list[site.SiloData]) -> None:
         if c.dp == "sample":
             for d in data:
                 site.dp_plan(c, d)
-
-
-def _read_status(out_dir: str) -> dict[str, Any]:
-    p = Path(out_dir) / "federation.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _federated_row(status: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,14 @@ def new_run_dir(root: str | Path, name: str) -> Path:
     raise FedhashError(f"cannot create a run folder under {root}")
 
 
+def read_status(out_dir: str | Path) -> dict:
+    """A federated out-dir's federation.json, or {} when it is missing or half-written."""
+    try:
+        return json.loads((Path(out_dir) / "federation.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def read_run(run: Path) -> dict:
     """A ``fedhash train`` run folder's config.json."""
     f = run / "config.json"
