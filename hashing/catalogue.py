@@ -14,6 +14,13 @@ does not match the catalogue (a crash between the two writes) is rebuilt from th
 
 Every change is one SQLite transaction (``BEGIN IMMEDIATE``): a crash or ``kill -9`` leaves either the
 old or the new state, never a mix.
+
+**Rows verified on read.** Each ``items`` row carries a ``checksum`` (sha256 of its id, sha256, path,
+labels, times and whether it keeps pixels) and each ``codes`` row one of its model version, id and code;
+an image's kept pixels are checked against its content sha256. Reading a row that does not match (a hit's
+labels, a code when the FAISS file is rebuilt, the pixels) is an :class:`~hashing.errors.IntegrityError`
+that names the catalogue, the image and the fix. A catalogue written before these checksums gets the
+column on first open, and its old rows (``checksum`` NULL) are read unverified.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, FedhashError
+from .errors import DataError, FedhashError, IntegrityError
 
 FORMAT = 1
 ID_BITS = 63
@@ -48,7 +55,8 @@ CREATE TABLE IF NOT EXISTS items (
     pixels BLOB,                     -- an in-memory image's pixels (npy bytes), else NULL
     labels TEXT NOT NULL,            -- JSON list of class names
     added TEXT NOT NULL,
-    added_version TEXT NOT NULL      -- the model version current when it was added
+    added_version TEXT NOT NULL,     -- the model version current when it was added
+    checksum TEXT                    -- sha256 of the row (row_checksum); NULL: written before checksums
 );
 CREATE INDEX IF NOT EXISTS items_path ON items(path);
 CREATE TABLE IF NOT EXISTS models (
@@ -58,6 +66,7 @@ CREATE TABLE IF NOT EXISTS codes (
     version TEXT NOT NULL REFERENCES models(version) ON DELETE CASCADE,
     id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
     code BLOB NOT NULL,
+    checksum TEXT,                   -- sha256 of version, id and code (code_checksum)
     PRIMARY KEY (version, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS removed (     -- content ids removed: a deletion request stands against a re-add
@@ -159,6 +168,24 @@ def blob_pixels(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
+# --------------------------------------------------------------------------- row checksums
+
+
+def row_checksum(i: int, sha256: str, path: str | None, labels: str, added: str, added_version: str,
+                 has_pixels: bool) -> str:
+    """sha256 of an ``items`` row: every field as stored (``labels`` its JSON text), the pixels by their
+    presence (their bytes are covered by the content ``sha256``). Fields are NUL-separated: none holds a
+    NUL (a path cannot, JSON escapes it), so no two rows share an encoding."""
+    where = "\1" if path is None else path
+    return hashlib.sha256(f"fedhash-item-v1\0{int(i)}\0{sha256}\0{where}\0{labels}\0{added}\0{added_version}\0"
+                          f"{int(bool(has_pixels))}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def code_checksum(version: str, i: int, code: bytes) -> str:
+    """sha256 of a ``codes`` row: its model version, content id and packed code."""
+    return hashlib.sha256(f"fedhash-code-v1\0{version}\0{int(i)}\0".encode() + bytes(code)).hexdigest()
+
+
 # --------------------------------------------------------------------------- rows
 
 
@@ -189,12 +216,12 @@ class NewItem:
     pixels: bytes | None = None  # for an image with no file
 
 
-_ITEM_COLS = "id, sha256, path, labels, added, added_version"
-_ITEMS_BY_IDS = f"SELECT {_ITEM_COLS} FROM items WHERE id IN (SELECT value FROM json_each(?))"
+_ITEM_COLS = "id, sha256, path, labels, added, added_version, pixels IS NOT NULL, checksum"
 
 
-def _item(row: Sequence[Any]) -> Item:
-    return Item(int(row[0]), row[1], row[2], tuple(json.loads(row[3])), row[4], row[5])
+def _fix(what: str) -> str:
+    return (f"{what} was changed or damaged: remove that image and add it again (fedhash index remove, then "
+            "add), or restore the catalogue from a backup")
 
 
 class Catalogue:
@@ -217,6 +244,9 @@ class Catalogue:
             if create:
                 self.db.executescript(_SCHEMA)
             fmt = self.get_meta("format")
+            if fmt == str(FORMAT) or (fmt is None and create):
+                self._add_checksum_columns()
+                self._columns()
         except sqlite3.DatabaseError as e:
             raise FedhashError(f"catalogue {self.path} is not a readable SQLite database ({e}); "
                                "restore it from a backup or rebuild the index") from e
@@ -227,6 +257,35 @@ class Catalogue:
         elif fmt != str(FORMAT):
             raise FedhashError(f"catalogue {self.path} has format {fmt!r}, this fedhash reads format {FORMAT}; "
                                "rebuild the index with this fedhash")
+
+    def _add_checksum_columns(self) -> None:
+        """A catalogue written before row checksums: the columns are added (its old rows stay NULL: unverified)."""
+        for table in ("items", "codes"):
+            cols = [r[1] for r in self.db.execute(f"PRAGMA table_info({table})")]
+            if cols and "checksum" not in cols:
+                try:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN checksum TEXT")
+                except sqlite3.OperationalError:  # a read-only catalogue: read as it is, unverified
+                    pass
+
+    def _columns(self) -> None:
+        """What the reads select: a read-only catalogue of before row checksums has no checksum column."""
+        has = {t: "checksum" in [r[1] for r in self.db.execute(f"PRAGMA table_info({t})")] for t in ("items", "codes")}
+        self._item_cols = _ITEM_COLS if has["items"] else _ITEM_COLS.replace(", checksum", ", NULL")
+        self._items_by_ids = f"SELECT {self._item_cols} FROM items WHERE id IN (SELECT value FROM json_each(?))"
+        self._code_sum = "c.checksum" if has["codes"] else "NULL"
+
+    def _row(self, row: Sequence[Any]) -> Item:
+        """An ``items`` row as read, checked against its checksum."""
+        if row[7] is not None and row_checksum(*row[:7]) != row[7]:
+            raise IntegrityError(f"catalogue {self.path}: the row of image {fmt_id(row[0])} does not match its "
+                                 f"checksum (its path, labels or times); {_fix('the row')}")
+        try:
+            labels = tuple(json.loads(row[3]))
+        except (ValueError, TypeError) as e:
+            raise IntegrityError(f"catalogue {self.path}: the labels of image {fmt_id(row[0])} are not a JSON list "
+                                 f"({e}); {_fix('the row')}") from e
+        return Item(int(row[0]), row[1], row[2], labels, row[4], row[5])
 
     def close(self) -> None:
         self.db.close()
@@ -275,13 +334,19 @@ class Catalogue:
     def items(self, ids: Iterable[int]) -> dict[int, Item]:
         # one statement for any number of ids (SQLite keeps it prepared): a search's hits cost one lookup
         ids = json.dumps([int(i) for i in ids])
-        return {int(r[0]): _item(r) for r in self.db.execute(_ITEMS_BY_IDS, (ids,))}
+        return {int(r[0]): self._row(r) for r in self.db.execute(self._items_by_ids, (ids,))}
+
+    def held(self, ids: Iterable[int]) -> set[int]:
+        """Which of ``ids`` the catalogue holds, their rows unread (so a damaged row can still be removed)."""
+        ids = json.dumps([int(i) for i in ids])
+        return {int(r[0]) for r in self.db.execute("SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                                                   (ids,))}
 
     def item(self, i: int) -> Item | None:
         return self.items([i]).get(int(i))
 
     def all_items(self) -> list[Item]:
-        return [_item(r) for r in self.db.execute(f"SELECT {_ITEM_COLS} FROM items ORDER BY id")]
+        return [self._row(r) for r in self.db.execute(f"SELECT {self._item_cols} FROM items ORDER BY id")]
 
     def ids_of_paths(self, paths: Iterable[str]) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -294,15 +359,32 @@ class Catalogue:
         return {i: it.sha256 for i, it in self.items(ids).items()}
 
     def pixels(self, i: int) -> bytes | None:
-        row = self.db.execute("SELECT pixels FROM items WHERE id = ?", (int(i),)).fetchone()
-        return None if row is None else row[0]
+        """The pixels kept for an image with no file (npy bytes), checked against its content sha256."""
+        row = self.db.execute("SELECT pixels, sha256 FROM items WHERE id = ?", (int(i),)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        try:
+            ok = content_digest(blob_pixels(row[0])) == (int(i), row[1])
+        except (ValueError, OSError, DataError):
+            ok = False
+        if not ok:
+            raise IntegrityError(f"catalogue {self.path}: the pixels kept for image {fmt_id(i)} do not match its "
+                                 f"content sha256; {_fix('they')}")
+        return row[0]
 
     def codes(self, version: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 (n,), packed codes uint8 (n, bits/8)) of a model version, by id."""
         bits = self.model_bits(version)
         # joined with items: a code whose image is gone (a row deleted without foreign keys on) never counts
-        rows = self.db.execute("SELECT c.id, c.code FROM codes c JOIN items i ON i.id = c.id WHERE c.version = ? "
-                               "ORDER BY c.id", (version,)).fetchall()
+        rows = self.db.execute(f"SELECT c.id, c.code, {self._code_sum} FROM codes c JOIN items i ON i.id = c.id "
+                               "WHERE c.version = ? ORDER BY c.id", (version,)).fetchall()
+        for r in rows:
+            if r[2] is not None and code_checksum(version, r[0], r[1]) != r[2]:
+                raise IntegrityError(f"catalogue {self.path}: the code of image {fmt_id(r[0])} under model {version} "
+                                     f"does not match its checksum; {_fix('the code')}")
+            if len(r[1]) != bits // 8:
+                raise IntegrityError(f"catalogue {self.path}: the code of image {fmt_id(r[0])} under model {version} "
+                                     f"has {len(r[1])} bytes, the model's codes {bits // 8}; {_fix('the code')}")
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), bits // 8)
         return ids, codes.copy()
@@ -329,14 +411,22 @@ class Catalogue:
     # ------------------------------------------------------------------ writes (inside a transaction)
     def insert(self, items: Sequence[NewItem], codes: np.ndarray, version: str) -> None:
         t = now()
-        self.db.executemany(
-            "INSERT INTO items(id, sha256, path, pixels, labels, added, added_version) VALUES(?, ?, ?, ?, ?, ?, ?)",
-            ((it.id, it.sha256, it.path, it.pixels, json.dumps(list(it.labels)), t, version) for it in items))
+        rows = []
+        for it in items:
+            labels = json.dumps(list(it.labels))
+            rows.append((it.id, it.sha256, it.path, it.pixels, labels, t, version,
+                         row_checksum(it.id, it.sha256, it.path, labels, t, version, it.pixels is not None)))
+        self.db.executemany("INSERT INTO items(id, sha256, path, pixels, labels, added, added_version, checksum) "
+                            "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", rows)
         self.put_codes(version, [it.id for it in items], codes)
 
     def put_codes(self, version: str, ids: Sequence[int], codes: np.ndarray) -> None:
-        self.db.executemany("INSERT INTO codes(version, id, code) VALUES(?, ?, ?)",
-                            ((version, int(i), codes[j].tobytes()) for j, i in enumerate(ids)))
+        def rows():
+            for j, i in enumerate(ids):
+                code = codes[j].tobytes()
+                yield version, int(i), code, code_checksum(version, i, code)
+
+        self.db.executemany("INSERT INTO codes(version, id, code, checksum) VALUES(?, ?, ?, ?)", rows())
 
     def delete(self, ids: Sequence[int]) -> None:
         self.db.executemany("DELETE FROM items WHERE id = ?", ((int(i),) for i in ids))

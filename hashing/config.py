@@ -101,6 +101,7 @@ class Config:
     out_dir: str = "runs/flwr"
     cache_dir: str = ""             # feature cache folder ("" = $FEDHASH_CACHE or ~/.cache/fedhash/features)
     resume: bool = False
+    keep_checkpoints: int = 3       # checkpoints kept: the last N rounds' (the newest is the final one); 0 = keep all
     # ------------------------------------------------------------ the ClientApp process and testing
     client_threads: int = 0         # torch threads per ClientApp process (0 = torch's default); a site's node config `threads` wins
     inject_failures: str = ""       # testing: "<silo>@<round>,..." makes that silo raise in that round's training (@search, @search-stall: in a search)
@@ -156,7 +157,7 @@ class Config:
                     "classes_per_silo", "n_query", "n_train", "lora_r", "dp_dims"):
             if getattr(self, key) < 1:
                 bad(key, f"is {getattr(self, key)}; it must be at least 1")
-        for key in ("n_images", "min_size", "seed", "krum_malicious", "client_threads"):
+        for key in ("n_images", "min_size", "seed", "krum_malicious", "client_threads", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 bad(key, f"is {getattr(self, key)}; it must be at least 0")
         if self.views < 2 and not self.supervised:

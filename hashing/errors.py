@@ -27,3 +27,8 @@ class ConfigError(FedhashError):
 
 class TrainingError(FedhashError):
     """Training that cannot go on (NaN loss, empty batch, ...)."""
+
+
+class IntegrityError(FedhashError):
+    """A persisted file (model, checkpoint, index, sidecar, run folder) whose checksum does not match what
+    it holds: changed or damaged since fedhash wrote it. The message names the file and the fix."""

@@ -38,8 +38,8 @@ import faiss
 import numpy as np
 
 from . import codes as _codes
-from .atomic import atomic_path, sha256_file, write_json
-from .errors import CodeLengthError, ConfigError, FedhashError, ModelVersionError
+from .atomic import _json_default, atomic_path, sha256_file, write_json
+from .errors import CodeLengthError, ConfigError, FedhashError, IntegrityError, ModelVersionError
 
 FORMAT_VERSION = 1
 KINDS = ("flat", "hnsw", "ivf")
@@ -99,6 +99,14 @@ def _fmt_ids(ids: np.ndarray, limit: int = 10) -> str:
 
 def _sidecar(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".meta.json")
+
+
+def sidecar_digest(meta: dict[str, Any]) -> str:
+    """The sidecar's own checksum: sha256 of a canonical JSON (keys sorted, no spaces) of every field but
+    ``digest``, the index file's ``sha256`` among them, so index bytes and metadata are covered together."""
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                                     allow_nan=True).encode()).hexdigest()
 
 
 class SiloIndex:
@@ -458,7 +466,9 @@ class SiloIndex:
         """Write the index to ``path`` and its metadata to ``path + '.meta.json'``, each atomically.
 
         The index file goes first; if the process dies between the two writes, the old sidecar's sha256
-        no longer matches and ``load`` refuses the pair. Returns the metadata written.
+        no longer matches and ``load`` refuses the pair. The sidecar carries the sha256 of the index file
+        and a ``digest`` of its own fields (:func:`sidecar_digest`): model version, bits, count, backbone,
+        kind, params, privacy, generation are covered with the codes. Returns the metadata written.
         """
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -466,12 +476,17 @@ class SiloIndex:
             sha = sha256_file(tmp)
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         meta = {**self.meta, "sha256": sha}
+        meta["digest"] = sidecar_digest(json.loads(json.dumps(meta, default=_json_default)))  # as load reads it
         write_json(_sidecar(path), meta)
         return meta
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SiloIndex":
-        """Read an index written by ``save``, verifying it against its metadata sidecar."""
+    def load(cls, path: str | os.PathLike, *, model_version: str | None = None) -> "SiloIndex":
+        """Read an index written by ``save``, verifying it against its metadata sidecar: the index bytes
+        against its ``sha256``, the sidecar's fields against its ``digest`` (:class:`IntegrityError` on a
+        mismatch, naming the file). A sidecar written before fedhash wrote digests has none: its fields are
+        read unverified (the index bytes still checked). ``model_version``: the model the caller expects
+        the index to hold (:class:`ModelVersionError` otherwise)."""
         path = Path(path)
         side = _sidecar(path)
         if not path.is_file():
@@ -483,13 +498,19 @@ class SiloIndex:
             meta = json.loads(side.read_text("utf-8"))
         except (OSError, ValueError) as e:
             raise FedhashError(f"index metadata {side} is unreadable ({e}); rebuild the index") from e
+        fix = "rebuild it (fedhash index build, or fedhash train for a run folder's index.faiss) or restore it"
+        if not isinstance(meta, dict):
+            raise IntegrityError(f"index metadata {side} is not a JSON object; {fix}")
+        if "digest" in meta and sidecar_digest(meta) != meta["digest"]:
+            raise IntegrityError(f"{side}: its digest does not match its fields (model version, bits, backbone, "
+                                 f"privacy, ...); the file was changed or damaged: {fix}")
         if meta.get("format") != FORMAT_VERSION:
             raise FedhashError(f"index metadata {side} has format {meta.get('format')!r}, this fedhash reads "
                                f"format {FORMAT_VERSION}; rebuild the index")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            raise FedhashError(f"index file {path} and metadata {side.name} disagree (interrupted save?); "
-                               "rebuild the index")
+            raise IntegrityError(f"{path}: its sha256 does not match {side.name}; the index file and metadata "
+                                 f"disagree (changed, damaged or an interrupted save): {fix}")
         try:
             index = faiss.deserialize_index_binary(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as e:
@@ -505,6 +526,9 @@ class SiloIndex:
         if expected is None or not isinstance(index, expected):
             raise FedhashError(f"index file {path} is a {type(index).__name__}, its metadata says kind "
                                f"{meta['kind']!r}; rebuild the index")
+        if model_version is not None and str(meta["model_version"]) != str(model_version):
+            raise ModelVersionError(f"{path} holds codes of model {meta['model_version']}, not of model "
+                                    f"{model_version}; rebuild the index with that model")
         obj = cls.__new__(cls)
         obj.bits = int(meta["bits"])
         obj.nbytes = obj.bits // 8

@@ -10,7 +10,17 @@ different hash functions never meet.
 record, whether centralized ``fedhash train`` or a federation wrote it:
 
     {"format": 2, "identity": {...}, "model_version": "...", "params": {...}, "buffers": {...},
-     "privacy": {...the guarantee it was trained under...}, "extra": {...provenance...}}
+     "privacy": {...the guarantee it was trained under...}, "extra": {...provenance...}, "digest": "..."}
+
+**Verified on read.** The model version already hashes the identity and every tensor, so
+:func:`read_record` recomputes it; the ``digest`` (sha256 of a canonical JSON of every other field:
+format, identity, model version, privacy, extra) then covers the rest, so an edited privacy guarantee or
+provenance is refused too (:class:`~hashing.errors.IntegrityError`, naming the file). :func:`write_record`
+seals every record it writes. A record written before fedhash wrote digests has none: it is read as before
+(its tensors still checked against its model version), its metadata unverified.
+
+:func:`digest` is the one checksum of nested records (dicts, lists, scalars, tensors, arrays) that the
+federated checkpoints use as well (``server.checkpoint``).
 
 :func:`load_model` reads a model file, a federated checkpoint or a federated run folder alike.
 """
@@ -27,11 +37,12 @@ from typing import Any
 import torch
 
 from . import atomic
-from .errors import FedhashError, ModelVersionError
+from .errors import FedhashError, IntegrityError, ModelVersionError
 from .hashers import Hasher, create_hasher
 
 FORMAT = 2
 NO_PRIVACY = {"unit": "none"}
+STATE = ("params", "buffers")  # the tensors of a record: covered by its model version
 
 
 def identity(hasher: Hasher, *, backbone: str, weights_id: str, size: int) -> dict[str, Any]:
@@ -73,10 +84,68 @@ def save_model(path: str | Path, hasher: Hasher, ident: Mapping[str, Any], *,
     return rec["model_version"]
 
 
+def digest(obj: Any) -> str:
+    """sha256 (hex) of a nested record: dicts (keys sorted), lists and tuples, tensors and numpy arrays (dtype,
+    shape and bytes) and JSON scalars, each tagged with its type; the same value gives the same digest after
+    ``torch.save``/``torch.load``."""
+    h = hashlib.sha256(b"fedhash-digest-v1\0")
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, o: Any) -> None:
+    if isinstance(o, Mapping):
+        h.update(b"{%d\0" % len(o))
+        for k, v in sorted(o.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0]))):
+            _feed(h, k)
+            _feed(h, v)
+        h.update(b"}")
+    elif isinstance(o, (list, tuple)):
+        h.update(b"[%d\0" % len(o))
+        for v in o:
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(o, torch.Tensor):
+        t = o.detach().cpu().contiguous()
+        h.update(f"T\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif hasattr(o, "__array__") and hasattr(o, "dtype") and hasattr(o, "shape"):  # numpy arrays and scalars
+        import numpy as np
+
+        a = np.ascontiguousarray(o)
+        h.update(f"A\0{a.dtype.str}\0{a.shape}\0".encode() + a.tobytes())
+    else:
+        h.update(f"{type(o).__name__}\0".encode() + json.dumps(o, sort_keys=True, default=str).encode() + b"\0")
+
+
+def record_digest(rec: Mapping[str, Any]) -> str:
+    """The digest of a model record: every field but its tensors (which its model version covers) and the digest."""
+    return digest({k: v for k, v in rec.items() if k not in STATE and k != "digest"})
+
+
+def seal(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """``rec`` with its ``digest`` (re)computed: what :func:`write_record` writes."""
+    rec = {k: v for k, v in rec.items() if k != "digest"}
+    return rec | {"digest": record_digest(rec)}
+
+
 def write_record(path: str | Path, rec: Mapping[str, Any]) -> None:
+    """Write a model record atomically, sealed with its digest."""
     buf = io.BytesIO()
-    torch.save(dict(rec), buf)
+    torch.save(seal(rec), buf)
     atomic.write_bytes(path, buf.getvalue())
+
+
+def verify_record(rec: Mapping[str, Any], path: str | Path, fix: str = "retrain it or restore the file") -> None:
+    """Refuse a model record whose tensors do not give its model version, or whose digest does not cover its
+    fields (a record without a digest was written before fedhash wrote them: its fields go unverified)."""
+    if version_of(rec["params"], rec["buffers"], rec["identity"]) != rec["model_version"]:
+        raise ModelVersionError(f"model file {path}: its weights do not match its recorded model version "
+                                f"{rec['model_version']} (corrupt or edited?); {fix}")
+    if "digest" in rec and record_digest(rec) != rec["digest"]:
+        raise IntegrityError(f"{path}: its digest does not match its identity, model version, privacy and "
+                             f"provenance fields; the file was changed or damaged: {fix}")
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
@@ -100,9 +169,11 @@ def read_record(path: str | Path) -> dict[str, Any]:
         raise FedhashError(f"model file {path} is not a fedhash model of format {FORMAT} (it has "
                            f"{rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r}); "
                            "retrain it with this fedhash")
-    if version_of(rec["params"], rec["buffers"], rec["identity"]) != rec["model_version"]:
-        raise ModelVersionError(f"model file {path}: its weights do not match its recorded model version "
-                                f"{rec['model_version']} (corrupt or edited?); retrain it")
+    try:
+        verify_record(rec, path)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # a field missing or of the wrong kind
+        raise IntegrityError(f"{path}: its model record is incomplete or malformed ({type(e).__name__}: {e}); "
+                             "retrain it or restore the file") from e
     return rec
 
 

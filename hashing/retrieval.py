@@ -455,7 +455,7 @@ class SearchIndex:
         found, unknown = [], []
         for i in ids:
             cid = C.parse_id(i)
-            (found.append(cid) if self.cat.item(cid) else unknown.append(f"id {C.fmt_id(cid)}"))
+            (found.append(cid) if self.cat.held([cid]) else unknown.append(f"id {C.fmt_id(cid)}"))
         by_path = self.cat.ids_of_paths(str(Path(p).resolve()) if Path(p).exists() else str(p) for p in paths)
         for p, got in by_path.items():
             (found.extend(got) if got else unknown.append(f"path {p}"))
@@ -463,7 +463,7 @@ class SearchIndex:
             what = f"image {im}" if isinstance(im, (str, os.PathLike)) else "an image given by its pixels"
             px = load_images(im).image(0) if isinstance(im, (str, os.PathLike)) else im
             cid = C.content_id(px)
-            (found.append(cid) if self.cat.item(cid) else unknown.append(f"{what} (content id {C.fmt_id(cid)})"))
+            (found.append(cid) if self.cat.held([cid]) else unknown.append(f"{what} (content id {C.fmt_id(cid)})"))
         return sorted(set(found)), unknown
 
     def remove(self, *, ids: Iterable[int | str] = (), paths: Iterable[str] = (),
@@ -487,7 +487,7 @@ class SearchIndex:
             return 0, unknown
         with self.lock:
             with self.cat.transaction():
-                held = self.cat.items(found)
+                held = self.cat.held(found)
                 if len(held) != len(found):
                     gone = sorted(set(found) - set(held))
                     raise UnknownItemsError(f"{len(gone)} image(s) were removed by someone else meanwhile (first "

@@ -5,10 +5,25 @@ one format of :mod:`hashing.model`: ``hashing.model.load_model`` reads a checkpo
 ``model.pt``; the model record's ``extra`` carries the config, the silos and the library versions)
 and what the server needs to go on: the prototypes, the strategy's server-optimiser state, the history
 of rounds, the privacy ledger, the data config and the scenario.
+
+**Verified on read.** A checkpoint carries a ``digest``: :func:`hashing.model.digest` of every field (its
+tensors' bytes included), with the model record standing in by its own digest, which :func:`load_checkpoint`
+checks together with the model record itself (its tensors against its model version, its fields against
+its digest). A mismatch is an :class:`~hashing.errors.IntegrityError` naming the file and the fix (delete
+it to resume from the round before). A checkpoint written before fedhash wrote digests has none and is
+read as before (its model's tensors still checked against its model version).
+
+**Retention.** After each checkpoint is written (atomically, then its folder synced) the older ones beyond
+the last ``keep-checkpoints`` are deleted (0 keeps all); the newest complete checkpoint is never deleted,
+so a crash at any moment leaves one to resume from, and the last round's checkpoint is the run's final one.
+:func:`disk_estimate` is what a run's checkpoints will take on disk, :func:`disk_notice` the one line to
+say before a run whose estimate is over :data:`DISK_NOTICE_BYTES`.
 """
 from __future__ import annotations
 
 import io
+import logging
+import os
 import platform
 import re
 import time
@@ -22,11 +37,16 @@ import torch
 
 from hashing import atomic
 from hashing.config import Config
-from hashing.errors import FedhashError, ModelVersionError
+from hashing.errors import IntegrityError, ModelVersionError
+from hashing.model import digest, seal, verify_record
+
+log = logging.getLogger("fedhash.server")
 
 FORMAT = 2
 LIBRARIES = ("fedhash", "flwr", "flwr-datasets", "torch", "timm", "peft", "faiss-cpu", "numpy", "opacus")
-_NAME = re.compile(r"round-(\d{4})\.pt$")
+_NAME = re.compile(r"round-(\d{4,})\.pt$")
+_TEMP = re.compile(r"^\.round-\d{4,}\.pt\..*\.tmp$")  # what a write killed mid-way leaves (hashing.atomic)
+DISK_NOTICE_BYTES = 1 << 30  # a run whose checkpoints would take more than this is announced before it starts
 
 
 def library_versions() -> dict[str, str]:
@@ -66,28 +86,113 @@ def save_checkpoint(out_dir: str | Path, *, server_round: int, model: Mapping[st
         "history": list(history),
         "ledger": {k: [list(e) for e in v] for k, v in ledger.items()},
     }
+    rec["model"] = seal(rec["model"])
+    rec["digest"] = _digest(rec)
     buf = io.BytesIO()
     torch.save(rec, buf)
     path = checkpoint_dir(out_dir) / f"round-{server_round:04d}.pt"
     atomic.write_bytes(path, buf.getvalue())
+    prune(out_dir, cfg.keep_checkpoints, newest=path)
     return path
+
+
+def _digest(rec: Mapping[str, Any]) -> str:
+    """A checkpoint's digest: every field but its own digest, the model record by its digest."""
+    return digest({k: v for k, v in rec.items() if k != "digest"} | {"model": rec["model"]["digest"]})
+
+
+def prune(out_dir: str | Path, keep: int, newest: Path | None = None) -> list[Path]:
+    """Delete the checkpoints older than the last ``keep`` (0: keep all) and the temp files of writes killed
+    mid-way; ``newest`` (the one just written) is always kept. The folder is synced first, so the new
+    checkpoint's rename is on disk before any old one goes. Returns what was deleted."""
+    folder = checkpoint_dir(out_dir)
+    _sync_dir(folder)
+    found = sorted((int(m.group(1)), p) for p in folder.glob("round-*.pt") if (m := _NAME.search(p.name)))
+    doomed = [p for _, p in found[:-keep]] if keep > 0 else []
+    doomed = [p for p in doomed if p != newest]
+    doomed += [p for p in folder.iterdir() if _TEMP.match(p.name)] if keep > 0 else []
+    gone = []
+    for p in doomed:
+        try:
+            p.unlink()
+            gone.append(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a checkpoint kept too many is no reason to stop a run
+            log.warning("could not delete old checkpoint %s (%s)", p, e)
+    return gone
+
+
+def _sync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def disk_estimate(cfg: Config, model_bytes: int) -> int:
+    """Bytes a run of ``cfg`` will hold on disk at most in its checkpoints and its ``model.pt``, for a model
+    whose parameters and buffers take ``model_bytes`` (``sum(t.nbytes for t in params + buffers)``).
+
+    One checkpoint holds the model, the server optimiser's state (FedAvgM: one more copy of the parameters;
+    FedAdam, FedYogi, FedAdagrad: two), some 64 KiB of config and ledger, and the history of the rounds
+    so far (some 1 KiB a round); the run keeps the last ``keep-checkpoints`` of them (all when it is 0)."""
+    rounds = cfg.num_server_rounds
+    copies = 1 + {"fedavgm": 1, "fedadam": 2, "fedyogi": 2, "fedadagrad": 2}.get(cfg.strategy, 0)
+    kept = rounds if cfg.keep_checkpoints == 0 else min(cfg.keep_checkpoints, rounds)
+    history = (1 << 10) * (kept * rounds - kept * (kept - 1) // 2)  # the last `kept` checkpoints' histories
+    return kept * (copies * int(model_bytes) + (64 << 10)) + history + int(model_bytes)
+
+
+def disk_notice(cfg: Config, model_bytes: int, threshold: int = DISK_NOTICE_BYTES) -> str | None:
+    """The one line to say before a run whose checkpoints will take more than ``threshold`` bytes, else None
+    (:func:`disk_estimate`)."""
+    need = disk_estimate(cfg, model_bytes)
+    if need <= threshold:
+        return None
+    rounds, keep = cfg.num_server_rounds, cfg.keep_checkpoints
+    kept = (f"all {rounds} round checkpoints" if keep == 0
+            else f"the last {min(keep, rounds)} of {rounds} round checkpoints")
+    fix = ("set keep-checkpoints = 3 to keep only the last 3" if keep == 0 or keep > 3
+           else "fewer num-server-rounds take less")
+    return f"this run will take about {_size(need)} of disk in {checkpoint_dir(cfg.out_dir)} ({kept}); {fix}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint as numpy arrays: its model record's ``params``, ``buffers``, ``identity``,
     ``model_version`` and ``privacy`` at the top level beside the server's own state."""
+    fix = "delete it to resume from the round before (or start a fresh out-dir)"
     try:
         rec = torch.load(Path(path), map_location="cpu", weights_only=True)
         if rec.get("format") != FORMAT:
             raise ValueError(f"format {rec.get('format')!r}, this fedhash reads format {FORMAT}")
         m = rec["model"]
+        verify_record(m, path, fix)
+        if "digest" in rec and _digest(rec) != rec["digest"]:
+            raise IntegrityError(f"checkpoint {path}: its digest does not match what it holds; the file was changed "
+                                 f"or damaged: {fix}")
         out = {k: v for k, v in rec.items() if k != "model"}
         out |= {"identity": m["identity"], "model_version": m["model_version"], "privacy": m["privacy"],
                 "params": {k: v.numpy() for k, v in m["params"].items()},
                 "buffers": {k: v.numpy() for k, v in m["buffers"].items()}}
+    except (IntegrityError, ModelVersionError):
+        raise
     except Exception as e:
-        raise FedhashError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
-                           "delete it to resume from the round before") from e
+        raise IntegrityError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {fix}") from e
     out["prototypes"] = None if rec["prototypes"] is None else rec["prototypes"].numpy()
     out["strategy_state"] = {a: {k: v.numpy() for k, v in d.items()} for a, d in rec["strategy_state"].items()}
     return out

@@ -70,6 +70,10 @@ class Federation:
         self.phase, self.round_in_flight, self.t_start = "start-up", 0, time.time()
         self.history: list[dict] = []
         self.libraries = ckpt.library_versions()  # once per run, for every checkpoint and model.pt
+        notice = ckpt.disk_notice(cfg, sum(t.numel() * t.element_size() for t in
+                                           [*self.model.params.values(), *self.model.buffers.values()]))
+        if notice:  # before the run starts: what its checkpoints will take on disk (keep-checkpoints)
+            log.warning("%s", notice)
         self.start_round = 1
         if cfg.resume:
             self._resume()

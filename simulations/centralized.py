@@ -4,28 +4,42 @@ A run folder (``runs/<id>/``) holds ``config.json`` (the run's :class:`hashing.c
 provenance), ``model.pt`` (:mod:`hashing.model`'s one format), ``splits.npz``, ``metrics.json``,
 ``index.faiss`` and the plots; ``eval`` adds its table and figures, and the CroVCA variants it needed
 beside the run's own model in ``companions/``.
+
+**Verified on read** (:func:`check_run`, before ``eval`` or ``export-codes`` does any work): ``model.pt`` by
+its model version and digest (:func:`hashing.model.read_record`); ``config.json`` by its own ``digest``
+(sha256 of a canonical JSON of its other fields) and against ``model.pt`` (model version, backbone
+weights, the whole config, which the model record's digest covers); ``splits.npz`` by the sha256 that
+``config.json`` records; ``index.faiss`` by its sidecar (:meth:`hashing.index.SiloIndex.load`: bytes and
+fields), its model version against ``model.pt``'s and its ids against the database split. A mismatch is an
+:class:`~hashing.errors.IntegrityError` naming the file and the fix. A run folder written before these
+checksums (no digest in ``config.json``) is still read: what it lacks goes unchecked, the rest is checked.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hashing import atomic, plots
 from hashing.codes import logits_to_codes, unpack
 from hashing.config import Config
-from hashing.errors import FedhashError
+from hashing.errors import FedhashError, IntegrityError
 from hashing.hashers import Hasher
-from hashing.model import identity, load_model, save_model
+from hashing.model import identity, load_model, read_record, save_model
 from hashing.pipeline import Prepared, prepare
 from hashing.train import History, fit
 
 from .runs import new_run_dir, read_run, run_config, slug
+
+if TYPE_CHECKING:
+    from hashing.index import SiloIndex
 
 
 def _library_versions() -> dict:
@@ -65,12 +79,12 @@ def train_run(cfg: Config, runs_dir: str | Path) -> Path:
     version = save_model(run / "model.pt", hasher, ident, extra={"config": cfg.to_dict()})
     with atomic.atomic_path(run / "splits.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **prep.splits.to_dict())
-    atomic.write_json(run / "config.json", {
+    atomic.write_json(run / "config.json", _sealed({
         "config": cfg.to_dict(), "model_version": version, "weights_id": prep.weights_id,
         "feature_dim": prep.feature_dim, "n_images": len(prep.ds), "n_skipped": len(prep.ds.skipped),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _library_versions(),
-        "command": sys.argv,
-    })
+        "command": sys.argv, "splits_sha256": atomic.sha256_file(run / "splits.npz"),
+    }))
     seconds = {**prep.seconds, "train": t_train - t_feat, "total": time.perf_counter() - t0}
     atomic.write_json(run / "metrics.json", {
         "model_version": version, "symmetric": sym, "asymmetric": asym, "epochs": hist.epoch,
@@ -103,14 +117,71 @@ def _report_skipped(ds) -> None:
 # --------------------------------------------------------------------------- an existing run folder
 
 
+def _digest(d: dict) -> str:
+    """sha256 of a canonical JSON (keys sorted, no spaces) of ``d``'s fields but ``digest``."""
+    body = {k: v for k, v in d.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()).hexdigest()
+
+
+def _sealed(d: dict) -> dict:
+    """``d`` with its digest, computed over what ``json.loads`` will read back."""
+    d = json.loads(json.dumps(d, default=atomic._json_default))
+    return d | {"digest": _digest(d)}
+
+
+RETRAIN = "restore the file or retrain with fedhash train"
+
+
+def check_run(run: Path, rc: dict) -> SiloIndex:
+    """Verify a run folder's files against each other before any work (see the module docstring); return its
+    verified index. ``rc``: its config.json as read."""
+    from hashing.index import SiloIndex
+
+    cj = run / "config.json"
+    if "digest" in rc and _digest(rc) != rc["digest"]:
+        raise IntegrityError(f"{cj}: its digest does not match its fields; the file was changed or damaged: {RETRAIN}")
+    rec = read_record(run / "model.pt")
+    extra = rec.get("extra") or {}
+    pairs = [("model_version", rc.get("model_version"), rec["model_version"]),
+             ("weights_id", rc.get("weights_id"), rec["identity"].get("weights_id"))]
+    if isinstance(extra.get("config"), dict):
+        pairs.append(("config", rc.get("config"), extra["config"]))
+    for key, here, there in pairs:
+        if here == there:
+            continue
+        if key != "config":
+            shown = f"{key} {here!r} does not match model.pt's {there!r}"
+        elif not isinstance(here, dict):
+            shown = "config section is missing"
+        else:
+            diff = [f"{k} = {here.get(k)!r}, model.pt's {there.get(k)!r}" for k in sorted(set(here) | set(there))
+                    if here.get(k) != there.get(k)]
+            shown = f"config differs from the one model.pt was trained with ({'; '.join(diff[:3])})"
+        raise IntegrityError(f"{cj}: its {shown}; config.json was edited or damaged: {RETRAIN}")
+    splits = run / "splits.npz"
+    if "splits_sha256" in rc and (not splits.is_file() or atomic.sha256_file(splits) != rc["splits_sha256"]):
+        raise IntegrityError(f"{splits}: {'it is missing' if not splits.is_file() else 'its sha256 does not match'} "
+                             f"the one config.json records; the file was changed or damaged: {RETRAIN}")
+    path = run / "index.faiss"
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing; the run did not finish writing its folder: {RETRAIN}")
+    return SiloIndex.load(path, model_version=rec["model_version"])
+
+
 def open_run(run: str | Path, cache_dir: str | None = None) -> tuple[Path, Config, Prepared]:
-    """An existing run folder with its data prepared as at training time: (run, config, prepared data)."""
+    """An existing run folder, its files verified (:func:`check_run`), with its data prepared as at training
+    time: (run, config, prepared data)."""
     run = Path(run)
-    cfg = run_config(run, read_run(run))
+    rc = read_run(run)
+    index = check_run(run, rc)
+    cfg = run_config(run, rc)
     if cache_dir:
         cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
     prep = prepare(cfg, say_clamps=False)  # fedhash train said them when it made the run
     _check_splits(run, prep)
+    if not np.array_equal(index.ids(), np.sort(np.asarray(prep.splits.database, dtype=np.int64))):
+        raise IntegrityError(f"{run / 'index.faiss'} holds other ids than the run's database split; "
+                             f"the file was replaced: {RETRAIN}")
     return run, cfg, prep
 
 
@@ -119,7 +190,11 @@ def _check_splits(run: Path, prep: Prepared) -> None:
     f = run / "splits.npz"
     if not f.exists():
         return
-    with np.load(f) as z:
+    try:
+        z = np.load(f)
+    except Exception as e:
+        raise IntegrityError(f"{f} is unreadable ({type(e).__name__}: {e}); {RETRAIN}") from e
+    with z:
         for name in ("train", "query", "database"):
             if not np.array_equal(z[name], getattr(prep.splits, name)):
                 raise FedhashError(
@@ -252,6 +327,12 @@ def eval_federated(run: Path) -> int:
         st = json.loads((run / "federation.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FedhashError(f"{run / 'federation.json'} is unreadable ({e}); the run did not finish writing it") from e
+    if st.get("status") == "done" and (run / "model.pt").is_file():  # the model the report is about, verified
+        rec = read_record(run / "model.pt")
+        if rec["model_version"] != st.get("model_version"):
+            raise IntegrityError(f"{run / 'federation.json'}: its model_version {st.get('model_version')!r} does not "
+                                 f"match model.pt's {rec['model_version']!r}; a file was edited or replaced: restore "
+                                 "it or rerun the federation")
     last = st["rounds"][-1] if st.get("rounds") else {}
     print(f"federated run {run}: status {st.get('status')}, model {st.get('model_version')}, "
           f"{len(st.get('rounds', []))} rounds")
