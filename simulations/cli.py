@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import logging
 import os
 import shlex
@@ -207,6 +209,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+EXIT_STALL_SECONDS = 20.0  # after an interrupt's line: the longest the exit may take before it is forced
+
+
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
@@ -216,6 +221,8 @@ def _catch_signals() -> dict:
     shell's background job, stays ignored); returns the handlers to put back."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # `kill -USR1 <pid>`: where every thread is
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig, h in before.items():
         if h in (signal.default_int_handler, signal.SIG_DFL):
@@ -262,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedhash: interrupted ({signal.Signals(signum).name}); nothing half-written was kept{hint}",
               file=sys.stderr, flush=True)
         if argv is None:  # the fedhash command itself, not a caller in this process
+            # should the exit itself stall (a library's exit handler waiting for ever), every thread's stack
+            # goes to stderr and the process ends anyway (faulthandler's own thread: it needs no GIL)
+            faulthandler.dump_traceback_later(EXIT_STALL_SECONDS, exit=True)
             _exit_if_held(code)
         return code
     finally:

@@ -75,7 +75,14 @@ class Fedhash:
     def signal_and_wait(self, sig: int) -> tuple[int, float]:
         t0 = time.monotonic()
         self.proc.send_signal(sig)
-        rc = self.proc.wait(EXIT_WITHIN + 30)  # a hang fails below, with its time, not here
+        try:
+            rc = self.proc.wait(EXIT_WITHIN + 30)  # a slow exit fails below, with its time, not here
+        except subprocess.TimeoutExpired:  # a hang: where each thread of fedhash is (cli: faulthandler on SIGUSR1)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            pytest.fail(f"fedhash did not exit within {EXIT_WITHIN + 30:.0f} s of {signal.Signals(sig).name}; "
+                        f"its stderr (thread stacks last):\n{self.err[-6000:]}")
         return rc, time.monotonic() - t0
 
     def wait_for(self, what: str, done, timeout: float) -> None:
@@ -231,3 +238,44 @@ def test_sigint_during_fedhash_train_leaves_no_run_folder(tmp_path, cache_dir):
     _one_line(err, signal.SIGINT)
     assert not runs.exists() or not any(runs.iterdir()), list(runs.rglob("*"))
     assert not [p for p in Path(cache_dir).rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_whole_group_mid_round_loses_only_that_round(tmp_path, cache_dir):
+    """SIGKILL of fedhash simulate and every process of its group (as an OOM killer or a power cut would stop
+    it) while round 2 trains: no handler runs, yet the folder's files agree (round 1's checkpoint whole,
+    federation.json's rounds those of the checkpoints, no model.pt, no report) and --resume continues from
+    round 1 without rewriting it."""
+    rounds = 3
+    scn = _scenario(tmp_path, cache_dir, rounds)
+    runs = tmp_path / "runs"
+    with fedhash(tmp_path, ["simulate", str(scn), "--runs-dir", str(runs)], cache_dir) as run:
+        def fed() -> dict:
+            return next((_status(d / "federated") for d in runs.glob("*")), {}) if runs.exists() else {}
+
+        run.wait_for("round 1", lambda: len(fed().get("rounds", [])) >= 1 and fed().get("phase") == "train", 400)
+        os.killpg(run.proc.pid, signal.SIGKILL)
+        assert run.proc.wait(30) == -signal.SIGKILL
+    (run_dir,) = list(runs.iterdir())
+    out = run_dir / "federated"
+    status = _status(out)
+    done = int(ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["round"])
+    assert 1 <= done < rounds and [r["round"] for r in status["rounds"]] == list(range(1, done + 1))
+    before = {}
+    for p in sorted(ckpt.checkpoint_dir(out).glob("round-*.pt")):
+        rec = ckpt.load_checkpoint(p)
+        assert [h["round"] for h in rec["history"]] == list(range(1, rec["round"] + 1))
+        before[p.name] = p.read_bytes()
+    assert not (out / "model.pt").exists() and not (run_dir / "report.md").exists()
+    assert json.loads((run_dir / "scenario.json").read_text())["num-server-rounds"] == rounds
+    with fedhash(tmp_path, ["simulate", str(scn), "--resume", str(run_dir)], cache_dir) as again:
+        assert again.proc.wait(600) == 0, again.err[-3000:]
+    for name, data in before.items():  # the rounds done before the kill are not rewritten
+        assert (ckpt.checkpoint_dir(out) / name).read_bytes() == data, name
+    last = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    assert last["round"] == rounds and [h["round"] for h in last["history"]] == list(range(1, rounds + 1))
+    status = _status(out)
+    assert status["status"] == "done" and status["model_version"] == last["model_version"]
+    assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())] == list(range(1, rounds + 1))
+    assert (out / "model.pt").exists() and (run_dir / "report.md").exists()
+    assert not _temp_files(run_dir), _temp_files(run_dir)
