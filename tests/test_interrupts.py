@@ -56,6 +56,22 @@ def _marked(tag: str) -> list[int]:
     return out
 
 
+def _signal_state() -> str:
+    """This process's blocked and ignored signals (/proc/self/status), for a failure's message."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return " ".join(ln.replace("\t", "") for ln in lines if ln.startswith(("SigBlk", "SigIgn")))
+
+
+def _as_from_a_shell() -> None:
+    """In the child before exec: the signal state a command started from a shell has. A child inherits the blocked
+    mask and the ignored signals of this pytest process, which a library an earlier test loaded may have changed
+    (a fresh clone's full run twice started fedhash with SIGINT not delivered); fedhash keeps an ignored SIGINT
+    ignored on purpose (nohup), so the test must not hand it one."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class Fedhash:
     """``fedhash ARGS`` in a new session (its own process group), stdout and stderr to files."""
 
@@ -65,8 +81,9 @@ class Fedhash:
         env = dict(os.environ, FEDHASH_CACHE=str(cache), FEDHASH_TEST_TAG=self.tag, MPLBACKEND="Agg",
                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.parent_signals = _signal_state()
             self.proc = subprocess.Popen([FEDHASH, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=err, start_new_session=True)
+                                         stderr=err, start_new_session=True, preexec_fn=_as_from_a_shell)
 
     @property
     def err(self) -> str:
@@ -81,7 +98,8 @@ class Fedhash:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGUSR1)
             time.sleep(3)
-            pytest.fail(f"fedhash did not exit within {EXIT_WITHIN + 30:.0f} s of {signal.Signals(sig).name}; "
+            pytest.fail(f"fedhash did not exit within {EXIT_WITHIN + 30:.0f} s of {signal.Signals(sig).name} "
+                        f"(pytest's signals when it started: {self.parent_signals}; now: {_signal_state()}); "
                         f"its stderr (thread stacks last):\n{self.err[-6000:]}")
         return rc, time.monotonic() - t0
 
