@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -53,6 +54,19 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def json_digest(d: dict[str, Any]) -> str:
+    """sha256 of a canonical JSON (keys sorted, no spaces) of a JSON object's fields but ``digest``: the checksum
+    that a JSON file fedhash writes carries over its own fields (run folders' config.json, index sidecars)."""
+    body = {k: v for k, v in d.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()).hexdigest()
+
+
+def sealed(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` as ``json.loads`` will read it back, with its :func:`json_digest` as ``digest``."""
+    d = json.loads(json.dumps(d, default=_json_default))
+    return d | {"digest": json_digest(d)}
 
 
 def sha256_file(path: str | os.PathLike) -> str:

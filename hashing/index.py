@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 
 from . import codes as _codes
-from .atomic import _json_default, atomic_path, sha256_file, write_json
+from .atomic import atomic_path, json_digest, sealed, sha256_file, write_json
 from .errors import CodeLengthError, ConfigError, FedhashError, IntegrityError, ModelVersionError
 
 FORMAT_VERSION = 1
@@ -99,14 +99,6 @@ def _fmt_ids(ids: np.ndarray, limit: int = 10) -> str:
 
 def _sidecar(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".meta.json")
-
-
-def sidecar_digest(meta: dict[str, Any]) -> str:
-    """The sidecar's own checksum: sha256 of a canonical JSON (keys sorted, no spaces) of every field but
-    ``digest``, the index file's ``sha256`` among them, so index bytes and metadata are covered together."""
-    body = {k: v for k, v in meta.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                                     allow_nan=True).encode()).hexdigest()
 
 
 class SiloIndex:
@@ -467,7 +459,7 @@ class SiloIndex:
 
         The index file goes first; if the process dies between the two writes, the old sidecar's sha256
         no longer matches and ``load`` refuses the pair. The sidecar carries the sha256 of the index file
-        and a ``digest`` of its own fields (:func:`sidecar_digest`): model version, bits, count, backbone,
+        and a ``digest`` of its own fields (:func:`hashing.atomic.json_digest`): model version, bits, count, backbone,
         kind, params, privacy, generation are covered with the codes. Returns the metadata written.
         """
         path = Path(path)
@@ -475,8 +467,7 @@ class SiloIndex:
             faiss.write_index_binary(self._index, str(tmp))
             sha = sha256_file(tmp)
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        meta = {**self.meta, "sha256": sha}
-        meta["digest"] = sidecar_digest(json.loads(json.dumps(meta, default=_json_default)))  # as load reads it
+        meta = sealed({**self.meta, "sha256": sha})
         write_json(_sidecar(path), meta)
         return meta
 
@@ -501,7 +492,7 @@ class SiloIndex:
         fix = "rebuild it (fedhash index build, or fedhash train for a run folder's index.faiss) or restore it"
         if not isinstance(meta, dict):
             raise IntegrityError(f"index metadata {side} is not a JSON object; {fix}")
-        if "digest" in meta and sidecar_digest(meta) != meta["digest"]:
+        if "digest" in meta and json_digest(meta) != meta["digest"]:
             raise IntegrityError(f"{side}: its digest does not match its fields (model version, bits, backbone, "
                                  f"privacy, ...); the file was changed or damaged: {fix}")
         if meta.get("format") != FORMAT_VERSION:

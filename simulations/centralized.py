@@ -17,7 +17,6 @@ checksums (no digest in ``config.json``) is still read: what it lacks goes unche
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -79,7 +78,7 @@ def train_run(cfg: Config, runs_dir: str | Path) -> Path:
     version = save_model(run / "model.pt", hasher, ident, extra={"config": cfg.to_dict()})
     with atomic.atomic_path(run / "splits.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **prep.splits.to_dict())
-    atomic.write_json(run / "config.json", _sealed({
+    atomic.write_json(run / "config.json", atomic.sealed({
         "config": cfg.to_dict(), "model_version": version, "weights_id": prep.weights_id,
         "feature_dim": prep.feature_dim, "n_images": len(prep.ds), "n_skipped": len(prep.ds.skipped),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _library_versions(),
@@ -117,18 +116,6 @@ def _report_skipped(ds) -> None:
 # --------------------------------------------------------------------------- an existing run folder
 
 
-def _digest(d: dict) -> str:
-    """sha256 of a canonical JSON (keys sorted, no spaces) of ``d``'s fields but ``digest``."""
-    body = {k: v for k, v in d.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()).hexdigest()
-
-
-def _sealed(d: dict) -> dict:
-    """``d`` with its digest, computed over what ``json.loads`` will read back."""
-    d = json.loads(json.dumps(d, default=atomic._json_default))
-    return d | {"digest": _digest(d)}
-
-
 RETRAIN = "restore the file or retrain with fedhash train"
 
 
@@ -138,7 +125,7 @@ def check_run(run: Path, rc: dict) -> SiloIndex:
     from hashing.index import SiloIndex
 
     cj = run / "config.json"
-    if "digest" in rc and _digest(rc) != rc["digest"]:
+    if "digest" in rc and atomic.json_digest(rc) != rc["digest"]:
         raise IntegrityError(f"{cj}: its digest does not match its fields; the file was changed or damaged: {RETRAIN}")
     rec = read_record(run / "model.pt")
     extra = rec.get("extra") or {}

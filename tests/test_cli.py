@@ -114,11 +114,11 @@ def test_eval_and_export_refuse_a_model_of_other_backbone_weights(run, cache_dir
     rec["model_version"] = version_of(rec["params"], rec["buffers"], rec["identity"])
     from hashing.index import SiloIndex
     from hashing.model import seal
-    from simulations.centralized import _sealed
+    from hashing.atomic import sealed
 
     torch.save(seal(rec), other / "model.pt")  # a whole run folder of that model: its files agree with each other
     rc = json.loads((other / "config.json").read_text()) | {"model_version": rec["model_version"], "weights_id": "0" * 16}
-    (other / "config.json").write_text(json.dumps(_sealed(rc)))
+    (other / "config.json").write_text(json.dumps(sealed(rc)))
     idx = SiloIndex.load(other / "index.faiss")
     idx.model_version = rec["model_version"]
     idx.save(other / "index.faiss")
