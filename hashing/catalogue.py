@@ -245,8 +245,7 @@ class Catalogue:
                 self.db.executescript(_SCHEMA)
             fmt = self.get_meta("format")
             if fmt == str(FORMAT) or (fmt is None and create):
-                self._add_checksum_columns()
-                self._columns()
+                self._checksum_columns()
         except sqlite3.DatabaseError as e:
             raise FedhashError(f"catalogue {self.path} is not a readable SQLite database ({e}); "
                                "restore it from a backup or rebuild the index") from e
@@ -258,19 +257,18 @@ class Catalogue:
             raise FedhashError(f"catalogue {self.path} has format {fmt!r}, this fedhash reads format {FORMAT}; "
                                "rebuild the index with this fedhash")
 
-    def _add_checksum_columns(self) -> None:
-        """A catalogue written before row checksums: the columns are added (its old rows stay NULL: unverified)."""
+    def _checksum_columns(self) -> None:
+        """The row checksum columns, and what the reads select. A catalogue written before row checksums gets the
+        columns (its old rows stay NULL: unverified); a read-only one is read as it is, unverified."""
+        has = {}
         for table in ("items", "codes"):
-            cols = [r[1] for r in self.db.execute(f"PRAGMA table_info({table})")]
-            if cols and "checksum" not in cols:
+            has[table] = "checksum" in [r[1] for r in self.db.execute(f"PRAGMA table_info({table})")]
+            if not has[table]:
                 try:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN checksum TEXT")
-                except sqlite3.OperationalError:  # a read-only catalogue: read as it is, unverified
+                    has[table] = True
+                except sqlite3.OperationalError:
                     pass
-
-    def _columns(self) -> None:
-        """What the reads select: a read-only catalogue of before row checksums has no checksum column."""
-        has = {t: "checksum" in [r[1] for r in self.db.execute(f"PRAGMA table_info({t})")] for t in ("items", "codes")}
         self._item_cols = _ITEM_COLS if has["items"] else _ITEM_COLS.replace(", checksum", ", NULL")
         self._items_by_ids = f"SELECT {self._item_cols} FROM items WHERE id IN (SELECT value FROM json_each(?))"
         self._code_sum = "c.checksum" if has["codes"] else "NULL"
