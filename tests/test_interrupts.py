@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from server import checkpoint as ckpt
+from simulations.runs import read_status
 
 from .conftest import toml_text
 
@@ -155,11 +156,9 @@ def _temp_files(folder: Path) -> list[str]:
     return [str(p) for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
 
 
-def _status(out: Path) -> dict:
-    try:
-        return json.loads((out / "federation.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+def _fed(runs: Path) -> dict:
+    """federation.json of the (one) simulate run under ``runs``, {} before there is one."""
+    return next((read_status(d / "federated") for d in runs.glob("*")), {}) if runs.exists() else {}
 
 
 def _scenario(tmp: Path, cache: Path, rounds: int) -> Path:
@@ -175,13 +174,10 @@ def _interrupt_simulate(tmp: Path, cache: Path, sig: int, rounds: int, *, after_
     scn = _scenario(tmp, cache, rounds)
     runs = tmp / "runs"
     with fedhash(tmp, ["simulate", str(scn), "--runs-dir", str(runs)], cache) as run:
-        def fed() -> dict:
-            return next((_status(d / "federated") for d in runs.glob("*")), {}) if runs.exists() else {}
-
         if after_round:
-            run.wait_for(f"round {after_round}", lambda: len(fed().get("rounds", [])) >= after_round, 400)
+            run.wait_for(f"round {after_round}", lambda: len(_fed(runs).get("rounds", [])) >= after_round, 400)
         else:
-            run.wait_for("round 1's training", lambda: fed().get("phase") == "train", 400)
+            run.wait_for("round 1's training", lambda: _fed(runs).get("phase") == "train", 400)
         rc, seconds = run.signal_and_wait(sig)
         err = run.err
     assert rc == 128 + sig, (rc, err[-2000:])
@@ -190,7 +186,7 @@ def _interrupt_simulate(tmp: Path, cache: Path, sig: int, rounds: int, *, after_
     assert "--resume" in line, line
     (run_dir,) = list(runs.iterdir())
     out = run_dir / "federated"
-    status = _status(out)
+    status = read_status(out)
     assert status["status"] == "interrupted", status.get("status")
     last = ckpt.latest_checkpoint(out)
     done = int(ckpt.load_checkpoint(last)["round"]) if last else 0
@@ -223,7 +219,7 @@ def test_sigint_mid_round_stops_cleanly_and_resume_continues(tmp_path, cache_dir
     assert last["round"] == 4 and [h["round"] for h in last["history"]] == [1, 2, 3, 4]
     names = sorted(p.name for p in ckpt.checkpoint_dir(out).glob("round-*.pt"))
     assert names == [f"round-{r:04d}.pt" for r in range(2, 5)] and done < 4
-    status = _status(out)
+    status = read_status(out)
     assert status["status"] == "done" and status["model_version"] == last["model_version"]
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())] == [1, 2, 3, 4]
     assert (out / "model.pt").exists() and (run_dir / "report.md").exists()
@@ -268,15 +264,12 @@ def test_kill_9_of_the_whole_group_mid_round_loses_only_that_round(tmp_path, cac
     scn = _scenario(tmp_path, cache_dir, rounds)
     runs = tmp_path / "runs"
     with fedhash(tmp_path, ["simulate", str(scn), "--runs-dir", str(runs)], cache_dir) as run:
-        def fed() -> dict:
-            return next((_status(d / "federated") for d in runs.glob("*")), {}) if runs.exists() else {}
-
-        run.wait_for("round 1", lambda: len(fed().get("rounds", [])) >= 1 and fed().get("phase") == "train", 400)
+        run.wait_for("round 1", lambda: len(_fed(runs).get("rounds", [])) >= 1 and _fed(runs).get("phase") == "train", 400)
         os.killpg(run.proc.pid, signal.SIGKILL)
         assert run.proc.wait(30) == -signal.SIGKILL
     (run_dir,) = list(runs.iterdir())
     out = run_dir / "federated"
-    status = _status(out)
+    status = read_status(out)
     done = int(ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["round"])
     assert 1 <= done < rounds and [r["round"] for r in status["rounds"]] == list(range(1, done + 1))
     before = {}
@@ -292,7 +285,7 @@ def test_kill_9_of_the_whole_group_mid_round_loses_only_that_round(tmp_path, cac
         assert (ckpt.checkpoint_dir(out) / name).read_bytes() == data, name
     last = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
     assert last["round"] == rounds and [h["round"] for h in last["history"]] == list(range(1, rounds + 1))
-    status = _status(out)
+    status = read_status(out)
     assert status["status"] == "done" and status["model_version"] == last["model_version"]
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())] == list(range(1, rounds + 1))
     assert (out / "model.pt").exists() and (run_dir / "report.md").exists()
