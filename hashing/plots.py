@@ -268,3 +268,74 @@ def plot_privacy_utility(curves: Mapping[str, Series], path, *, no_dp: float | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+# --------------------------------------------------------------------------- the gradient-leakage lab
+
+
+def plot_leakage_batches(curves: Mapping[str, Series], path, *, chance: Series | None = None,
+                         title: str = "Re-identification in the silo's index, no DP") -> None:
+    """Top-10 re-identification rate against the victim's batch size (log x), one line per attack and
+    number of local steps; the chance of as many random queries dotted."""
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, "o-", label=name)
+    if chance is not None and len(chance[0]):
+        ax.plot(*chance, "k:", label="chance (as many random queries)")
+    ax.set_xscale("log", base=2)
+    xs = sorted({v for x, _ in curves.values() for v in x})
+    if xs:
+        ax.set_xticks(xs, [str(v) for v in xs])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("victim's batch (images per local step)")
+    ax.set_ylabel("victim in the top 10")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_leakage_epsilon(curves: Mapping[str, Series], path, *, bound: Series | None = None,
+                         chance: Series | None = None, no_dp: Mapping[str, float] | None = None,
+                         batch: int = 2) -> None:
+    """Top-10 re-identification rate against the silo's ε (log x) under sample-level DP, with the bound
+    every attacker obeys at that (ε, δ), the chance of as many blind guesses, and each attack's rate
+    without DP as a horizontal line."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, "o-", label=f"{name} under DP (measured)")
+    if bound is not None and len(bound[0]):
+        ax.plot(*bound, "k--", label="DP bound (ReRo, uniform prior)")
+    if chance is not None and len(chance[0]):
+        ax.plot(*chance, "k:", label="chance (as many blind guesses)")
+    styles = ["-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1)), (0, (5, 5))]
+    for i, (name, v) in enumerate((no_dp or {}).items()):
+        ax.axhline(v, lw=0.9, ls=styles[i % len(styles)], color="grey", label=f"{name}, no DP")
+    ax.set_xscale("log")
+    xs = sorted({v for x, _ in curves.values() for v in x})
+    if xs:
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.minorticks_off()
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("ε of the victim's silo (its own accountant)")
+    ax.set_ylabel("victim in the top 10")
+    ax.set_title(f"Re-identification under sample-level DP, batch {batch}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    _save(fig, path)
+
+
+def plot_image_pairs(top: np.ndarray, bottom: np.ndarray, path, *, title: str = "") -> None:
+    """Two rows of images in [0, 1] ((n, H, W) grey or (n, H, W, 3)), column i pairing top[i] with bottom[i]."""
+    n = max(len(top), 1)
+    fig = _figure(1.3 * n + 0.4, 3.0)
+    for row, imgs in enumerate((top, bottom)):
+        for i, im in enumerate(imgs):
+            ax = fig.add_subplot(2, n, row * n + i + 1)
+            ax.imshow(np.clip(im, 0, 1), cmap="gray" if np.ndim(im) == 2 else None, vmin=0, vmax=1)
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=8)
+    _save(fig, path)

@@ -6,6 +6,7 @@
     fedhash simulate simulations/scenarios/<name>.toml   a federated scenario on Flower's simulation engine
     fedhash demo                                         the default scenario: 5 simulated hospitals, end to end
     fedhash privacy-sweep --scenario dp-demo             the privacy-utility curve (sample- and client-level DP)
+    fedhash leakage --scenario leakage-demo              the gradient-leakage lab: attacks on a silo's messages
     fedhash index build --model M --data D --out I       a silo's searchable index (also add, remove, upgrade,
                                                          rollback, info, audit: simulations/search.py)
     fedhash search --index I --image q.png -k 10         the top-k of a query image
@@ -113,6 +114,20 @@ def cmd_privacy_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leakage(args: argparse.Namespace) -> int:
+    from .leakage.study import format_table, plan_from, run_study
+    from .scenario import load_scenario
+
+    scn = load_scenario(args.scenario, overrides=_overrides(args.set))
+    plan = plan_from(scn, attacks=args.attack, batch_sizes=args.batch_sizes, local_steps=args.local_steps,
+                     epsilons=args.epsilons, trials=args.trials)
+    run_dir, summary = run_study(scn, plan, runs_dir=args.runs_dir, model=args.model)
+    print()
+    print(format_table(summary["rows"]))
+    print(f"table: {run_dir / 'table.md'}  json: {run_dir / 'leakage.json'}  plots: {run_dir}/*.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhash", description="Federated image hashing with CroVCA.")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -175,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
     v.add_argument("--runs-dir", default="runs")
     v.set_defaults(func=cmd_privacy_sweep)
+
+    lk = sub.add_parser("leakage", help="the gradient-leakage lab: attacks on a silo's real messages, with and "
+                                        "without DP, scored by re-identification in its index")
+    lk.add_argument("--scenario", default="leakage-demo", help="a scenario .toml or the name of one (default leakage-demo)")
+    lk.add_argument("--attack", help="comma-separated attacks (default: the scenario's leakage-attacks, else all): "
+                                     "analytic, trap, statistics")
+    lk.add_argument("--batch-sizes", help="victim batch sizes, comma-separated (default the scenario's, else 2,8,32)")
+    lk.add_argument("--local-steps", help="local steps of the victim's round, comma-separated (default 1,4)")
+    lk.add_argument("--epsilons", help="inf (no DP) and target ε of sample-level DP, comma-separated (default inf,8,4,1)")
+    lk.add_argument("--trials", type=int, help="victim batches per cell (default the scenario's, else 20)")
+    lk.add_argument("--model", help="attack this global model (a model.pt of a federated run) instead of the one the "
+                                    "study trains first")
+    lk.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")
+    lk.add_argument("--runs-dir", default="runs")
+    lk.set_defaults(func=cmd_leakage)
 
     d = sub.add_parser("demo", help="the default scenario: 5 simulated hospitals (Dirichlet 0.3, Fashion-MNIST, 64 bits)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key (repeatable)")

@@ -24,7 +24,10 @@ from hashing.config import Config
 from hashing.errors import ConfigError
 
 REFERENCES = ("local-only", "centralized", "itq")
-STUDY_KEYS = ("name", "description", "references", "also-unsupervised")
+# the gradient-leakage lab's plan (fedhash leakage; simulations/leakage/study.py checks them)
+LEAKAGE_KEYS = ("leakage-attacks", "leakage-batch-sizes", "leakage-local-steps", "leakage-epsilons", "leakage-trials",
+                "leakage-smallest-trials")
+STUDY_KEYS = ("name", "description", "references", "also-unsupervised", *LEAKAGE_KEYS)
 MODE_PREFIXES = {"supervised-": True, "unsupervised-": False}  # per-mode knobs: unsupervised-server-lr = 3.0
 # what both modes must share: the silos, their features and the run's folders
 SHARED_KEYS = ("data", "n_images", "partitioner", "num_silos", "alpha", "classes_per_silo", "quantity_power",

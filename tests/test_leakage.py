@@ -1,0 +1,293 @@
+"""The gradient-leakage lab (simulations/leakage/): attacks on the updates the silo's own client code
+makes, on a tiny slice (scikit-learn's digits, 2 IID silos, 16 bits, 32 px).
+
+Each attack is checked to move the right way (better without DP than with it, worse at larger batches),
+its metrics against independent references (brute-force Hamming ranks, a brute-force assignment, the
+ReRo formula by hand), and the whole study through ``fedhash leakage``."""
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hashing.codes import hamming, logits_to_codes
+from hashing.config import Config
+from hashing.index import SiloIndex
+from simulations.leakage import bounds, metrics
+from simulations.leakage import victim as V
+from simulations.leakage.attacks import analytic, matching, statistics, trap
+
+from .conftest import toml_text
+
+BASE = dict(data="digits", n_images=0, num_silos=2, partitioner="iid", bits=16, size=32, views=2, supervised=False,
+            num_server_rounds=10, local_epochs=1, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(cache_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDHASH_CACHE", str(cache_dir))
+        yield
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return V.lab(Config(**BASE))
+
+
+@pytest.fixture(scope="module")
+def dp_lab():
+    return V.lab(Config(**BASE, dp="sample", dp_epsilon=1.0))
+
+
+def _aux(lb):
+    s = lb.silos[1]
+    return np.asarray(s.clean[s.silo.splits.train], np.float64)
+
+
+def _views(truth):
+    return np.concatenate([np.concatenate(v) for v in truth.views])
+
+
+def _cos(lb, attack: str, batch: int, trials: int = 4, seed: int = 0, steps: int = 1) -> float:
+    rng = np.random.default_rng(seed)
+    cfg = lb.cfg.replace(batch_size=batch, local_epochs=steps)
+    sent = trap.craft(lb.model, _aux(lb)) if attack == "trap" else None
+    out = []
+    for _ in range(trials):
+        pos = np.sort(rng.choice(lb.silos[0].n_train, batch, replace=False))
+        obs, truth = V.observe(lb, 0, pos, cfg=cfg, model=sent, with_stats=False)
+        rec = analytic.recover(obs)
+        x = _views(truth)
+        if rec.space == "projected":
+            with torch.inference_mode():
+                x = lb.model.net[0](torch.from_numpy(x)).numpy()
+        out.append(metrics.hungarian(rec.features, x, signed=rec.signed).mean)
+    return float(np.mean(out))
+
+
+# --------------------------------------------------------------------------- the victim is the real client
+
+
+def test_observe_runs_the_silos_own_training_and_keeps_the_truth_apart(lab):
+    obs, truth = V.observe(lab, 0, [3, 5], cfg=lab.cfg.replace(batch_size=2))
+    assert set(obs.sent) == set(obs.received) and obs.metrics["num_examples"] == 2 and obs.metrics["steps"] == 1
+    moved = {k: float(obs.delta(k).abs().max()) for k in obs.sent}
+    assert all(v > 0 for v in moved.values())  # every trainable array moved: a real AdamW step
+    # the global model itself is untouched (the silo trained a copy)
+    p, _ = lab.model.state()
+    assert all(torch.equal(p[k], obs.sent[k]) for k in p)
+    assert len(truth.views) == 1 and truth.views[0][0].shape == (2, lab.feature_dim)
+    # the recorded views are rows of the silo's own cached views of those images
+    cached = np.asarray(lab.silos[0].train_views[[3, 5]], np.float32)
+    for i in range(2):
+        assert any(np.array_equal(truth.views[0][0][i], cached[i, v]) for v in range(cached.shape[1]))
+    assert obs.stats is not None and float(obs.stats["count"][0]) == 2
+
+
+def test_observe_is_what_local_train_gives_the_clientapp():
+    """The lab's update equals the one the ClientApp's own site.local_train makes on the same silo and
+    message (same seeds): nothing of training is re-implemented."""
+    from client import site
+
+    cfg = Config(**BASE).replace(batch_size=4)
+    lb = V.lab(cfg)
+    data = V.restrict(lb.silos[0], np.arange(8))
+    import copy
+
+    h = copy.deepcopy(lb.model)
+    site.local_train(cfg, data, h, 1, prototypes=None)
+    obs, _ = V.observe(lb, 0, np.arange(8), cfg=cfg, with_stats=False)
+    mine, _ = h.state()
+    assert all(torch.equal(mine[k], obs.received[k]) for k in mine)
+
+
+# --------------------------------------------------------------------------- attacks move the right way
+
+
+def test_trap_recovers_the_views_exactly_at_the_smallest_batch(lab):
+    assert _cos(lab, "trap", 2) > 0.99
+
+
+def test_honest_server_recovers_less_than_the_crafted_model(lab):
+    honest, crafted = _cos(lab, "analytic", 2), _cos(lab, "trap", 2)
+    assert honest < crafted - 0.05, (honest, crafted)
+
+
+def test_recovery_degrades_with_batch_size(lab):
+    assert _cos(lab, "trap", 64, trials=2) < _cos(lab, "trap", 2) - 0.05
+
+
+def test_sample_level_dp_takes_recovery_away(lab, dp_lab):
+    nodp, dp = _cos(lab, "analytic", 2), _cos(dp_lab, "analytic", 2)
+    assert dp < nodp - 0.2, (nodp, dp)
+
+
+def test_matching_refines_without_losing_the_analytic_start(lab):
+    rng = np.random.default_rng(1)
+    pos = np.sort(rng.choice(lab.silos[0].n_train, 2, replace=False))
+    obs, truth = V.observe(lab, 0, pos, cfg=lab.cfg.replace(batch_size=2), with_stats=False)
+    rec = analytic.recover(obs)
+    start = np.clip(rec.features, 0, None)
+    out = matching.recover(obs, lab.model, _aux(lab), start=start, iterations=15)
+    x = _views(truth)
+    assert out.features.shape == x.shape and np.all(out.features >= 0)
+    assert metrics.hungarian(out.features, x).mean >= metrics.hungarian(start, x).mean - 0.05
+
+
+def test_statistics_of_one_image_give_its_own_code(lab):
+    from client import site
+
+    s = lab.silos[0]
+    one = V.restrict(s, [7])
+    stats = site.local_stats(lab.cfg, one, lab.model)
+    q = logits_to_codes(statistics.mean_code(lab.model, stats))
+    own = logits_to_codes(lab.model.encode(s.inputs, one.silo.splits.train))
+    assert np.array_equal(q, own)
+
+
+def test_statistics_of_a_supervised_silo_give_its_label_histogram():
+    from client import site
+
+    cfg = Config(**(BASE | {"supervised": True}))
+    lb = V.lab(cfg)
+    s = V.restrict(lb.silos[0], np.arange(12))
+    hist = statistics.label_histogram(site.local_stats(cfg, s, lb.model))
+    assert np.array_equal(hist, np.bincount(s.train_labels, minlength=len(hist)).astype(float))
+
+
+# --------------------------------------------------------------------------- metrics against references
+
+
+def test_reidentify_agrees_with_brute_force_hamming():
+    rng = np.random.default_rng(0)
+    bits = 32
+    db = rng.integers(0, 2, size=(200, bits)).astype(bool)
+    db = np.unique(db, axis=0)
+    ids = np.arange(len(db)) * 3 + 11
+    idx = SiloIndex(bits, "m")
+    from hashing.codes import pack
+
+    idx.add(pack(db), ids, model_version="m")
+    q = db[[5, 40]] ^ (rng.random((2, bits)) < 0.1)  # noisy copies of two database codes
+    res = metrics.reidentify(idx, pack(q), ids[[5, 40]], k=10, model_version="m")
+    d = hamming(pack(q), pack(db))
+    for i, v in enumerate([5, 40]):
+        # brute force: from query j the victim's rank lies in [codes strictly closer, + codes tied) (ties come
+        # in FAISS's order); its best rank over both queries lies between the smallest of those bounds
+        closer = [int((d[j] < d[j, v]).sum()) for j in range(2)]
+        upto = [closer[j] + int((d[j] == d[j, v]).sum()) for j in range(2)]
+        r = res.rank[i]
+        if r >= 0:
+            assert min(closer) <= r < min(upto)
+        else:
+            assert min(closer) >= 10 or min(upto) > 10
+        assert r >= 0 or min(closer) > 0
+    assert res.queries == 2 and res.chance(10) == pytest.approx(20 / len(db))
+    # the server does not say which query is whose: a victim counts when any query finds it
+    swapped = metrics.reidentify(idx, pack(q[::-1]), ids[[5, 40]], k=10, model_version="m")
+    assert np.array_equal(swapped.rank, res.rank)
+
+
+def test_hungarian_matches_brute_force_assignment():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((5, 7))
+    m = metrics.hungarian(a, b)
+    c = metrics.cosine_matrix(a, b)
+    best = max(sum(c[i, p[i]] for i in range(5)) for p in itertools.permutations(range(5)))
+    assert m.cosine.sum() == pytest.approx(best)
+
+
+def test_rero_bound_by_hand():
+    assert bounds.rero(math.inf, 1e-5, 0.01) == 1.0
+    e, d = bounds.replace_one(1.0, 1e-5)
+    assert e == 2.0 and d == pytest.approx((1 + math.e) * 1e-5)
+    assert bounds.rero(1.0, 1e-5, 0.01) == pytest.approx(0.01 * math.exp(2) + (1 + math.e) * 1e-5)
+    assert bounds.rero(8.0, 1e-5, 0.01) == 1.0
+    assert bounds.membership_tpr(1.0, 0.0, 0.1) == pytest.approx(0.1 * math.e)
+
+
+# --------------------------------------------------------------------------- the study through the CLI
+
+
+def _scenario(tmp_path, **extra) -> str:
+    values = {"name": "leak-test", "data": "digits", "n-images": 0, "partitioner": "iid", "num-silos": 2, "seed": 0,
+              "bits": 16, "size": 32, "views": 2, "supervised": False, "num-server-rounds": 10,
+              "leakage-smallest-trials": 4} | extra
+    p = tmp_path / "leak.toml"
+    p.write_text(toml_text(values))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def model_file(lab, tmp_path_factory):
+    """A global model to attack (the lab's round-1 model) as a model.pt, so the CLI test needs no Ray."""
+    from hashing import model
+
+    s = lab.silos[0]
+    path = tmp_path_factory.mktemp("leak-model") / "model.pt"
+    ident = model.identity(lab.model, backbone=lab.cfg.backbone, weights_id=s.weights_id, size=lab.cfg.size)
+    model.save_model(path, lab.model, ident)
+    return path
+
+
+def test_fedhash_leakage_end_to_end(tmp_path, capsys, model_file):
+    from simulations.cli import main
+
+    rc = main(["leakage", "--scenario", _scenario(tmp_path), "--attack", "analytic,trap,invert,statistics",
+               "--batch-sizes", "2,16", "--local-steps", "1", "--epsilons", "inf,1,client", "--trials", "3",
+               "--model", str(model_file), "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| attack |" in out
+    (run,) = list((tmp_path / "runs").iterdir())
+    for f in ("leakage.json", "table.md", "reid_vs_batch.png", "reid_vs_epsilon.png", "reconstructions.png"):
+        assert (run / f).stat().st_size > 0, f
+    rows = json.loads((run / "leakage.json").read_text())["rows"]
+    by = {(r["attack"], r["epsilon"], r["batch"]): r for r in rows}
+    # exact in most trials; where a row never separates an image's two views their mean comes back instead
+    assert by[("trap", math.inf, 2)]["cosine"] > 0.95 and by[("trap", math.inf, 2)]["trials"] == 4
+    assert by[("trap", math.inf, 2)]["exact"] >= 0.5 and by[("trap", math.inf, 2)]["cosine"] > by[("analytic", math.inf, 2)]["cosine"]
+    assert by[("trap", math.inf, 16)]["cosine"] < by[("trap", math.inf, 2)]["cosine"]
+    inv = by[("invert", math.inf, 2)]
+    assert 0 <= inv["ssim"] <= 1 and inv["psnr"] > 0 and 0 <= inv["ssim_prior"] <= 1 and inv["psnr_prior"] > 0
+    dp = by[("analytic", 1.0, 2)]
+    assert dp["epsilon_planned"] <= 1.0 + 1e-6 and dp["cosine"] < by[("analytic", math.inf, 2)]["cosine"]
+    for r in rows:  # every measured DP point sits below the bound its (ε, δ) puts on any attacker
+        if "bound_top10" in r and r["trials"]:
+            assert r["top10"] <= r["bound_top10"] and r["top1"] <= r["bound_top1"]
+    assert "trap" in {r["attack"] for r in rows if r["epsilon"] == 1.0 and r["note"]}  # said why, not skipped
+    # client-level DP: the silo only clips; the server sees its update whole (the noise is the server's own)
+    client = by[("analytic", "client", 2)]
+    assert client["trials"] == 3 and "nothing in it is hidden" in client["note"] and "bound_top10" not in client
+    assert client["cosine"] > dp["cosine"] + 0.2
+    # beside the trap: what re-identification reaches with the true views and with the clean features
+    t = by[("trap", math.inf, 2)]
+    assert 0 <= t["top10_true_views"] <= 1 and 0 <= t["top10_true_clean"] <= 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--attack", "gradients"], "not an attack of the lab"),
+    (["--batch-sizes", "1"], "smallest batch is 2"),
+    (["--batch-sizes", "two"], "whole numbers"),
+    (["--epsilons", "0"], "must be > 0"),
+    (["--model", "/nonexistent/model.pt"], "no such file"),
+])
+def test_bad_leakage_input_is_one_line(tmp_path, capsys, args, says):
+    from simulations.cli import main
+
+    rc = main(["leakage", "--scenario", _scenario(tmp_path), *args, "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_supervised_scenario_with_dp_is_refused_before_work(tmp_path, capsys):
+    from simulations.cli import main
+
+    rc = main(["leakage", "--scenario", _scenario(tmp_path, supervised=True), "--epsilons", "inf,8",
+               "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 2 and "unsupervised" in capsys.readouterr().err
