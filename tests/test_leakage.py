@@ -148,6 +148,22 @@ def test_statistics_of_one_image_give_its_own_code(lab):
     assert np.array_equal(q, own)
 
 
+def test_label_inference_reads_the_class_from_a_supervised_update():
+    from simulations.leakage.attacks import labels
+
+    lb = V.lab(Config(**(BASE | {"supervised": True})))
+    rng = np.random.default_rng(3)
+    s = lb.silos[0]
+    hits = []
+    for _ in range(10):
+        # a batch of 2 images of one class: its prototype's code is the whole target
+        c = int(rng.integers(10))
+        pos = np.sort(rng.choice(np.nonzero(s.train_labels == c)[0], 2, replace=False))
+        obs, _ = V.observe(lb, 0, pos, cfg=lb.cfg.replace(batch_size=2), with_stats=False)
+        hits.append(int(labels.infer(obs, lb.model)[0] == c))
+    assert np.mean(hits) >= 0.8  # chance: 0.1
+
+
 def test_statistics_of_a_supervised_silo_give_its_label_histogram():
     from client import site
 

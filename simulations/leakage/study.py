@@ -42,9 +42,9 @@ from ..runs import new_run_dir
 from ..scenario import Scenario
 from . import bounds, metrics
 from . import victim as V
-from .attacks import analytic, invert, matching, statistics, trap
+from .attacks import analytic, invert, labels, matching, statistics, trap
 
-ATTACKS = ("analytic", "trap", "matching", "invert", "statistics")
+ATTACKS = ("analytic", "trap", "matching", "invert", "statistics", "labels")
 CLIENT = "client"  # client-level DP in the epsilons list: the server clips and noises the silo's whole update
 VERSION = "leakage-lab"  # the lab's index holds codes of the lab's global model only
 
@@ -174,6 +174,8 @@ class Cell:
     delta: float = 0.0
     n_db: int = 0
     label_exact: list[float] = field(default_factory=list)
+    label_accuracy: list[float] = field(default_factory=list)  # victims whose class is among the top-B guessed
+    label_chance: list[float] = field(default_factory=list)
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     psnr_prior: list[float] = field(default_factory=list)  # the server's prior image (mean of its aux images)
@@ -192,6 +194,8 @@ class Cell:
              "delta": self.delta, "n_db": self.n_db, "seconds": round(self.seconds, 2), "note": self.note}
         if self.label_exact:
             r["label_histogram_exact"] = m(self.label_exact)
+        if self.label_accuracy:
+            r["label_accuracy"], r["label_chance"] = m(self.label_accuracy), m(self.label_chance)
         for key, v in self.ceiling.items():
             r[f"top10_true_{key}"] = m(v)
         if self.psnr:
@@ -356,6 +360,9 @@ class Study:
         if attack == "matching" and lb.model.kind != "probe":
             c.note = "matching simulates CroVCA's batch loss; the DP head trains a per-image objective (not simulated)"
             return c
+        if attack == "labels" and not cfg.supervised:
+            c.note = "label inference reads supervised CroVCA's prototype targets; the scenario is unsupervised"
+            return c
         if attack == "statistics" and lb.model.pooling != "activations":
             c.note = "the DP head's statistics are released once under DP, never per round"
             return c
@@ -378,6 +385,15 @@ class Study:
                                    with_stats=attack == "statistics")
             if "epsilon_planned" in obs.metrics:
                 c.epsilon_planned = float(obs.metrics["epsilon_planned"])
+            if attack == "labels":
+                ranked = labels.infer(obs, lb.model)
+                guess = set(ranked[: min(batch, len(ranked))].tolist())
+                y = np.asarray(truth.labels)
+                y = y if y.ndim == 1 else np.argmax(y, axis=1)  # multi-label: the first label
+                c.label_accuracy.append(float(np.mean([int(v) in guess for v in y])))
+                c.label_chance.append(min(batch, len(ranked)) / len(ranked))
+                c.trials += 1
+                continue
             if attack == "statistics":
                 q = statistics.mean_code(lb.model, obs.stats)  # one query
                 hist = statistics.label_histogram(obs.stats)
@@ -426,7 +442,7 @@ def _say(text: str) -> None:
 
 def cells(plan: Plan) -> list[tuple[str, float, int, int]]:
     return [(a, e, b, s) for e in plan.epsilons for a in plan.attacks for b in plan.batch_sizes
-            for s in (plan.local_steps if a != "statistics" else (1,))]
+            for s in (plan.local_steps if a not in ("statistics", "labels") else (1,))]
 
 
 def run_study(scn: Scenario, plan: Plan, *, runs_dir: str | Path = "runs",
@@ -492,8 +508,8 @@ def format_row(r: dict[str, Any]) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = ("| attack | target ε | batch | local steps | trials | cosine | all ≥ 0.99 | top-1 | top-10 | chance top-10 | "
             "silo's ε | DP bound top-1 | DP bound top-10 | top-10 of the true views / clean features | "
-            "PSNR / SSIM | note |")
-    out = [head, "|" + "|".join(["---"] * 16) + "|"]
+            "PSNR / SSIM | labels (chance) | note |")
+    out = [head, "|" + "|".join(["---"] * 17) + "|"]
     for r in rows:
         out.append("| " + " | ".join([
             r["attack"], _f(r["epsilon"], 0), str(r["batch"]), str(r["steps"]), str(r["trials"]), _f(r["cosine"]),
@@ -502,7 +518,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _f(r.get("bound_top1"), 3), _f(r.get("bound_top10"), 3),
             f"{_f(r['top10_true_views'], 2)} / {_f(r['top10_true_clean'], 2)}" if "top10_true_views" in r else "–",
             f"{_f(r['psnr'], 1)} dB / {_f(r['ssim'], 3)} (prior {_f(r['psnr_prior'], 1)} / {_f(r['ssim_prior'], 3)})"
-            if "psnr" in r else "–", r.get("note", "")]) + " |")
+            if "psnr" in r else "–",
+            (f"{_f(r['label_accuracy'], 2)} ({_f(r['label_chance'], 2)})" if "label_accuracy" in r else
+             f"histogram exact in {_f(r['label_histogram_exact'], 2)}" if "label_histogram_exact" in r else "–"),
+            r.get("note", "")]) + " |")
     return "\n".join(out)
 
 

@@ -66,7 +66,11 @@ def lab(cfg: Config, model: Hasher | None = None) -> Lab:
             raise ConfigError(f"the model to attack is a {got[0]} head of {got[1]} bits on {got[2]} features; the "
                               f"scenario trains a {want[0]} head of {want[1]} bits on {want[2]}: give that scenario's "
                               "model.pt")
-        return Lab(cfg, silos, model)
+        out = Lab(cfg, silos, model)
+        if cfg.supervised and model.pooling == "activations":  # the prototypes the server holds for this model
+            pooled = pooling.pool([site.local_stats(cfg, s, model) for s in silos])
+            out.prototypes = pooling.global_prototypes(model, pooled) if pooled["class_count"].size else None
+        return out
     out = Lab(cfg, silos, site.global_model(cfg, silos[0].feature_dim))
     start_statistics(out)
     return out
