@@ -282,7 +282,7 @@ def plot_leakage_batches(curves: Mapping[str, Series], path, *, chance: Series |
     for name, (x, y) in curves.items():
         ax.plot(x, y, "o-", label=name)
     if chance is not None and len(chance[0]):
-        ax.plot(*chance, "k:", label="chance (as many random queries)")
+        ax.plot(*chance, "k:", label="chance (as many blind guesses)")
     ax.set_xscale("log", base=2)
     xs = sorted({v for x, _ in curves.values() for v in x})
     if xs:
@@ -316,7 +316,7 @@ def plot_leakage_epsilon(curves: Mapping[str, Series], path, *, bound: Series | 
     ax.set_xscale("log")
     xs = sorted({v for x, _ in curves.values() for v in x})
     if xs:
-        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.set_xticks(xs, [f"{v:.2g}" for v in xs])
         ax.minorticks_off()
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("ε of the victim's silo (its own accountant)")

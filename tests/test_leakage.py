@@ -307,3 +307,21 @@ def test_supervised_scenario_with_dp_is_refused_before_work(tmp_path, capsys):
     rc = main(["leakage", "--scenario", _scenario(tmp_path, supervised=True), "--epsilons", "inf,8",
                "--runs-dir", str(tmp_path / "runs")])
     assert rc == 2 and "unsupervised" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fedhash_leakage_trains_the_federation_it_attacks(tmp_path, capsys):
+    """Without --model the study first trains the scenario's federation on Flower's simulation engine and
+    attacks its final model."""
+    from hashing.model import load_model
+    from simulations.cli import main
+
+    rc = main(["leakage", "--scenario", _scenario(tmp_path, **{"num-server-rounds": 2}), "--attack", "analytic,trap",
+               "--batch-sizes", "2", "--local-steps", "1", "--epsilons", "inf", "--trials", "2",
+               "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 0
+    (run,) = list((tmp_path / "runs").iterdir())
+    model, rec = load_model(run / "federation" / "model.pt")
+    assert model.kind == "probe" and rec["model_version"]
+    rows = json.loads((run / "leakage.json").read_text())["rows"]
+    assert {r["attack"] for r in rows} == {"analytic", "trap"} and all(r["trials"] == 4 for r in rows)  # smallest
