@@ -335,8 +335,7 @@ class Study:
                 c.note = str(e).split(";")[0]
                 return c
         lb = self.lab(cfg)
-        key = next(k for k, v in self.labs.items() if v is lb)
-        index = self.indexes[key]
+        index = next(self.indexes[k] for k, v in self.labs.items() if v is lb)
         silo = lb.silos[self.plan.silo]
         c.n_db = len(index)
         if batch > silo.n_train:
@@ -422,10 +421,10 @@ class Study:
                 if attack == "trap" and rec.space == "features":  # what exact recovery can reach at best:
                     views = np.concatenate(truth.views[0])  # the true views, paired as the attack pairs them,
                     clean = np.asarray(silo.clean[truth.images], np.float32)  # and the victims' clean features
-                    for key, x in (("views", analytic.pair_views(views)), ("clean", clean)):
+                    for what, x in (("views", analytic.pair_views(views)), ("clean", clean)):
                         rid = metrics.reidentify(index, lb.model.encode_features(np.asarray(x, np.float32)),
                                                  truth.images, k=10, model_version=VERSION)
-                        c.ceiling.setdefault(key, []).append(rid.rate(10))
+                        c.ceiling.setdefault(what, []).append(rid.rate(10))
             rid = metrics.reidentify(index, q, truth.images, k=10, model_version=VERSION)
             c.top1.append(rid.rate(1))
             c.top10.append(rid.rate(10))

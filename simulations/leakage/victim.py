@@ -1,10 +1,11 @@
 """The victim's side of the lab: the exact messages a silo sends, made by the code a ClientApp runs.
 
-:func:`lab` builds the federation as its server sees it before round 1: every silo's data (the
-node's own ``client.site.silo_features``), the seeded global model (``client.site.global_model``) and
-the round-0 statistics phase made of the silos' own replies (``client.site.local_stats`` pooled by
-``hashing.federated.pooling``, as ``server.pooling`` does; under DP the silos' moments releases,
-``client.site.release_moments``, as ``server.pooling.MomentsPooling`` does).
+:func:`lab` builds the federation as its server holds it: every silo's data (the node's own
+``client.site.silo_features``) and the global model it sends: a trained one (a federation's
+``model.pt``, with the prototypes its statistics phase gives, supervised), or round 1's: the seeded model
+(``client.site.global_model``) after the round-0 statistics phase made of the silos' own replies
+(``client.site.local_stats`` pooled by ``hashing.federated.pooling``, as ``server.pooling`` does; under DP
+the silos' moments releases, as ``server.pooling.MomentsPooling`` does).
 
 :func:`observe` runs one silo's round on a chosen set of its training images with the silo's own
 ``client.site.local_train`` (the same local epochs, batches, views, AdamW and, under ``dp = "sample"``,
@@ -80,8 +81,7 @@ def start_statistics(lb: Lab) -> None:
     """The round-0 statistics phase from the silos' own replies (``server.pooling``'s arithmetic)."""
     cfg, model = lb.cfg, lb.model
     if model.pooling == "moments":
-        released = [release.silo_release(cfg, s.clean[s.silo.splits.train], s.silo.ids_fingerprint(), silo=s.who)[0]
-                    for s in lb.silos]
+        released = [site.release_moments(cfg, s)[0] for s in lb.silos]  # each silo's own release
         if cfg.dp != "sample":  # client level: the silos' exact means, noised once by the server
             from server.ledger import Ledger  # the server's own release and its record
             released = [release.server_release(released, Ledger(cfg).record_server_release(), cfg.seed)]
