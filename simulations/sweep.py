@@ -35,7 +35,8 @@ from .runs import new_run_dir
 from .scenario import Scenario
 
 
-def parse_epsilons(text: str) -> list[float]:
+def parse_epsilons(text: str, name: str = "--epsilons") -> list[float]:
+    """Target ε values, comma-separated (``inf``: no DP); ``name`` is what an error calls them."""
     out = []
     for item in str(text).split(","):
         item = item.strip().lower()
@@ -44,12 +45,12 @@ def parse_epsilons(text: str) -> list[float]:
         try:
             v = math.inf if item in ("inf", "infinity", "∞") else float(item)
         except ValueError:
-            raise ConfigError(f"--epsilons: {item!r} is not a number; write e.g. --epsilons inf,8,4,1") from None
+            raise ConfigError(f"{name}: {item!r} is not a number; write e.g. inf,8,4,1") from None
         if not v > 0:
-            raise ConfigError(f"--epsilons: ε = {item} must be > 0 (inf for no DP)")
+            raise ConfigError(f"{name}: ε = {item} must be > 0 (inf for no DP)")
         out.append(v)
     if not out:
-        raise ConfigError("--epsilons is empty; write e.g. --epsilons inf,8,4,1")
+        raise ConfigError(f"{name} is empty; write e.g. inf,8,4,1")
     return out
 
 

@@ -285,10 +285,11 @@ def test_fedhash_leakage_end_to_end(tmp_path, capsys, model_file):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--attack", "gradients"], "not an attack of the lab"),
-    (["--batch-sizes", "1"], "smallest batch is 2"),
+    (["--attack", "gradients"], "--attack: 'gradients' is not an attack of the lab"),
+    (["--batch-sizes", "1"], "--batch-sizes: a batch of 1 image cannot train the probe head"),
     (["--batch-sizes", "two"], "whole numbers"),
-    (["--epsilons", "0"], "must be > 0"),
+    (["--epsilons", "0"], "--epsilons: ε = 0 must be > 0"),
+    (["--epsilons", "8,clients"], "--epsilons: 'clients' is not a number"),
     (["--model", "/nonexistent/model.pt"], "no such file"),
 ])
 def test_bad_leakage_input_is_one_line(tmp_path, capsys, args, says):
@@ -299,6 +300,15 @@ def test_bad_leakage_input_is_one_line(tmp_path, capsys, args, says):
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_bad_scenario_key_is_blamed_on_the_file(tmp_path, capsys):
+    from simulations.cli import main
+
+    path = _scenario(tmp_path, **{"leakage-batch-sizes": [2, 0]})
+    rc = main(["leakage", "--scenario", path, "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{path}: leakage-batch-sizes" in err and ">= 1" in err, err
 
 
 def test_supervised_scenario_with_dp_is_refused_before_work(tmp_path, capsys):

@@ -40,6 +40,7 @@ from hashing.views import load_batch, normalise, resize
 
 from ..runs import new_run_dir
 from ..scenario import Scenario
+from ..sweep import parse_epsilons as parse_epsilons_of_sweep
 from . import bounds, metrics
 from . import victim as V
 from .attacks import analytic, invert, labels, matching, statistics, trap
@@ -67,42 +68,37 @@ class Plan:
     server_round: int = 1  # the round whose learning rate the victim trains with
 
 
-def _ints(key: str, v: Any) -> tuple[int, ...]:
-    items = v if isinstance(v, (list, tuple)) else [x for x in str(v).split(",") if x.strip()]
+def _items(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [x.strip() for x in str(v).split(",") if x.strip()]
+
+
+def _ints(name: str, v: Any) -> tuple[int, ...]:
     try:
-        out = tuple(int(x) for x in items)
+        out = tuple(int(x) for x in _items(v))
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} {v!r}: give whole numbers, e.g. 2,8,32") from None
+        raise ConfigError(f"{name} {v!r}: give whole numbers, e.g. 2,8,32") from None
     if not out or min(out) < 1:
-        raise ConfigError(f"{key} {v!r}: give one or more whole numbers >= 1, e.g. 2,8,32")
+        raise ConfigError(f"{name} {v!r}: give one or more whole numbers >= 1, e.g. 2,8,32")
     return out
 
 
-def parse_epsilons(v: Any) -> tuple[float | str, ...]:
-    items = v if isinstance(v, (list, tuple)) else [x for x in str(v).split(",") if x.strip()]
+def parse_epsilons(name: str, v: Any) -> tuple[float | str, ...]:
+    """Target ε values of sample-level DP (``inf``: no DP; :func:`simulations.sweep.parse_epsilons`) and
+    ``client`` (client-level DP), in the order given."""
+    items = [str(x).strip().lower() for x in _items(v)]
     out: list[float | str] = []
     for x in items:
-        s = str(x).strip().lower()
-        if s == CLIENT:
-            out.append(CLIENT)
-            continue
-        try:
-            e = math.inf if s in ("inf", "infinity", "∞") else float(s)
-        except ValueError:
-            raise ConfigError(f"epsilons: {x!r} is not a number (or 'client'); write e.g. inf,8,4,1,client") from None
-        if not e > 0:
-            raise ConfigError(f"epsilons: ε = {x} must be > 0 (inf for no DP)")
-        out.append(e)
+        out.extend([CLIENT] if x == CLIENT else parse_epsilons_of_sweep(x, name=name))
     if not out:
-        raise ConfigError("epsilons is empty; write e.g. inf,8,4,1")
+        raise ConfigError(f"{name} is empty; write e.g. inf,8,4,1,client")
     return tuple(out)
 
 
-def parse_attacks(v: Any) -> tuple[str, ...]:
-    items = v if isinstance(v, (list, tuple)) else [x.strip() for x in str(v).split(",") if x.strip()]
+def parse_attacks(name: str, v: Any) -> tuple[str, ...]:
+    items = _items(v)
     bad = [a for a in items if a not in ATTACKS]
     if bad or not items:
-        raise ConfigError(f"attacks: {bad[0] if bad else v!r} is not an attack of the lab; use some of: "
+        raise ConfigError(f"{name}: {bad[0] if bad else v!r} is not an attack of the lab; use some of: "
                           f"{', '.join(ATTACKS)}")
     return tuple(dict.fromkeys(items))
 
@@ -117,23 +113,17 @@ def plan_from(scn: Scenario, *, attacks=None, batch_sizes=None, local_steps=None
     src = scn.source or "the scenario"
 
     def pick(name: str, cli, parse, flag: str | None = None):
-        key = f"leakage-{name}"
+        """The command line's value (errors name its option), else the scenario's (errors name the file's key)."""
         if cli is not None:
-            try:
-                return parse(name, cli)
-            except ConfigError as e:  # the error names the option the user typed
-                raise ConfigError(f"--{flag or name}{str(e)[len(name):]}") from None
-        if key in raw:
-            try:
-                return parse(name, raw[key])
-            except ConfigError as e:
-                raise ConfigError(f"{src}: leakage-{e}") from None
+            return parse(f"--{flag or name}", cli)
+        if f"leakage-{name}" in raw:
+            return parse(f"{src}: leakage-{name}", raw[f"leakage-{name}"])
         return None
 
-    p.attacks = pick("attacks", attacks, lambda n, v: parse_attacks(v), flag="attack") or p.attacks
+    p.attacks = pick("attacks", attacks, parse_attacks, flag="attack") or p.attacks
     p.batch_sizes = pick("batch-sizes", batch_sizes, _ints) or p.batch_sizes
     p.local_steps = pick("local-steps", local_steps, _ints) or p.local_steps
-    p.epsilons = pick("epsilons", epsilons, lambda n, v: parse_epsilons(v)) or p.epsilons
+    p.epsilons = pick("epsilons", epsilons, parse_epsilons) or p.epsilons
     given = pick("trials", trials, _ints)
     p.trials = given[0] if given else p.trials
     smallest = pick("smallest-trials", None, _ints)
@@ -142,7 +132,8 @@ def plan_from(scn: Scenario, *, attacks=None, batch_sizes=None, local_steps=None
         raise ConfigError(f"{src}: sample-level DP trains unsupervised CroVCA; set supervised = false, or sweep "
                           "epsilons = inf only")
     if min(p.batch_sizes) < 2 and scn.cfg.mode == "probe":
-        raise ConfigError(f"{src}: a batch of 1 image cannot train the probe head (its Batch Renormalization needs "
+        who = "--batch-sizes" if batch_sizes is not None else f"{src}: leakage-batch-sizes"
+        raise ConfigError(f"{who}: a batch of 1 image cannot train the probe head (its Batch Renormalization needs "
                           "2 rows a view); the smallest batch is 2")
     return p
 
