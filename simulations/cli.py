@@ -195,10 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "without DP, scored by re-identification in its index")
     lk.add_argument("--scenario", default="leakage-demo", help="a scenario .toml or the name of one (default leakage-demo)")
     lk.add_argument("--attack", help="comma-separated attacks (default: the scenario's leakage-attacks, else all): "
-                                     "analytic, trap, statistics")
+                                     "analytic, trap, matching, invert, statistics, labels")
     lk.add_argument("--batch-sizes", help="victim batch sizes, comma-separated (default the scenario's, else 2,8,32)")
-    lk.add_argument("--local-steps", help="local steps of the victim's round, comma-separated (default 1,4)")
-    lk.add_argument("--epsilons", help="inf (no DP) and target ε of sample-level DP, comma-separated (default inf,8,4,1)")
+    lk.add_argument("--local-steps", help="local steps of the victim's round, comma-separated (default the scenario's, "
+                                          "else 1,4)")
+    lk.add_argument("--epsilons", help="inf (no DP), target ε of sample-level DP and 'client' (client-level DP), "
+                                       "comma-separated (default the scenario's, else inf,8,4,1,client)")
     lk.add_argument("--trials", type=int, help="victim batches per cell (default the scenario's, else 20)")
     lk.add_argument("--model", help="attack this global model (a model.pt of a federated run) instead of the one the "
                                     "study trains first")

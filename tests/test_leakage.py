@@ -302,6 +302,16 @@ def test_bad_leakage_input_is_one_line(tmp_path, capsys, args, says):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_a_model_of_another_length_is_refused_before_work(tmp_path, capsys, model_file):
+    from simulations.cli import main
+
+    rc = main(["leakage", "--scenario", _scenario(tmp_path, bits=32), "--model", str(model_file),
+               "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "probe head of 16 bits" in err and "32 bits" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_bad_scenario_key_is_blamed_on_the_file(tmp_path, capsys):
     from simulations.cli import main
 

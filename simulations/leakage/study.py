@@ -439,13 +439,19 @@ def run_study(scn: Scenario, plan: Plan, *, runs_dir: str | Path = "runs",
               model: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """The whole study into a new run folder. ``model``: attack that global model (a ``model.pt``); default:
     train the scenario's federation first (without DP) and attack its final model."""
-    if model is not None and not Path(model).exists():
-        raise ConfigError(f"--model {model}: no such file; give a federated run's model.pt")
+    hasher = None
+    if model is not None:  # checked before any work: a file, of the kind and length the scenario trains
+        if not Path(model).exists():
+            raise ConfigError(f"--model {model}: no such file; give a federated run's model.pt")
+        hasher, _ = load_model(model)
+        want = (scn.cfg.replace(dp="none").hasher_kind, scn.cfg.bits)
+        if (hasher.kind, hasher.bits) != want:
+            raise ConfigError(f"--model {model} is a {hasher.kind} head of {hasher.bits} bits; the scenario trains a "
+                              f"{want[0]} head of {want[1]} bits: give that scenario's model.pt")
     run_dir = new_run_dir(runs_dir, f"leakage-{scn.name}")
-    if model is None:
+    if hasher is None:
         _say(f"training the federation to attack ({scn.cfg.num_server_rounds} rounds, no DP) into {run_dir / 'federation'}")
-        model = train_global(scn.cfg, run_dir / "federation")
-    hasher, rec = load_model(model)
+        hasher, _ = load_model(train_global(scn.cfg, run_dir / "federation"))
     study = Study(scn, plan, hasher)
     rng = np.random.default_rng(plan.seed)
     todo = cells(plan)
