@@ -216,13 +216,28 @@ def test_hungarian_matches_brute_force_assignment():
     assert m.cosine.sum() == pytest.approx(best)
 
 
+def test_clopper_pearson_against_scipy_binomtest():
+    from scipy.stats import binomtest
+
+    assert metrics.clopper_pearson_low(0, 10) == 0.0
+    ci = binomtest(3, 20).proportion_ci(confidence_level=0.95, method="exact")
+    assert metrics.clopper_pearson_low(3, 20) == pytest.approx(ci.low)
+
+
 def test_rero_bound_by_hand():
     assert bounds.rero(math.inf, 1e-5, 0.01) == 1.0
     e, d = bounds.replace_one(1.0, 1e-5)
     assert e == 2.0 and d == pytest.approx((1 + math.e) * 1e-5)
     assert bounds.rero(1.0, 1e-5, 0.01) == pytest.approx(0.01 * math.exp(2) + (1 + math.e) * 1e-5)
     assert bounds.rero(8.0, 1e-5, 0.01) == 1.0
-    assert bounds.membership_tpr(1.0, 0.0, 0.1) == pytest.approx(0.1 * math.e)
+    # over the privacy profile: never above the bound at the run's δ, never below the blind guess
+    from hashing.privacy import accountant
+
+    plan = accountant.silo_plan(Config(**BASE, dp="sample", dp_epsilon=1.0, batch_size=8), 8)
+    at = bounds.rero(plan.epsilon, plan.delta, 0.02)
+    prof = bounds.rero_profile(plan.history(), 0.02)
+    assert 0.02 <= prof <= at
+    assert accountant.epsilon(plan.history(), plan.delta) == pytest.approx(plan.epsilon, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- the study through the CLI
@@ -271,9 +286,10 @@ def test_fedhash_leakage_end_to_end(tmp_path, capsys, model_file):
     assert 0 <= inv["ssim"] <= 1 and inv["psnr"] > 0 and 0 <= inv["ssim_prior"] <= 1 and inv["psnr_prior"] > 0
     dp = by[("analytic", 1.0, 2)]
     assert dp["epsilon_planned"] <= 1.0 + 1e-6 and dp["cosine"] < by[("analytic", math.inf, 2)]["cosine"]
-    for r in rows:  # every measured DP point sits below the bound its (ε, δ) puts on any attacker
+    for r in rows:  # no measured DP point is above the bound its privacy profile puts on any attacker (95%)
         if "bound_top10" in r and r["trials"]:
-            assert r["top10"] <= r["bound_top10"] and r["top1"] <= r["bound_top1"]
+            assert r["top10_low95"] <= r["bound_top10"] and r["top1_low95"] <= r["bound_top1"], r
+            assert r["bound_top10"] <= r["bound_top10_at_delta"] and "ABOVE" not in r["note"]
     assert "trap" in {r["attack"] for r in rows if r["epsilon"] == 1.0 and r["note"]}  # said why, not skipped
     # client-level DP: the silo only clips; the server sees its update whole (the noise is the server's own)
     client = by[("analytic", "client", 2)]

@@ -7,11 +7,15 @@
   uniform prior over a silo's N images and success = "the victim is among the attacker's t guesses",
   κ = t / N. fedhash's accountant (Opacus, add/remove one image) gives ε for adding or removing an
   image; replacing the victim by another image is two such steps (group privacy): (2ε, (1 + e^ε) δ).
-- **Membership**: TPR ≤ e^ε FPR + δ (add/remove ε).
+- A mechanism is (ε(δ'), δ')-DP for every δ' of its privacy profile, so the bound holds at each; the lab
+  reports the smallest over a grid of δ' (:func:`rero_profile`, ε(δ') from fedhash's accountant on the
+  silo's whole plan: every DP-SGD step of the run and its moments release).
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def replace_one(epsilon: float, delta: float) -> tuple[float, float]:
@@ -29,5 +33,12 @@ def rero(epsilon: float, delta: float, kappa: float) -> float:
     return float(min(1.0, kappa * math.exp(e) + d))
 
 
-def membership_tpr(epsilon: float, delta: float, fpr: float) -> float:
-    return 1.0 if math.isinf(epsilon) else float(min(1.0, math.exp(epsilon) * fpr + delta))
+DELTAS = tuple(float(d) for d in np.logspace(-9, -1, 33))
+
+
+def rero_profile(history, kappa: float, deltas=DELTAS) -> float:
+    """min over δ' of :func:`rero` (ε(δ'), δ', κ), ε(δ') of the composition ``history`` ((noise, sample rate,
+    steps) entries) by ``hashing.privacy.accountant.epsilon``."""
+    from hashing.privacy import accountant
+
+    return float(min(rero(accountant.epsilon(history, d), d, kappa) for d in deltas))

@@ -81,3 +81,13 @@ def reidentify(index, queries: np.ndarray, victim_ids: np.ndarray, *, k: int = 1
         if len(hit):
             ranks[i] = int(hit.min())
     return Reidentified(ranks, len(index), k, len(q))
+
+
+def clopper_pearson_low(successes: int, n: int, confidence: float = 0.95) -> float:
+    """The lower end of the two-sided Clopper–Pearson interval of a rate (scipy's beta quantile): a measured
+    rate is above a bound only when this is."""
+    from scipy.stats import beta
+
+    if n <= 0 or successes <= 0:
+        return 0.0
+    return float(beta.ppf((1 - confidence) / 2, successes, n - successes + 1))

@@ -175,6 +175,11 @@ class Cell:
     ceiling: dict[str, list[float]] = field(default_factory=dict)  # top-10 of the true views / clean features
     seconds: float = 0.0
     note: str = ""
+    history: list | None = None  # the silo's DP plan as (noise, sample rate, steps): its privacy profile
+
+    @property
+    def victims(self) -> int:
+        return self.trials * self.batch
 
     def row(self) -> dict[str, Any]:
         m = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
@@ -192,9 +197,18 @@ class Cell:
         if self.psnr:
             r |= {"psnr": m(self.psnr), "ssim": m(self.ssim), "cosine_of_images": m(self.cosine_pixels),
                   "psnr_prior": m(self.psnr_prior), "ssim_prior": m(self.ssim_prior)}
-        if not math.isinf(self.epsilon_planned):
-            r["bound_top1"] = bounds.rero(self.epsilon_planned, self.delta, kappa1)
-            r["bound_top10"] = bounds.rero(self.epsilon_planned, self.delta, kappa10)
+        if not math.isinf(self.epsilon_planned):  # the run's (ε, δ), and the best point of its privacy profile
+            r["bound_top1_at_delta"] = bounds.rero(self.epsilon_planned, self.delta, kappa1)
+            r["bound_top10_at_delta"] = bounds.rero(self.epsilon_planned, self.delta, kappa10)
+            prof = (lambda k: bounds.rero_profile(self.history, k)) if self.history else (lambda k: 1.0)  # noqa: E731
+            r["bound_top1"] = min(r["bound_top1_at_delta"], prof(kappa1))
+            r["bound_top10"] = min(r["bound_top10_at_delta"], prof(kappa10))
+            for top in ("top1", "top10"):  # the measured rate's 95% lower end, over every victim of the cell
+                hits = getattr(self, top)
+                n = self.victims
+                r[f"{top}_low95"] = metrics.clopper_pearson_low(int(round(float(np.mean(hits)) * n)) if hits else 0, n)
+                if r[f"{top}_low95"] > r[f"bound_{top}"]:
+                    r["note"] = (r["note"] + "; " if r["note"] else "") + f"{top} ABOVE THE DP BOUND: a bug to find"
         return r
 
 
@@ -321,7 +335,7 @@ class Study:
         c = Cell(attack, epsilon, batch, steps, delta=cfg.dp_delta if cfg.dp == "sample" else 0.0)
         if cfg.dp == "sample":
             try:  # the silo's own plan for a silo of `batch` images: refused when the target is out of reach
-                accountant.silo_plan(cfg, batch, silo="the victim's silo")
+                c.history = accountant.silo_plan(cfg, batch, silo="the victim's silo").history()
             except ConfigError as e:
                 c.note = str(e).split(";")[0]
                 return c
