@@ -3,9 +3,8 @@
 
 The server holds the same backbone and weights as the silos (the federation's model identity names
 them). It optimises an image ``x`` in [0, 1] (a sigmoid of free pixels, started at the mean of its own
-auxiliary images) so that the
-backbone's features of ``x``, normalised as the silos normalise their images (``hashing.views.normalise``
-with the backbone's mean and std), point the way the recovered features do:
+auxiliary images) so that the backbone's features of ``x``, normalised as the silos normalise their images
+(``hashing.views.normalise`` with the backbone's mean and std), point the way the recovered features do:
 ``1 - cos(backbone(x), f) + tv * TV(x)``. Fashion-MNIST's images are grey, so the image is one channel
 copied to three, as the silos' loader does.
 
@@ -62,7 +61,8 @@ def invert(backbone: torch.nn.Module, features: np.ndarray, size: int, *, channe
 
 
 def psnr_ssim(recovered: np.ndarray, true: np.ndarray) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of two images in [0, 1], (H, W) or (H, W, 3): scikit-image's metrics."""
+    """PSNR (dB) and SSIM of two images in [0, 1], (H, W) or (H, W, 3): scikit-image's metrics (``recovered``
+    is scored against ``true``)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     a, b = np.clip(np.asarray(recovered, np.float64), 0, 1), np.clip(np.asarray(true, np.float64), 0, 1)
