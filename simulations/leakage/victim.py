@@ -126,12 +126,6 @@ class Truth:
     views: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per step: (xa, xb) (b, d)
     labels: np.ndarray | None = None
 
-    @property
-    def first_views(self) -> np.ndarray:
-        """(2b, d): the two views of every image of the first step, the inputs the first update was computed on."""
-        xa, xb = self.views[0]
-        return np.concatenate([xa, xb])
-
 
 def restrict(data: site.SiloData, positions: np.ndarray) -> site.SiloData:
     """The silo as it is when this round's training set is the images at ``positions`` of its training split."""
