@@ -8,7 +8,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to norm 1 (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float64)
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
@@ -16,7 +17,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def cosine_matrix(recovered: np.ndarray, true: np.ndarray, *, signed: bool = False) -> np.ndarray:
     """(m, n) cosines; ``signed``: candidates known up to sign (|cos|)."""
-    c = _unit(recovered) @ _unit(true).T
+    c = unit(recovered) @ unit(true).T
     return np.abs(c) if signed else c
 
 

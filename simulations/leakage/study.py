@@ -11,8 +11,10 @@ the server's queries, against the chance of as many random queries. Beside each 
 the silo's (ε, δ) puts on any attacker (:mod:`simulations.leakage.bounds`).
 
 Attacks (``attacks``): ``analytic`` (the honest server, :mod:`.attacks.analytic`), ``trap`` (a server that
-crafts the model it sends, :mod:`.attacks.trap`; probe head only), ``statistics`` (the statistics reply of
-a silo of ``batch`` images, :mod:`.attacks.statistics`; heads pooled every round only).
+crafts the model it sends, :mod:`.attacks.trap`; probe head only), ``matching`` (:mod:`.attacks.matching`,
+started from the analytic candidates), ``invert`` (the trap's features to pixels, :mod:`.attacks.invert`),
+``statistics`` (the statistics reply of a silo of ``batch`` images, :mod:`.attacks.statistics`; heads pooled
+every round only), ``labels`` (supervised, :mod:`.attacks.labels`).
 
 Writes ``leakage.json``, ``table.md`` and the plots to the run folder.
 """
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.site import SiloData
 from hashing import atomic, plots
 from hashing.backbones import backbone_for, data_config
 from hashing.codes import logits_to_codes
@@ -62,10 +65,9 @@ class Plan:
     matching_iterations: int = 60
     invert_trials: int = 3      # image inversion through the backbone: seconds per image
     invert_iterations: int = 100
-    invert_max_batch: int = 8
+    costly_max_batch: int = 8   # matching and inversion stop at this batch
     silo: int = 0
     seed: int = 0
-    server_round: int = 1  # the round whose learning rate the victim trains with
 
 
 def _items(v: Any) -> list:
@@ -223,36 +225,51 @@ def train_global(cfg: Config, out: Path) -> Path:
     return out / "model.pt"
 
 
+@dataclass
+class Setting:
+    """One privacy setting's federation as the study holds it: the lab, the attacked silo's index, and the
+    server's own auxiliary data (another silo's images: data like the victim's, never the victim's own)."""
+
+    lab: V.Lab
+    index: SiloIndex
+    aux_silo: SiloData | None
+    aux: np.ndarray | None            # the auxiliary silo's clean features (n, d)
+    aux_norm: float | None            # their median norm
+    nonneg: bool                      # whether the backbone's features are >= 0 (ReLU6)
+    crafted: Hasher | None = None     # the trap's model, made once
+
+
 class Study:
     def __init__(self, scn: Scenario, plan: Plan, model: Hasher | None = None):
         self.scn, self.plan, self.model = scn, plan, model
-        self.labs: dict[str, V.Lab] = {}
-        self.indexes: dict[str, SiloIndex] = {}
+        self.settings: dict[str, Setting] = {}
         self._backbone: torch.nn.Module | None = None
         self._prior: np.ndarray | None = None
         self.grid: dict[str, np.ndarray] = {}  # the first inversion's victims and reconstructions, for the figure
 
-    def lab(self, cfg: Config) -> V.Lab:
+    def setting(self, cfg: Config) -> Setting:
         key = cfg.hasher_kind + f"/{cfg.dp}/{cfg.dp_epsilon if cfg.dp == 'sample' else ''}"
-        if key not in self.labs:
+        if key not in self.settings:
             # without DP the trained global model; under DP round 1's (the DP head after its moments release)
-            self.labs[key] = V.lab(cfg, self.model if cfg.dp == "none" else None)
-            lb = self.labs[key]
+            lb = V.lab(cfg, self.model if cfg.dp == "none" else None)
             s = lb.silos[self.plan.silo]
             db = s.silo.splits.database
             idx = SiloIndex(cfg.bits, VERSION)
             idx.add(logits_to_codes(lb.model.encode(s.inputs, db)), db, model_version=VERSION)
-            self.indexes[key] = idx
-        return self.labs[key]
+            other = next((o for i, o in enumerate(lb.silos) if i != self.plan.silo), None)
+            aux = None if other is None else np.asarray(other.clean[other.silo.splits.train], np.float64)
+            self.settings[key] = Setting(lb, idx, other, aux,
+                                         None if aux is None else float(np.median(np.linalg.norm(aux, axis=1))),
+                                         bool(aux is not None and aux.min() >= 0))
+        return self.settings[key]
 
-    def aux(self, lb: V.Lab) -> np.ndarray:
-        """The server's auxiliary data for a crafted model: features of another silo's images (data like the
-        victim's, never the victim's own)."""
-        other = [s for i, s in enumerate(lb.silos) if i != self.plan.silo]
-        if not other:
+    def crafted(self, st: Setting) -> Hasher:
+        """The trap's model for this setting's global model, crafted on the server's auxiliary data."""
+        if st.aux is None:
             raise ConfigError("the trap attack needs a second silo as the server's auxiliary data; set num-silos >= 2")
-        s = other[0]
-        return np.asarray(s.clean[s.silo.splits.train], np.float64)
+        if st.crafted is None:
+            st.crafted = trap.craft(st.lab.model, st.aux, seed=self.plan.seed)
+        return st.crafted
 
     # ------------------------------------------------------------------ encoding reconstructions
 
@@ -275,14 +292,15 @@ class Study:
         with torch.inference_mode():
             return model.net[2](model.net[1](x)).numpy() if rec.space == "projected" else model.encode_features(x.numpy())
 
-    def _inverted(self, lb: V.Lab, cfg: Config, queries: np.ndarray, truth: V.Truth, c: "Cell") -> np.ndarray:
+    def _inverted(self, st: Setting, cfg: Config, queries: np.ndarray, truth: V.Truth, c: "Cell") -> np.ndarray:
         """Invert each query's features to an image; score the images against the victims' (PSNR, SSIM; each
         victim against the image whose backbone features match its own best: scoring only), and return the
         server's queries: the logits of the images' own backbone features under the global model."""
+        lb = st.lab
         bb = self.backbone(cfg)
         ds = lb.silos[self.plan.silo].silo.ds
         channels = 1 if ds.images is not None and ds.images.ndim == 3 else 3
-        prior = self.prior_image(lb, cfg, channels)
+        prior = self.prior_image(st, cfg, channels)
         imgs = invert.invert(bb, queries, cfg.size, channels=channels, iterations=self.plan.invert_iterations,
                              seed=self.plan.seed, start=prior)
         x = torch.from_numpy(imgs[:, None] if channels == 1 else imgs.transpose(0, 3, 1, 2).copy())
@@ -306,10 +324,10 @@ class Study:
             self.grid = {"victims": true[m.cols], "reconstructions": imgs[m.rows]}
         return lb.model.encode_features(f.astype(np.float32))
 
-    def prior_image(self, lb: V.Lab, cfg: Config, channels: int) -> np.ndarray:
+    def prior_image(self, st: Setting, cfg: Config, channels: int) -> np.ndarray:
         """The server's prior for inversion: the mean of its auxiliary images (another silo's)."""
         if self._prior is None:
-            other = next(s for i, s in enumerate(lb.silos) if i != self.plan.silo)
+            other = st.aux_silo
             x = resize(load_batch(other.silo.ds, other.silo.splits.train[:512], cfg.size), cfg.size).mean(0)
             self._prior = x[0].numpy() if channels == 1 else x.permute(1, 2, 0).numpy()
         return self._prior
@@ -339,25 +357,25 @@ class Study:
             except ConfigError as e:
                 c.note = str(e).split(";")[0]
                 return c
-        lb = self.lab(cfg)
-        index = next(self.indexes[k] for k, v in self.labs.items() if v is lb)
+        st = self.setting(cfg)
+        lb, index = st.lab, st.index
         silo = lb.silos[self.plan.silo]
         c.n_db = len(index)
         if batch > silo.n_train:
             c.note = f"silo {silo.name} trains on {silo.n_train} images, fewer than the batch"
             return c
         sent = lb.model
-        if attack == "invert" and (batch > self.plan.invert_max_batch or steps > 1):
-            c.note = f"inversion runs at batches up to {self.plan.invert_max_batch}, one local step (its cost: seconds an image)"
+        if attack == "invert" and (batch > self.plan.costly_max_batch or steps > 1):
+            c.note = f"inversion runs at batches up to {self.plan.costly_max_batch}, one local step (its cost: seconds an image)"
             return c
-        if attack == "matching" and batch > self.plan.invert_max_batch:
-            c.note = f"matching runs at batches up to {self.plan.invert_max_batch} (its cost: seconds a trial)"
+        if attack == "matching" and batch > self.plan.costly_max_batch:
+            c.note = f"matching runs at batches up to {self.plan.costly_max_batch} (its cost: seconds a trial)"
             return c
         if attack in ("trap", "invert"):
             if not trap.applies(lb.model):
                 c.note = f"needs the probe head; the {lb.model.kind} head has no ReLU first layer or BatchNorm to craft"
                 return c
-            sent = trap.craft(lb.model, self.aux(lb), seed=self.plan.seed)
+            sent = self.crafted(st)
         if attack == "matching" and cfg.supervised:
             c.note = "matching simulates unsupervised CroVCA (the supervised loss needs the batch's labels too)"
             return c
@@ -370,9 +388,7 @@ class Study:
         if attack == "statistics" and lb.model.pooling != "activations":
             c.note = "the DP head's statistics are released once under DP, never per round"
             return c
-        aux = self.aux(lb) if len(lb.silos) > 1 else None
-        aux_norm = float(np.median(np.linalg.norm(aux, axis=1))) if aux is not None else None
-        nonneg = bool(aux is not None and aux.min() >= 0)
+        aux, aux_norm, nonneg = st.aux, st.aux_norm, st.nonneg
         if cfg.dp == "client":
             c.note = ("client-level DP: the server adds the noise after it holds the update, so nothing in it "
                       "is hidden from the server (the silo only clips)")
@@ -385,8 +401,7 @@ class Study:
         t0 = time.perf_counter()
         for _ in range(trials):
             pos = np.sort(rng.choice(silo.n_train, batch, replace=False))
-            obs, truth = V.observe(lb, self.plan.silo, pos, cfg=cfg, model=sent, server_round=self.plan.server_round,
-                                   with_stats=attack == "statistics")
+            obs, truth = V.observe(lb, self.plan.silo, pos, cfg=cfg, model=sent, with_stats=attack == "statistics")
             if "epsilon_planned" in obs.metrics:
                 c.epsilon_planned = float(obs.metrics["epsilon_planned"])
             if attack == "labels":
@@ -421,7 +436,7 @@ class Study:
                 c.cosine.append(mt.mean)
                 c.exact.append(float(len(mt.cosine) >= 2 * batch and mt.cosine.min() >= 0.99))
                 queries = self._queries(rec)
-                q = (self._inverted(lb, cfg, queries, truth, c) if attack == "invert"  # to pixels and back
+                q = (self._inverted(st, cfg, queries, truth, c) if attack == "invert"  # to pixels and back
                      else self._logits(lb, rec, queries))
                 if attack == "trap" and rec.space == "features":  # what exact recovery can reach at best:
                     views = np.concatenate(truth.views[0])  # the true views, paired as the attack pairs them,
@@ -458,10 +473,7 @@ def run_study(scn: Scenario, plan: Plan, *, runs_dir: str | Path = "runs",
         if not Path(model).exists():
             raise ConfigError(f"--model {model}: no such file; give a federated run's model.pt")
         hasher, _ = load_model(model)
-        want = (scn.cfg.replace(dp="none").hasher_kind, scn.cfg.bits)
-        if (hasher.kind, hasher.bits) != want:
-            raise ConfigError(f"--model {model} is a {hasher.kind} head of {hasher.bits} bits; the scenario trains a "
-                              f"{want[0]} head of {want[1]} bits: give that scenario's model.pt")
+        V.check_model(scn.cfg.replace(dp="none"), hasher, what=f"--model {model}")
     run_dir = new_run_dir(runs_dir, f"leakage-{scn.name}")
     if hasher is None:
         _say(f"training the federation to attack ({scn.cfg.num_server_rounds} rounds, no DP) into {run_dir / 'federation'}")

@@ -55,26 +55,40 @@ class Lab:
         return self.silos[0].feature_dim
 
 
+def check_model(cfg: Config, model: Hasher, feature_dim: int | None = None, what: str = "the model to attack") -> None:
+    """A global model to attack must be of the kind, code length (and feature size) ``cfg`` trains."""
+    want = (cfg.hasher_kind, cfg.bits, feature_dim)
+    got = (model.kind, model.bits, getattr(model, "in_dim", None) if feature_dim is not None else None)
+    if got != want:
+        on = f" on {got[2]} features" if feature_dim is not None else ""
+        raise ConfigError(f"{what} is a {got[0]} head of {got[1]} bits{on}; the scenario trains a {want[0]} head of "
+                          f"{want[1]} bits" + (f" on {want[2]}" if feature_dim is not None else "") +
+                          ": give that scenario's model.pt")
+
+
 def lab(cfg: Config, model: Hasher | None = None) -> Lab:
     """Every silo of ``cfg``'s federation and the global model the server sends: ``model`` (a trained global
     model, its server-set buffers included), else round 1's (the seeded model after the round-0 statistics)."""
     ds = source_dataset(cfg)
     silos = [site.silo_features(cfg, make_silo(ds, cfg, i)) for i in range(cfg.num_silos)]
     if model is not None:
-        want = (cfg.hasher_kind, cfg.bits, silos[0].feature_dim)
-        got = (model.kind, model.bits, getattr(model, "in_dim", None))
-        if got != want:
-            raise ConfigError(f"the model to attack is a {got[0]} head of {got[1]} bits on {got[2]} features; the "
-                              f"scenario trains a {want[0]} head of {want[1]} bits on {want[2]}: give that scenario's "
-                              "model.pt")
+        check_model(cfg, model, silos[0].feature_dim)
         out = Lab(cfg, silos, model)
         if cfg.supervised and model.pooling == "activations":  # the prototypes the server holds for this model
-            pooled = pooling.pool([site.local_stats(cfg, s, model) for s in silos])
-            out.prototypes = pooling.global_prototypes(model, pooled) if pooled["class_count"].size else None
+            out.prototypes = _prototypes(out, _pooled(out))
         return out
     out = Lab(cfg, silos, site.global_model(cfg, silos[0].feature_dim))
     start_statistics(out)
     return out
+
+
+def _pooled(lb: Lab) -> dict[str, np.ndarray]:
+    """The silos' statistics replies under the lab's model, summed (``hashing.federated.pooling``)."""
+    return pooling.pool([site.local_stats(lb.cfg, s, lb.model) for s in lb.silos])
+
+
+def _prototypes(lb: Lab, pooled: dict[str, np.ndarray]) -> np.ndarray | None:
+    return pooling.global_prototypes(lb.model, pooled) if pooled["class_count"].size else None
 
 
 def start_statistics(lb: Lab) -> None:
@@ -88,11 +102,11 @@ def start_statistics(lb: Lab) -> None:
         mean, cov, _ = release.pooled_moments(released)
         release.init_dp_head(model, mean, cov, seed=cfg.seed)
         return
-    pooled = pooling.pool([site.local_stats(cfg, s, model) for s in lb.silos])
+    pooled = _pooled(lb)
     mean, var = pooling.pooled_moments(pooled)
     pooling.set_bn_stats(model, mean, var)
-    if cfg.supervised and pooled["class_count"].size:
-        lb.prototypes = pooling.global_prototypes(model, pooled)
+    if cfg.supervised:
+        lb.prototypes = _prototypes(lb, pooled)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..metrics import unit
 from ..victim import Observation
 
 
@@ -110,8 +111,7 @@ def pair_views(features: np.ndarray) -> np.ndarray:
     x = np.asarray(features, np.float64)
     if len(x) < 2:
         return np.zeros((0, x.shape[1] if x.ndim == 2 else 0))
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    u = np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+    u = unit(x)
     c = u @ u.T
     np.fill_diagonal(c, -np.inf)
     free = np.ones(len(x), dtype=bool)
@@ -121,4 +121,6 @@ def pair_views(features: np.ndarray) -> np.ndarray:
         if i < j and free[i] and free[j]:
             out.append((x[i] + x[j]) / 2)
             free[i] = free[j] = False
+            if free.sum() < 2:
+                break
     return np.asarray(out)
