@@ -39,11 +39,14 @@ class Recovery:
     layer: str                  # the attacked parameter's name
     space: str                  # "features" (the backbone's) or "projected" (the DP head's basis)
     signed: bool = False        # candidates are known up to sign only
+    labels: np.ndarray | None = None  # the classes recovered with them (supervised update matching), one an image
+    mismatch: float | None = None     # update matching: 1 - cos of the simulated step at the candidates
 
 
 def first_linear(obs: Observation) -> tuple[str, str | None]:
-    """The first trainable linear layer's weight (and bias) names in the silo's reply."""
-    weights = [k for k, v in obs.sent.items() if k.endswith("weight") and v.ndim == 2]
+    """The first trainable linear layer's weight (and bias) names in the silo's reply (the head's, never a
+    LoRA adapter's: in LoRA mode the head's first layer reads the adapted backbone's features)."""
+    weights = [k for k, v in obs.sent.items() if k.endswith("weight") and v.ndim == 2 and "lora_" not in k]
     if not weights:
         raise ValueError("the reply holds no linear layer to attack")
     w = weights[0]
