@@ -38,6 +38,16 @@ def lab():
 
 
 @pytest.fixture(scope="module")
+def sup_lab():
+    return V.lab(Config(**(BASE | {"supervised": True})))
+
+
+@pytest.fixture(scope="module")
+def lora_lab():
+    return V.lab(Config(**(BASE | {"mode": "lora", "n_images": 400})))
+
+
+@pytest.fixture(scope="module")
 def dp_lab():
     return V.lab(Config(**BASE, dp="sample", dp_epsilon=1.0))
 
@@ -49,6 +59,16 @@ def _aux(lb):
 
 def _views(truth):
     return np.concatenate([np.concatenate(v) for v in truth.views])
+
+
+def _one_class_rounds(lb, n: int, seed: int = 3):
+    """n rounds of silo 0, each on 2 images of one class: (class, observation, truth)."""
+    rng = np.random.default_rng(seed)
+    s = lb.silos[0]
+    for _ in range(n):
+        c = int(rng.integers(10))
+        pos = np.sort(rng.choice(np.nonzero(s.train_labels == c)[0], 2, replace=False))
+        yield (c, *V.observe(lb, 0, pos, cfg=lb.cfg.replace(batch_size=2), with_stats=False))
 
 
 def _cos(lb, attack: str, batch: int, trials: int = 4, seed: int = 0, steps: int = 1) -> float:
@@ -137,6 +157,71 @@ def test_matching_refines_without_losing_the_analytic_start(lab):
     assert metrics.hungarian(out.features, x).mean >= metrics.hungarian(start, x).mean - 0.05
 
 
+def test_supervised_matching_recovers_the_classes_from_the_update(sup_lab):
+    """Supervised update matching also searches the labels; on batches of 2 images of one class, from the
+    analytic features and no label guess, it names the class (chance: 0.1)."""
+    lb = sup_lab
+    hits = []
+    for c, obs, truth in _one_class_rounds(lb, 4):
+        start = np.clip(analytic.recover(obs).features, 0, None)
+        rec = matching.recover(obs, lb.model, _aux(lb), start=start, iterations=2, seed=1)  # one label sweep
+        assert rec.labels.shape == (2,) and rec.features.shape == _views(truth).shape
+        hits.append(float(np.mean(rec.labels == c)))
+    assert np.mean(hits) >= 0.75, hits
+
+
+def test_matching_simulates_the_dp_heads_clipped_per_image_step():
+    """On the DP head the server simulates DP-SGD's step before the noise (each image's gradient clipped,
+    summed): nearly noise-free (ε = 1000), the true views match the silo's step better than the server's
+    own features do; the candidates are features (non-negative, one per view)."""
+    lb = V.lab(Config(**BASE, dp="sample", dp_epsilon=1000.0))
+    obs, truth = V.observe(lb, 0, [3, 9], cfg=lb.cfg.replace(batch_size=2), with_stats=False)
+    x = _views(truth)
+    at_truth = matching.recover(obs, lb.model, _aux(lb), iterations=0, start=x).mismatch
+    rec = matching.recover(obs, lb.model, _aux(lb), iterations=5, seed=1)
+    at_aux = matching.recover(obs, lb.model, _aux(lb), iterations=0, seed=1).mismatch
+    assert rec.features.shape == x.shape and np.all(rec.features >= 0) and rec.space == "features"
+    assert at_truth < at_aux - 0.03 and rec.mismatch <= at_aux, (at_truth, at_aux, rec.mismatch)
+
+
+def test_breaching_reference_runs_on_the_same_update(lab):
+    """breaching's Inverting Gradients (the PyPI package) on the silo's observed step, from the same start as
+    fedhash's matching: it keeps more of the trap's linear (gradient-like) step than of the honest sign step."""
+    from simulations.leakage.attacks import reference
+
+    rng = np.random.default_rng(3)
+    out = {}
+    for name, sent in (("honest", None), ("trap", trap.craft(lab.model, _aux(lab)))):
+        pos = np.sort(rng.choice(lab.silos[0].n_train, 2, replace=False))
+        obs, truth = V.observe(lab, 0, pos, cfg=lab.cfg.replace(batch_size=2), model=sent, with_stats=False)
+        start = np.clip(analytic.recover(obs).features, 0, None)[:4]
+        rec = reference.recover(obs, sent or lab.model, iterations=60, start=start)
+        assert rec.features.shape == _views(truth).shape and np.isfinite(rec.features).all()
+        out[name] = metrics.hungarian(rec.features, _views(truth)).mean
+    assert out["trap"] > out["honest"] + 0.2 and out["trap"] > 0.5, out
+
+
+def test_adapters_attack_matches_the_lora_step_through_the_backbone(lora_lab):
+    """LoRA mode: the adapters' step holds the views, the objective is lowest there; the server's
+    optimisation from its own images lowers it (double backward through the backbone)."""
+    from hashing.views import load_batch, resize
+    from simulations.leakage.attacks import adapters
+
+    lb = lora_lab
+    obs, truth = V.observe(lb, 0, [3, 17], cfg=lb.cfg.replace(batch_size=2), with_stats=False)
+    assert all(k in obs.sent for k in adapters.adapter_names(obs)) and any("lora_B" in k for k in obs.sent)
+    pre = lb.model.preprocess
+    views = np.concatenate(truth.views[0])
+    pix = views[:, 0] * pre["std"][0] + pre["mean"][0]
+    s1 = lb.silos[1]
+    aux = resize(load_batch(s1.silo.ds, s1.silo.splits.train[:32], 32), 32)[:, 0].numpy()
+    at_truth = adapters.recover(obs, lb.model, aux, iterations=0, start=pix).match
+    out = adapters.recover(obs, lb.model, aux, iterations=8, seed=1)
+    assert out.images.shape == pix.shape and out.images.min() >= 0 and out.images.max() <= 1
+    assert at_truth < out.start_match - 0.1, (at_truth, out.start_match)
+    assert out.match <= out.start_match
+
+
 def test_statistics_of_one_image_give_its_own_code(lab):
     from client import site
 
@@ -148,27 +233,21 @@ def test_statistics_of_one_image_give_its_own_code(lab):
     assert np.array_equal(q, own)
 
 
-def test_label_inference_reads_the_class_from_a_supervised_update():
+def test_label_inference_reads_the_class_from_a_supervised_update(sup_lab):
     from simulations.leakage.attacks import labels
 
-    lb = V.lab(Config(**(BASE | {"supervised": True})))
-    rng = np.random.default_rng(3)
-    s = lb.silos[0]
+    lb = sup_lab
     hits = []
-    for _ in range(10):
-        # a batch of 2 images of one class: its prototype's code is the whole target
-        c = int(rng.integers(10))
-        pos = np.sort(rng.choice(np.nonzero(s.train_labels == c)[0], 2, replace=False))
-        obs, _ = V.observe(lb, 0, pos, cfg=lb.cfg.replace(batch_size=2), with_stats=False)
+    for c, obs, _ in _one_class_rounds(lb, 10):  # a batch of one class: its prototype's code is the whole target
         hits.append(int(labels.infer(obs, lb.model)[0] == c))
     assert np.mean(hits) >= 0.8  # chance: 0.1
 
 
-def test_statistics_of_a_supervised_silo_give_its_label_histogram():
+def test_statistics_of_a_supervised_silo_give_its_label_histogram(sup_lab):
     from client import site
 
-    cfg = Config(**(BASE | {"supervised": True}))
-    lb = V.lab(cfg)
+    lb = sup_lab
+    cfg = lb.cfg
     s = V.restrict(lb.silos[0], np.arange(12))
     hist = statistics.label_histogram(site.local_stats(cfg, s, lb.model))
     assert np.array_equal(hist, np.bincount(s.train_labels, minlength=len(hist)).astype(float))
@@ -316,6 +395,41 @@ def test_bad_leakage_input_is_one_line(tmp_path, capsys, args, says):
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_fedhash_leakage_in_lora_mode(tmp_path, capsys, lora_lab):
+    """The study on a LoRA model: the head's first layer reads the adapted backbone's features (scored against
+    the sent backbone's features of the true views), the adapters attack gives images, the trap says why not."""
+    from hashing import model
+    from simulations.cli import main
+
+    path = tmp_path / "model.pt"
+    s = lora_lab.silos[0]
+    model.save_model(path, lora_lab.model, model.identity(lora_lab.model, backbone=lora_lab.cfg.backbone,
+                                                           weights_id=s.weights_id, size=lora_lab.cfg.size))
+    scn = _scenario(tmp_path, mode="lora", **{"n-images": 400, "leakage-smallest-trials": 1})
+    rc = main(["leakage", "--scenario", scn, "--attack", "analytic,adapters,trap", "--batch-sizes", "2",
+               "--local-steps", "1", "--epsilons", "inf", "--trials", "1", "--model", str(path),
+               "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 0, capsys.readouterr().err
+    (run,) = list((tmp_path / "runs").iterdir())
+    by = {r["attack"]: r for r in json.loads((run / "leakage.json").read_text())["rows"]}
+    assert 0.3 < by["analytic"]["cosine"] <= 1 and by["analytic"]["trials"] == 1 and by["analytic"]["n_db"] > 0
+    ad = by["adapters"]
+    assert ad["trials"] == 1 and -1 <= ad["cosine"] <= 1 and ad["psnr"] > 0 and 0 <= ad["ssim_prior"] <= 1
+    assert ad["mismatch_true_views"] < ad["mismatch_start"] and ad["mismatch"] <= ad["mismatch_start"]
+    assert by["trap"]["trials"] == 0 and "probe head" in by["trap"]["note"]
+    assert (run / "reconstructions.png").stat().st_size > 0
+
+
+def test_dp_in_lora_mode_is_refused_before_work(tmp_path, capsys):
+    from simulations.cli import main
+
+    rc = main(["leakage", "--scenario", _scenario(tmp_path, mode="lora"), "--epsilons", "inf,8",
+               "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "DP trains in probe mode" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_model_of_another_length_is_refused_before_work(tmp_path, capsys, model_file):

@@ -12,9 +12,12 @@ the silo's (ε, δ) puts on any attacker (:mod:`simulations.leakage.bounds`).
 
 Attacks (``attacks``): ``analytic`` (the honest server, :mod:`.attacks.analytic`), ``trap`` (a server that
 crafts the model it sends, :mod:`.attacks.trap`; probe head only), ``matching`` (:mod:`.attacks.matching`,
-started from the analytic candidates), ``invert`` (the trap's features to pixels, :mod:`.attacks.invert`),
-``statistics`` (the statistics reply of a silo of ``batch`` images, :mod:`.attacks.statistics`; heads pooled
-every round only), ``labels`` (supervised, :mod:`.attacks.labels`).
+started from the analytic candidates; supervised, with the labels), ``breaching`` (the external reference:
+the ``breaching`` package's Inverting Gradients from the same start, :mod:`.attacks.reference`), ``invert``
+(the trap's features to pixels, :mod:`.attacks.invert`), ``adapters`` (LoRA mode: images straight from the
+adapters' step, :mod:`.attacks.adapters`), ``statistics`` (the statistics reply of a silo of ``batch``
+images, :mod:`.attacks.statistics`; heads pooled every round only), ``labels`` (supervised,
+:mod:`.attacks.labels`).
 
 Writes ``leakage.json``, ``table.md`` and the plots to the run folder.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from hashing.codes import logits_to_codes
 from hashing.config import Config
 from hashing.errors import ConfigError
 from hashing.privacy import accountant
-from hashing.hashers import Hasher
+from hashing.hashers import Hasher, reads_features
 from hashing.index import SiloIndex
 from hashing.model import load_model
 from hashing.views import load_batch, normalise, resize
@@ -46,9 +50,9 @@ from ..scenario import Scenario
 from ..sweep import parse_epsilons as parse_epsilons_of_sweep
 from . import bounds, metrics
 from . import victim as V
-from .attacks import analytic, invert, labels, matching, statistics, trap
+from .attacks import adapters, analytic, invert, labels, matching, reference, statistics, trap
 
-ATTACKS = ("analytic", "trap", "matching", "invert", "statistics", "labels")
+ATTACKS = ("analytic", "trap", "matching", "breaching", "invert", "adapters", "statistics", "labels")
 CLIENT = "client"  # client-level DP in the epsilons list: the server clips and noises the silo's whole update
 VERSION = "leakage-lab"  # the lab's index holds codes of the lab's global model only
 
@@ -65,6 +69,9 @@ class Plan:
     matching_iterations: int = 60
     invert_trials: int = 3      # image inversion through the backbone: seconds per image
     invert_iterations: int = 100
+    breaching_iterations: int = 300  # breaching's own default is 24,000 (for images on a GPU)
+    adapters_trials: int = 2    # images from the adapters: double backward through the backbone, ~0.5 s a step
+    adapters_iterations: int = 60
     costly_max_batch: int = 8   # matching and inversion stop at this batch
     silo: int = 0
     seed: int = 0
@@ -133,10 +140,13 @@ def plan_from(scn: Scenario, *, attacks=None, batch_sizes=None, local_steps=None
     if scn.cfg.supervised and any(e == CLIENT or not math.isinf(e) for e in p.epsilons):
         raise ConfigError(f"{src}: sample-level DP trains unsupervised CroVCA; set supervised = false, or sweep "
                           "epsilons = inf only")
-    if min(p.batch_sizes) < 2 and scn.cfg.mode == "probe":
+    if scn.cfg.mode != "probe" and any(e == CLIENT or not math.isinf(e) for e in p.epsilons):
+        raise ConfigError(f"{src}: DP trains in probe mode, not mode = {scn.cfg.mode!r}; sweep epsilons = inf only, "
+                          "or set mode = \"probe\"")
+    if min(p.batch_sizes) < 2:
         who = "--batch-sizes" if batch_sizes is not None else f"{src}: leakage-batch-sizes"
-        raise ConfigError(f"{who}: a batch of 1 image cannot train the probe head (its Batch Renormalization needs "
-                          "2 rows a view); the smallest batch is 2")
+        raise ConfigError(f"{who}: a batch of 1 image cannot train the {scn.cfg.mode} head (its Batch Renormalization "
+                          "needs 2 rows a view); the smallest batch is 2")
     return p
 
 
@@ -174,6 +184,9 @@ class Cell:
     psnr_prior: list[float] = field(default_factory=list)  # the server's prior image (mean of its aux images)
     ssim_prior: list[float] = field(default_factory=list)
     cosine_pixels: list[float] = field(default_factory=list)  # backbone features of the images vs the recovered
+    match: list[float] = field(default_factory=list)        # adapters: 1 - cos of the simulated step, at the end
+    match_start: list[float] = field(default_factory=list)  # ... at the start (the server's images)
+    match_truth: list[float] = field(default_factory=list)  # ... at the true views (scoring only)
     ceiling: dict[str, list[float]] = field(default_factory=dict)  # top-10 of the true views / clean features
     seconds: float = 0.0
     note: str = ""
@@ -199,6 +212,9 @@ class Cell:
         if self.psnr:
             r |= {"psnr": m(self.psnr), "ssim": m(self.ssim), "cosine_of_images": m(self.cosine_pixels),
                   "psnr_prior": m(self.psnr_prior), "ssim_prior": m(self.ssim_prior)}
+        if self.match:
+            r |= {"mismatch": m(self.match), "mismatch_start": m(self.match_start),
+                  "mismatch_true_views": m(self.match_truth)}
         if not math.isinf(self.epsilon_planned):  # the run's (ε, δ), and the best point of its privacy profile
             r["bound_top1_at_delta"] = bounds.rero(self.epsilon_planned, self.delta, kappa1)
             r["bound_top10_at_delta"] = bounds.rero(self.epsilon_planned, self.delta, kappa10)
@@ -233,7 +249,7 @@ class Setting:
     lab: V.Lab
     index: SiloIndex
     aux_silo: SiloData | None
-    aux: np.ndarray | None            # the auxiliary silo's clean features (n, d)
+    aux: np.ndarray | None            # the auxiliary silo's clean features (n, d) (LoRA: of the sent backbone)
     aux_norm: float | None            # their median norm
     nonneg: bool                      # whether the backbone's features are >= 0 (ReLU6)
     crafted: Hasher | None = None     # the trap's model, made once
@@ -257,7 +273,11 @@ class Study:
             idx = SiloIndex(cfg.bits, VERSION)
             idx.add(logits_to_codes(lb.model.encode(s.inputs, db)), db, model_version=VERSION)
             other = next((o for i, o in enumerate(lb.silos) if i != self.plan.silo), None)
-            aux = None if other is None else np.asarray(other.clean[other.silo.splits.train], np.float64)
+            aux = None
+            if other is not None:  # cached features, or (LoRA) the features the sent backbone gives its images
+                tr = other.silo.splits.train
+                aux = np.asarray(other.clean[tr] if reads_features(cfg.hasher_kind)
+                                 else lb.model.backbone_features(other.inputs, tr), np.float64)
             self.settings[key] = Setting(lb, idx, other, aux,
                                          None if aux is None else float(np.median(np.linalg.norm(aux, axis=1))),
                                          bool(aux is not None and aux.min() >= 0))
@@ -289,8 +309,75 @@ class Study:
         DP head's projected queries give code = sign(rotation @ u)."""
         model = lb.model
         x = torch.from_numpy(np.asarray(queries, np.float32))
+        if rec.space == "projected":
+            with torch.inference_mode():
+                return model.net[2](model.net[1](x)).numpy()
+        return _encode_features(model, x.numpy())
+
+    @staticmethod
+    def _view_inputs(sent: Hasher, truth: V.Truth, first_step: bool = False) -> np.ndarray:
+        """The inputs of the head the update was computed on: the views' cached features, or (LoRA) the sent
+        backbone's features of the view images (scoring only); every step's, or the first step's."""
+        views = truth.views[:1] if first_step else truth.views
+        x = np.concatenate([np.concatenate(v) for v in views])
+        if x.ndim == 2:
+            return x
+        bb = sent.backbone
+        was = bb.training
+        bb.eval()
         with torch.inference_mode():
-            return model.net[2](model.net[1](x)).numpy() if rec.space == "projected" else model.encode_features(x.numpy())
+            f = bb(torch.from_numpy(x)).double().numpy()
+        bb.train(was)
+        return f
+
+    def aux_images(self, st: Setting, cfg: Config) -> np.ndarray:
+        """The server's own images (another silo's), at the silos' input size: (n, S, S) grey or (n, S, S, 3)."""
+        if st.aux_silo is None:
+            raise ConfigError("the attack needs a second silo as the server's auxiliary data; set num-silos >= 2")
+        other = st.aux_silo
+        x = resize(load_batch(other.silo.ds, other.silo.splits.train[:256], cfg.size), cfg.size)
+        return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
+
+    def _adapters(self, st: Setting, cfg: Config, obs: V.Observation, truth: V.Truth, c: "Cell",
+                  rng: np.random.Generator) -> np.ndarray:
+        """Images straight from the adapters' step (:mod:`.attacks.adapters`), scored against the views the
+        first step trained on (backbone features: cosine, Hungarian; pixels: PSNR and SSIM); returns the
+        server's queries (the global model's logits of the images' features, each pair of views averaged)."""
+        lb = st.lab
+        aux = self.aux_images(st, cfg)
+        out = adapters.recover(obs, lb.model, aux, iterations=self.plan.adapters_iterations,
+                               seed=int(rng.integers(1 << 31)))
+        pre = lb.model.preprocess
+        grey = out.images.ndim == 3
+        x = torch.from_numpy(out.images[:, None] if grey else out.images.transpose(0, 3, 1, 2).copy())
+        bb = lb.model.backbone.eval()
+        with torch.inference_mode():
+            f = bb(normalise(x, pre["mean"], pre["std"])).double().numpy()
+        true_f = self._view_inputs(lb.model, truth, first_step=True)
+        mt = metrics.hungarian(f, true_f)  # scoring only
+        c.cosine.append(mt.mean)
+        c.exact.append(float(len(mt.cosine) >= 2 * c.batch and mt.cosine.min() >= 0.99))
+        v = np.concatenate(truth.views[0])  # the true views, normalised as the silo fed them
+        pix = v * np.asarray(pre["std"]).reshape(1, 3, 1, 1) + np.asarray(pre["mean"]).reshape(1, 3, 1, 1)
+        pix = pix[:, 0] if grey else pix.transpose(0, 2, 3, 1)
+        prior = aux.mean(0)
+        for r, k in zip(mt.rows, mt.cols):
+            p, q = invert.psnr_ssim(out.images[r], pix[k])
+            c.psnr.append(p)
+            c.ssim.append(q)
+            p, q = invert.psnr_ssim(prior, pix[k])
+            c.psnr_prior.append(p)
+            c.ssim_prior.append(q)
+        c.match.append(out.match)
+        c.match_start.append(out.start_match)
+        c.match_truth.append(adapters.recover(obs, lb.model, aux, iterations=0, start=pix).match)
+        if not self.grid:
+            self.grid = {"victims": pix[mt.cols], "reconstructions": out.images[mt.rows],
+                         "title": "victims' views (top) and the server's images from the adapters' step (bottom)"}
+        rid = metrics.reidentify(st.index, _encode_features(lb.model, analytic.pair_views(true_f)), truth.images,
+                                 k=10, model_version=VERSION)
+        c.ceiling.setdefault("views", []).append(rid.rate(10))
+        return _encode_features(lb.model, analytic.pair_views(f))
 
     def _inverted(self, st: Setting, cfg: Config, queries: np.ndarray, truth: V.Truth, c: "Cell") -> np.ndarray:
         """Invert each query's features to an image; score the images against the victims' (PSNR, SSIM; each
@@ -321,7 +408,8 @@ class Study:
             c.ssim_prior.append(q)
         c.cosine_pixels.append(float(np.mean(np.diag(metrics.cosine_matrix(f, queries)))))
         if not self.grid:
-            self.grid = {"victims": true[m.cols], "reconstructions": imgs[m.rows]}
+            self.grid = {"victims": true[m.cols], "reconstructions": imgs[m.rows],
+                         "title": "victims (top) and the server's reconstructions (bottom): trap + inversion"}
         return lb.model.encode_features(f.astype(np.float32))
 
     def prior_image(self, st: Setting, cfg: Config, channels: int) -> np.ndarray:
@@ -372,15 +460,23 @@ class Study:
             c.note = f"matching runs at batches up to {self.plan.costly_max_batch} (its cost: seconds a trial)"
             return c
         if attack in ("trap", "invert"):
+            if lb.model.kind == "lora":
+                c.note = "the trap is crafted for the probe head on cached features (not built for LoRA's head)"
+                return c
             if not trap.applies(lb.model):
                 c.note = f"needs the probe head; the {lb.model.kind} head has no ReLU first layer or BatchNorm to craft"
                 return c
             sent = self.crafted(st)
-        if attack == "matching" and cfg.supervised:
-            c.note = "matching simulates unsupervised CroVCA (the supervised loss needs the batch's labels too)"
+        if attack == "adapters" and lb.model.kind != "lora":
+            c.note = f"the {lb.model.kind} head has no adapters: the adapters attack needs mode = \"lora\""
             return c
-        if attack == "matching" and lb.model.kind != "probe":
-            c.note = "matching simulates CroVCA's batch loss; the DP head trains a per-image objective (not simulated)"
+        if attack == "adapters" and (cfg.supervised or batch > self.plan.costly_max_batch):
+            c.note = (f"the adapters attack runs unsupervised CroVCA at batches up to {self.plan.costly_max_batch} "
+                      "(its cost: double backward through the backbone)")
+            return c
+        if attack == "breaching" and (lb.model.kind != "probe" or cfg.supervised or batch > self.plan.costly_max_batch):
+            c.note = (f"the breaching reference attacks the probe head under unsupervised CroVCA, at batches up to "
+                      f"{self.plan.costly_max_batch}")
             return c
         if attack == "labels" and not cfg.supervised:
             c.note = "label inference reads supervised CroVCA's prototype targets; the scenario is unsupervised"
@@ -394,22 +490,23 @@ class Study:
                       "is hidden from the server (the silo only clips)")
         trials = self.plan.smallest_trials if (cfg.dp == "none" and batch == min(self.plan.batch_sizes)
                                                and steps == 1) else self.plan.trials
-        if attack == "matching":
+        if attack in ("matching", "breaching"):
             trials = min(trials, self.plan.matching_trials)
+        if attack == "adapters":
+            trials = min(trials, self.plan.adapters_trials)
         if attack == "invert":
             trials = min(trials, self.plan.invert_trials)
         t0 = time.perf_counter()
+        victims = cell_rng(self.plan.seed, "victims", batch, steps)
         for _ in range(trials):
-            pos = np.sort(rng.choice(silo.n_train, batch, replace=False))
+            pos = np.sort(victims.choice(silo.n_train, batch, replace=False))
             obs, truth = V.observe(lb, self.plan.silo, pos, cfg=cfg, model=sent, with_stats=attack == "statistics")
             if "epsilon_planned" in obs.metrics:
                 c.epsilon_planned = float(obs.metrics["epsilon_planned"])
             if attack == "labels":
                 ranked = labels.infer(obs, lb.model)
                 guess = set(ranked[: min(batch, len(ranked))].tolist())
-                y = np.asarray(truth.labels)
-                y = y if y.ndim == 1 else np.argmax(y, axis=1)  # multi-label: the first label
-                c.label_accuracy.append(float(np.mean([int(v) in guess for v in y])))
+                c.label_accuracy.append(float(np.mean([int(v) in guess for v in _first_labels(truth.labels)])))
                 c.label_chance.append(min(batch, len(ranked)) / len(ranked))
                 c.trials += 1
                 continue
@@ -420,15 +517,28 @@ class Study:
                     y = np.asarray(truth.labels)
                     true = np.bincount(y, minlength=len(hist)) if y.ndim == 1 else y.sum(0)
                     c.label_exact.append(float(np.array_equal(np.asarray(true, float), hist)))
+            elif attack == "adapters":
+                q = self._adapters(st, cfg, obs, truth, c, rng)
             else:
                 rec = analytic.recover(obs)
                 if attack == "analytic":  # sign patterns: put them on the features' scale and sign
                     rec.features = self._scaled(rec.features, aux_norm, nonneg) if rec.space == "features" else rec.features
                 if attack == "matching":  # refine the honest analytic candidates by matching the whole update
-                    start = self._scaled(rec.features, aux_norm, nonneg)
+                    # (the DP head's candidates lie in its projected basis: it starts from auxiliary features)
+                    start = self._scaled(rec.features, aux_norm, nonneg) if rec.space == "features" else None
+                    ranked = labels.infer(obs, lb.model) if cfg.supervised else None  # iDLG's guess starts the labels
                     rec = matching.recover(obs, lb.model, aux, start=start, iterations=self.plan.matching_iterations,
-                                           seed=int(rng.integers(1 << 31)))
-                inputs = np.concatenate([np.concatenate(v) for v in truth.views])
+                                           seed=int(rng.integers(1 << 31)), label_start=ranked)
+                    if rec.labels is not None and truth.labels is not None:  # one guess an image, B in all
+                        guess = set(rec.labels.tolist())
+                        classes = int(np.isfinite(np.asarray(obs.prototypes)).all(axis=1).sum())
+                        c.label_accuracy.append(float(np.mean([int(v) in guess for v in _first_labels(truth.labels)])))
+                        c.label_chance.append(1 - (1 - 1 / classes) ** batch)  # B blind guesses name the class
+                if attack == "breaching":  # the external reference, from the same start as matching
+                    start = matching.starting_points(aux, self._scaled(rec.features, aux_norm, nonneg), batch,
+                                                     seed=int(rng.integers(1 << 31)))
+                    rec = reference.recover(obs, lb.model, iterations=self.plan.breaching_iterations, start=start)
+                inputs = self._view_inputs(sent, truth)
                 if rec.space == "projected":
                     with torch.inference_mode():
                         inputs = lb.model.net[0](torch.from_numpy(inputs)).numpy()
@@ -455,6 +565,25 @@ class Study:
         return c
 
 
+def cell_rng(seed: int, *key) -> np.random.Generator:
+    """A generator of its own for each key: the victims of a batch size and number of steps (the same for
+    every attack and privacy setting, so that rows compare on the same images), and each cell's attack
+    seeds; adding an attack or a batch size to a plan moves no other row."""
+    return np.random.default_rng([int(seed), zlib.crc32("/".join(map(str, key)).encode())])
+
+
+def _encode_features(model: Hasher, features: np.ndarray) -> np.ndarray:
+    """Logits of head inputs under the global model (LoRA: its head on the adapted backbone's features)."""
+    head = model.head if model.kind == "lora" else model
+    return head.encode_features(np.asarray(features, np.float32))
+
+
+def _first_labels(y: np.ndarray) -> np.ndarray:
+    """Each image's class (multi-label: its first label)."""
+    y = np.asarray(y)
+    return y if y.ndim == 1 else np.argmax(y, axis=1)
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -479,14 +608,13 @@ def run_study(scn: Scenario, plan: Plan, *, runs_dir: str | Path = "runs",
         _say(f"training the federation to attack ({scn.cfg.num_server_rounds} rounds, no DP) into {run_dir / 'federation'}")
         hasher, _ = load_model(train_global(scn.cfg, run_dir / "federation"))
     study = Study(scn, plan, hasher)
-    rng = np.random.default_rng(plan.seed)
     todo = cells(plan)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     _say(f"leakage lab: {len(todo)} cells on silo {plan.silo} of {scn.name}; folder {run_dir}")
     said: set[tuple] = set()
     for i, (a, e, b, s) in enumerate(todo, 1):
-        c = study.cell(a, e, b, s, rng)
+        c = study.cell(a, e, b, s, cell_rng(plan.seed, "attack", a, e, b, s))
         r = c.row()
         if not r["trials"] and (a, e, r["note"]) in said:
             continue  # one row says why an attack does not apply at this ε, not one per batch and step
@@ -538,7 +666,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _f(r["exact"], 2),
             _f(r["top1"], 2), _f(r["top10"], 2), _f(r["chance_top10"], 3), _f(r["epsilon_planned"], 2),
             _f(r.get("bound_top1"), 3), _f(r.get("bound_top10"), 3),
-            f"{_f(r['top10_true_views'], 2)} / {_f(r['top10_true_clean'], 2)}" if "top10_true_views" in r else "–",
+            f"{_f(r['top10_true_views'], 2)} / {_f(r.get('top10_true_clean'), 2)}" if "top10_true_views" in r else "–",
             f"{_f(r['psnr'], 1)} dB / {_f(r['ssim'], 3)} (prior {_f(r['psnr_prior'], 1)} / {_f(r['ssim_prior'], 3)})"
             if "psnr" in r else "–",
             (f"{_f(r['label_accuracy'], 2)} ({_f(r['label_chance'], 2)})" if "label_accuracy" in r else
@@ -572,7 +700,6 @@ def figures(run_dir: Path, rows: list[dict[str, Any]], plan: Plan, study: Study)
     nodp_level = {r["attack"]: r["top10"] for r in nodp if r["batch"] == b0 and r["steps"] == 1}
     if study.grid:
         plots.plot_image_pairs(study.grid["victims"], study.grid["reconstructions"],
-                               run_dir / "reconstructions.png",
-                               title="victims (top) and the server's reconstructions (bottom): trap + inversion")
+                               run_dir / "reconstructions.png", title=study.grid["title"])
     plots.plot_leakage_epsilon(dp, run_dir / "reid_vs_epsilon.png", bound=([b[0] for b in bound], [b[1] for b in bound]),
                                chance=([c[0] for c in chance_dp], [c[1] for c in chance_dp]), no_dp=nodp_level, batch=b0)

@@ -58,7 +58,8 @@ class Lab:
 def check_model(cfg: Config, model: Hasher, feature_dim: int | None = None, what: str = "the model to attack") -> None:
     """A global model to attack must be of the kind, code length (and feature size) ``cfg`` trains."""
     want = (cfg.hasher_kind, cfg.bits, feature_dim)
-    got = (model.kind, model.bits, getattr(model, "in_dim", None) if feature_dim is not None else None)
+    dim = getattr(model, "in_dim", None) or getattr(getattr(model, "head", None), "in_dim", None)  # LoRA: its head's
+    got = (model.kind, model.bits, dim if feature_dim is not None else None)
     if got != want:
         on = f" on {got[2]} features" if feature_dim is not None else ""
         raise ConfigError(f"{what} is a {got[0]} head of {got[1]} bits{on}; the scenario trains a {want[0]} head of "
