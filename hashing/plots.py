@@ -336,6 +336,8 @@ def plot_image_pairs(top: np.ndarray, bottom: np.ndarray, path, *, title: str = 
             ax = fig.add_subplot(2, n, row * n + i + 1)
             ax.imshow(np.clip(im, 0, 1), cmap="gray" if np.ndim(im) == 2 else None, vmin=0, vmax=1)
             ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=8)
+    if title:  # wrapped to the figure's width (two columns are narrow)
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, max(24, int(17 * (1.3 * n + 0.4))))), fontsize=8)
     _save(fig, path)

@@ -399,7 +399,8 @@ def test_bad_leakage_input_is_one_line(tmp_path, capsys, args, says):
 
 def test_fedhash_leakage_in_lora_mode(tmp_path, capsys, lora_lab):
     """The study on a LoRA model: the head's first layer reads the adapted backbone's features (scored against
-    the sent backbone's features of the true views), the adapters attack gives images, the trap says why not."""
+    the sent backbone's features of the true views); the trap, crafted in the LoRA model's head, returns them
+    exactly; the adapters attack gives images."""
     from hashing import model
     from simulations.cli import main
 
@@ -418,7 +419,8 @@ def test_fedhash_leakage_in_lora_mode(tmp_path, capsys, lora_lab):
     ad = by["adapters"]
     assert ad["trials"] == 1 and -1 <= ad["cosine"] <= 1 and ad["psnr"] > 0 and 0 <= ad["ssim_prior"] <= 1
     assert ad["mismatch_true_views"] < ad["mismatch_start"] and ad["mismatch"] <= ad["mismatch_start"]
-    assert by["trap"]["trials"] == 0 and "probe head" in by["trap"]["note"]
+    assert by["trap"]["cosine"] > 0.95 and by["trap"]["cosine"] > by["analytic"]["cosine"]
+    assert 0 <= by["trap"]["top10_true_views"] <= 1 and 0 <= by["trap"]["top10_true_clean"] <= 1
     assert (run / "reconstructions.png").stat().st_size > 0
 
 

@@ -23,6 +23,7 @@ Writes ``leakage.json``, ``table.md`` and the plots to the run folder.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import zlib
@@ -69,7 +70,7 @@ class Plan:
     matching_iterations: int = 60
     invert_trials: int = 3      # image inversion through the backbone: seconds per image
     invert_iterations: int = 100
-    breaching_iterations: int = 300  # breaching's own default is 24,000 (for images on a GPU)
+    breaching_iterations: int = 200  # breaching's own default is 24,000 (for images on a GPU)
     adapters_trials: int = 2    # images from the adapters: double backward through the backbone, ~0.5 s a step
     adapters_iterations: int = 60
     costly_max_batch: int = 8   # matching and inversion stop at this batch
@@ -210,8 +211,10 @@ class Cell:
         for key, v in self.ceiling.items():
             r[f"top10_true_{key}"] = m(v)
         if self.psnr:
-            r |= {"psnr": m(self.psnr), "ssim": m(self.ssim), "cosine_of_images": m(self.cosine_pixels),
-                  "psnr_prior": m(self.psnr_prior), "ssim_prior": m(self.ssim_prior)}
+            r |= {"psnr": m(self.psnr), "ssim": m(self.ssim), "psnr_prior": m(self.psnr_prior),
+                  "ssim_prior": m(self.ssim_prior)}
+        if self.cosine_pixels:
+            r["cosine_of_images"] = m(self.cosine_pixels)
         if self.match:
             r |= {"mismatch": m(self.match), "mismatch_start": m(self.match_start),
                   "mismatch_true_views": m(self.match_truth)}
@@ -330,6 +333,14 @@ class Study:
         bb.train(was)
         return f
 
+    def _clean(self, lb: V.Lab, images: np.ndarray) -> np.ndarray:
+        """The head's inputs for the clean view of silo images (scoring only): cached, or (LoRA) the global
+        model's adapted backbone's."""
+        s = lb.silos[self.plan.silo]
+        if s.clean is not None:
+            return np.asarray(s.clean[images], np.float64)
+        return np.asarray(lb.model.backbone_features(s.inputs, np.asarray(images)), np.float64)
+
     def aux_images(self, st: Setting, cfg: Config) -> np.ndarray:
         """The server's own images (another silo's), at the silos' input size: (n, S, S) grey or (n, S, S, 3)."""
         if st.aux_silo is None:
@@ -384,7 +395,8 @@ class Study:
         victim against the image whose backbone features match its own best: scoring only), and return the
         server's queries: the logits of the images' own backbone features under the global model."""
         lb = st.lab
-        bb = self.backbone(cfg)
+        # LoRA: a copy of the global model's adapted backbone (inversion freezes the module it is given)
+        bb = copy.deepcopy(lb.model.backbone).eval() if lb.model.kind == "lora" else self.backbone(cfg)
         ds = lb.silos[self.plan.silo].silo.ds
         channels = 1 if ds.images is not None and ds.images.ndim == 3 else 3
         prior = self.prior_image(st, cfg, channels)
@@ -396,7 +408,7 @@ class Study:
             f = bb(normalise(x, dc["mean"], dc["std"])).numpy()
         true = resize(load_batch(ds, truth.images, cfg.size), cfg.size)
         true = true[:, 0].numpy() if channels == 1 else true.permute(0, 2, 3, 1).numpy()
-        clean = np.asarray(lb.silos[self.plan.silo].clean[truth.images], np.float64)
+        clean = self._clean(lb, truth.images)
         m = metrics.hungarian(f, clean)
         for r, k in zip(m.rows, m.cols):
             p, q = invert.psnr_ssim(imgs[r], true[k])
@@ -410,7 +422,7 @@ class Study:
         if not self.grid:
             self.grid = {"victims": true[m.cols], "reconstructions": imgs[m.rows],
                          "title": "victims (top) and the server's reconstructions (bottom): trap + inversion"}
-        return lb.model.encode_features(f.astype(np.float32))
+        return _encode_features(lb.model, f)
 
     def prior_image(self, st: Setting, cfg: Config, channels: int) -> np.ndarray:
         """The server's prior for inversion: the mean of its auxiliary images (another silo's)."""
@@ -460,9 +472,6 @@ class Study:
             c.note = f"matching runs at batches up to {self.plan.costly_max_batch} (its cost: seconds a trial)"
             return c
         if attack in ("trap", "invert"):
-            if lb.model.kind == "lora":
-                c.note = "the trap is crafted for the probe head on cached features (not built for LoRA's head)"
-                return c
             if not trap.applies(lb.model):
                 c.note = f"needs the probe head; the {lb.model.kind} head has no ReLU first layer or BatchNorm to craft"
                 return c
@@ -474,9 +483,10 @@ class Study:
             c.note = (f"the adapters attack runs unsupervised CroVCA at batches up to {self.plan.costly_max_batch} "
                       "(its cost: double backward through the backbone)")
             return c
-        if attack == "breaching" and (lb.model.kind != "probe" or cfg.supervised or batch > self.plan.costly_max_batch):
-            c.note = (f"the breaching reference attacks the probe head under unsupervised CroVCA, at batches up to "
-                      f"{self.plan.costly_max_batch}")
+        if attack == "breaching" and (lb.model.kind != "probe" or cfg.supervised or batch > self.plan.costly_max_batch
+                                      or steps > 1):
+            c.note = (f"the breaching reference attacks the probe head under unsupervised CroVCA, one local step (its "
+                      f"objective here is one gradient), at batches up to {self.plan.costly_max_batch}")
             return c
         if attack == "labels" and not cfg.supervised:
             c.note = "label inference reads supervised CroVCA's prototype targets; the scenario is unsupervised"
@@ -549,10 +559,10 @@ class Study:
                 q = (self._inverted(st, cfg, queries, truth, c) if attack == "invert"  # to pixels and back
                      else self._logits(lb, rec, queries))
                 if attack == "trap" and rec.space == "features":  # what exact recovery can reach at best:
-                    views = np.concatenate(truth.views[0])  # the true views, paired as the attack pairs them,
-                    clean = np.asarray(silo.clean[truth.images], np.float32)  # and the victims' clean features
+                    views = self._view_inputs(sent, truth, first_step=True)  # the true views, paired as the attack pairs them,
+                    clean = self._clean(lb, truth.images).astype(np.float32)  # and the victims' clean features
                     for what, x in (("views", analytic.pair_views(views)), ("clean", clean)):
-                        rid = metrics.reidentify(index, lb.model.encode_features(np.asarray(x, np.float32)),
+                        rid = metrics.reidentify(index, _encode_features(lb.model, x),
                                                  truth.images, k=10, model_version=VERSION)
                         c.ceiling.setdefault(what, []).append(rid.rate(10))
             rid = metrics.reidentify(index, q, truth.images, k=10, model_version=VERSION)

@@ -16,7 +16,9 @@ Entry point: :func:`recover` (observation, model sent -> candidate inputs (2B, d
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import warnings
 
@@ -76,7 +78,9 @@ def recover(obs: Observation, model: Hasher, *, iterations: int = 500, start: np
     gradients = [adam_direction(obs, k).float() for k in names]
     b = int(obs.metrics.get("num_examples", 1))
     d = int(model.in_dim)
-    cfg = breaching.get_attack_config("invertinggradients")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # it prints the config it loads
+        warnings.simplefilter("ignore")
+        cfg = breaching.get_attack_config("invertinggradients")
     cfg.optim.max_iterations = int(iterations)
     cfg.optim.callback = int(iterations) + 1
     cfg.optim.boxed = False

@@ -15,7 +15,9 @@ Two changes to the model it sends, both in the arrays a silo loads without quest
    input (:func:`simulations.leakage.attacks.analytic.recover`).
 
 Entry point: :func:`craft` (global model, auxiliary features -> the crafted model to send). It applies to
-the ``probe`` head (a ReLU first layer and a BatchNorm the server sets); the DP head has neither.
+the ``probe`` head and to the LoRA model's head (a ReLU first layer and a BatchNorm the server sets; in
+LoRA mode the auxiliary features are the sent backbone's, and the rows then return the adapted backbone's
+features of the views); the DP head has neither.
 """
 from __future__ import annotations
 
@@ -27,10 +29,16 @@ import torch
 from hashing.hashers import Hasher
 
 
+def _head(model: Hasher):
+    """The module the trap crafts: the probe head itself, or the LoRA model's head."""
+    return model.head if getattr(model, "kind", "") == "lora" else model
+
+
 def applies(model: Hasher) -> bool:
-    net = getattr(model, "net", None)
-    return (getattr(model, "kind", "") == "probe" and net is not None and isinstance(net[0], torch.nn.Linear)
-            and net[0].bias is not None and hasattr(model.norm, "running_var"))
+    head = _head(model)
+    net = getattr(head, "net", None)
+    return (getattr(head, "kind", "") == "probe" and net is not None and isinstance(net[0], torch.nn.Linear)
+            and net[0].bias is not None and hasattr(head.norm, "running_var"))
 
 
 def craft(model: Hasher, aux: np.ndarray, *, p: float = 0.1, var: float = 1e7, scale: float = 0.05,
@@ -42,16 +50,17 @@ def craft(model: Hasher, aux: np.ndarray, *, p: float = 0.1, var: float = 1e7, s
     if not 0 < p < 1:
         raise ValueError(f"firing rate p={p} must lie in (0, 1)")
     out = copy.deepcopy(model)
+    head = _head(out)
     rng = np.random.default_rng(seed)
-    lin = out.net[0]
+    lin = head.net[0]
     rows, d = lin.weight.shape
     w = rng.standard_normal((rows, d))
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     thresholds = np.quantile(np.asarray(aux, np.float64) @ w.T, 1 - p, axis=0)
-    k = out.norm.running_var.shape[0]
+    k = head.norm.running_var.shape[0]
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(w * scale))
         lin.bias.copy_(torch.from_numpy(-thresholds * scale))
-        out.norm.running_var.fill_(var)
-        out.norm.bias.copy_(torch.from_numpy(rng.standard_normal(k)))
+        head.norm.running_var.fill_(var)
+        head.norm.bias.copy_(torch.from_numpy(rng.standard_normal(k)))
     return out
