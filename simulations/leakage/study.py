@@ -11,7 +11,7 @@ the server's queries, against the chance of as many random queries. Beside each 
 the silo's (ε, δ) puts on any attacker (:mod:`simulations.leakage.bounds`).
 
 Attacks (``attacks``): ``analytic`` (the honest server, :mod:`.attacks.analytic`), ``trap`` (a server that
-crafts the model it sends, :mod:`.attacks.trap`; probe head only), ``matching`` (:mod:`.attacks.matching`,
+crafts the model it sends, :mod:`.attacks.trap`; the probe head or LoRA's head), ``matching`` (:mod:`.attacks.matching`,
 started from the analytic candidates; supervised, with the labels), ``breaching`` (the external reference:
 the ``breaching`` package's Inverting Gradients from the same start, :mod:`.attacks.reference`), ``invert``
 (the trap's features to pixels, :mod:`.attacks.invert`), ``adapters`` (LoRA mode: images straight from the
