@@ -12,6 +12,8 @@ protocol (``hashing.federated.protocol``) names every record and key, ``client.s
 - ``query.index``: encode the database with the global function, fill the silo's index folder
   (catalogue of content ids, FAISS codes, the model; hashing.retrieval) stamped with the model
   version, and evaluate the final model.
+- ``query.secagg_keys`` / ``-shares`` / ``-unmask``: secure aggregation's key setup and unmasking
+  (``client.secagg``; ``secagg_mod`` masks the train, statistics and moments replies).
 - ``query.search``: another site's query codes (never an image): the silo's top-k in its own index,
   content ids and Hamming distances, plus labels only where the node config's ``search-share`` says so.
 
@@ -36,11 +38,12 @@ from hashing.federated import protocol as P
 from hashing.hashers import Hasher
 from hashing.state import state_nbytes
 
-from . import site
+from . import secagg, site
 from .mods import site_errors_mod, train_clipping_mod, wire_mod
 
-# records of several arrays travel packed; a real site's errors reach the server without its paths
-app = ClientApp(mods=[wire_mod, site_errors_mod])
+# records of several arrays travel packed; a real site's errors reach the server without its paths; under
+# secure aggregation the replies to sum leave masked (secagg_mod sees the update after client-side clipping)
+app = ClientApp(mods=[wire_mod, site_errors_mod, secagg.secagg_mod])
 
 _warm = False
 
@@ -168,6 +171,21 @@ def index(msg: Message, context: Context) -> Message:
     content = RecordDict({P.METRICS: MetricRecord(P.evaluation(score.map, score.bit_balance, num_examples=n)),
                           P.SILO: _silo(got.data, str(path))})
     return Message(content, reply_to=msg)
+
+
+@app.query(P.query_action(P.MSG_SECAGG_KEYS))
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return secagg.keys(msg, context)
+
+
+@app.query(P.query_action(P.MSG_SECAGG_SHARES))
+def secagg_shares(msg: Message, context: Context) -> Message:
+    return secagg.shares(msg, context)
+
+
+@app.query(P.query_action(P.MSG_SECAGG_UNMASK))
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secagg.unmask(msg, context)
 
 
 @app.query(P.query_action(P.MSG_SEARCH))

@@ -85,6 +85,10 @@ class Config:
     dp_max_noise: float = 20.0      # sample: a target ε that needs more DP-SGD noise than this is refused
     dp_dims: int = 256              # sample: principal axes the DP head projects on (its rotation is bits x dp-dims)
     dp_clipping: str = "server-fixed"  # client: which Flower wrapper clips the updates
+    # ------------------------------------------------------------ secure aggregation (README, "Secure aggregation")
+    secagg: bool = False            # the server learns only the sums: updates, statistics, moments (masked, SecAgg)
+    secagg_threshold: int = 0       # silos whose shares rebuild a dropped silo's mask key (0 = a majority of the keyed silos)
+    secagg_range: float = 4.0       # bound on every entry of a silo's weighted update (num-examples / total x change)
     # ------------------------------------------------------------ server
     strategy: str = "fedavg"
     num_server_rounds: int = 10
@@ -212,6 +216,19 @@ class Config:
             bad("server_momentum", f"is {self.server_momentum}; use a momentum in [0, 1)")
         if not 0.0 <= self.trimmed_beta < 0.5:
             bad("trimmed_beta", f"is {self.trimmed_beta}; use a fraction in [0, 0.5)")
+        if self.secagg:
+            if self.strategy in SECAGG_REFUSED:
+                bad("secagg", f"is true with strategy = {self.strategy!r}, which needs every silo's own update; secure "
+                              "aggregation gives the server only their sum: use fedavg, fedprox, fedavgm, fedadam, "
+                              "fedyogi or fedadagrad, or secagg = false")
+            if self.dp == "client":
+                bad("secagg", "is true with dp = \"client\": Flower's client-level DP wrappers clip or count each "
+                              "silo's update on the server, which secure aggregation hides, and fedhash does not yet "
+                              "add the noise at the silos; use dp = \"sample\" or secagg = false")
+        if self.secagg_threshold < 0 or self.secagg_threshold == 1:
+            bad("secagg_threshold", f"is {self.secagg_threshold}; give 0 (a majority) or at least 2 silos")
+        if not 0 < self.secagg_range <= 1024:
+            bad("secagg_range", f"is {self.secagg_range}; give a bound in (0, 1024] on a weighted update's entries")
         failures_of(self.inject_failures, source, key_prefix)
 
     def to_dict(self, kebab: bool = True) -> dict[str, Any]:
@@ -284,20 +301,25 @@ class Config:
 
 
 SEARCH_FAILURES = ("search", "search-stall")  # inject-failures: a simulated silo's search raises, or stalls
+UNMASK_FAILURE = "unmask"  # inject-failures "<silo>@unmask<r>": the silo fails its unmaskings of round r (secagg)
+SECAGG_REFUSED = ("fedmedian", "fedtrimmedavg", "krum")  # strategies that need each silo's own update
 
 
 def failures_of(text: str, source: str = "config", key_prefix: str = "") -> dict[str, set[int | str]]:
-    """``inject-failures`` parsed: silo name -> rounds in which its training raises, and ``search`` (its
-    search replies with an error) or ``search-stall`` (it answers only after round-timeout)."""
+    """``inject-failures`` parsed: silo name -> rounds in which its training raises, ``search`` (its
+    search replies with an error), ``search-stall`` (it answers only after round-timeout) or ``unmask<r>``
+    (under secure aggregation it fails to unmask round r's sums, after it sent its masked reply)."""
     out: dict[str, set[int | str]] = {}
     for item in (s.strip() for s in str(text).split(",")):
         if not item:
             continue
         name, sep, rnd = item.rpartition("@")
         rnd = rnd.strip()
-        if not sep or not name or not (rnd.isdigit() or rnd in SEARCH_FAILURES):
+        unmask = rnd.startswith(UNMASK_FAILURE) and rnd[len(UNMASK_FAILURE):].isdigit()
+        if not sep or not name or not (rnd.isdigit() or rnd in SEARCH_FAILURES or unmask):
             raise ConfigError(f"{source}: '{key_prefix}inject-failures' item {item!r} is not <silo>@<round>, "
-                              "<silo>@search or <silo>@search-stall; write e.g. inject-failures = \"silo-1@2\"")
+                              "<silo>@search, <silo>@search-stall or <silo>@unmask<round>; write e.g. "
+                              "inject-failures = \"silo-1@2\"")
         out.setdefault(name, set()).add(int(rnd) if rnd.isdigit() else rnd)
     return out
 

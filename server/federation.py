@@ -38,6 +38,7 @@ from .indexing import build_indexes
 from .ledger import Ledger
 from .link import Link, silo_of
 from .pooling import pooling_for
+from .secagg import SecureAggregation, summed_reply
 from .strategies import make_strategy, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedhash.server")
@@ -64,9 +65,10 @@ class Federation:
         self.model = GlobalModel(cfg, weights_id, dim)
         self.strategy = privacy.wrap_strategy(make_strategy(cfg), cfg, cfg.num_silos)
         self.ledger = Ledger(cfg)
-        self.pooling = pooling_for(cfg, self.model, self.ledger)
         self.link = Link(grid, round_timeout=cfg.round_timeout, min_nodes=cfg.min_train_nodes, kept=self._kept)
         self.link.on_phase = self._phase
+        self.secagg = SecureAggregation(cfg, self.link, self._kept) if cfg.secagg else None
+        self.pooling = pooling_for(cfg, self.model, self.ledger, self.secagg)
         self.phase, self.round_in_flight, self.t_start = "start-up", 0, time.time()
         self.history: list[dict] = []
         self.libraries = ckpt.library_versions()  # once per run, for every checkpoint and model.pt
@@ -136,8 +138,12 @@ class Federation:
         config = ConfigRecord(P.round_config(cfg.to_json(), server_round, evaluate=evaluate_previous))
         msgs = list(self.strategy.configure_train(server_round, ArrayRecord(model.params), config, self.link.grid))
         glob = ArrayRecord(model.globals())
-        for m in msgs:  # Flower's strategies share one content among the messages; this sets it once per object
-            m.content[P.GLOBALS] = glob
+        label = f"r{server_round}-train"
+        contents = {id(m.content): m.content for m in msgs}.values()  # Flower's strategies share one among them
+        for content in contents:
+            content[P.GLOBALS] = glob
+            if self.secagg is not None:  # the silos reply with their masked weighted updates
+                self.secagg.attach(content, [m.metadata.dst_node_id for m in msgs], label, server_round)
         ok = self.link.send(msgs, "train", server_round, require="training")
         silos = [silo_of(m)[P.SILO_NAME] for m in ok]
         reports = [P.read_train_metrics(m.content[P.METRICS]) for m in ok]
@@ -148,7 +154,15 @@ class Federation:
             rest = [n for n in (node_ids or []) if n not in sampled]
             evaluation = _scores(scores | (self._evaluate(server_round - 1, rest) if rest else {}))
         self.ledger.record_replies(ok)
-        agg, _ = self.strategy.aggregate_train(server_round, ok)
+        secure = {}
+        if self.secagg is not None:  # the strategy aggregates the one sum the server learns
+            total = self.secagg.unmask(label, msgs, ok, server_round, "train")
+            n_sum = sum(r.num_examples for m, r in zip(ok, reports) if int(m.metadata.src_node_id) in total.contributors)
+            agg, _ = self.strategy.aggregate_train(server_round, [summed_reply(model.params, total, n_sum)])
+            secure = {"secagg_silos": len(total.contributors), "secagg_dropped": total.dropped,
+                      "secagg_bytes_up": total.bytes_up, "secagg_bytes_down": total.bytes_down}
+        else:
+            agg, _ = self.strategy.aggregate_train(server_round, ok)
         if agg is None:
             raise TrainingError(f"round {server_round}: the {cfg.strategy} strategy returned no model; "
                                 "see the log for the replies it rejected")
@@ -161,7 +175,7 @@ class Federation:
             "client_seconds_max": float(max(r.seconds for r in reports)),
             "bytes_down": int(sum(r.bytes_down for r in reports)), "bytes_up": int(sum(r.bytes_up for r in reports)),
             "trained": silos,
-        }
+        } | secure
 
     def _evaluate(self, server_round: int, node_ids: list[int]) -> dict[str, tuple[float, float]]:
         """The ``evaluate`` message: each silo's (mAP, bit balance) under the current global model."""
@@ -200,7 +214,7 @@ class Federation:
         restore_strategy_state(self.strategy, rec["strategy_state"])
         self.history = list(rec["history"])
         self.ledger = Ledger(self.cfg, rec.get("ledger", {}))
-        self.pooling = pooling_for(self.cfg, self.model, self.ledger)
+        self.pooling = pooling_for(self.cfg, self.model, self.ledger, self.secagg)
         self.start_round = int(rec["round"]) + 1
         log.info("resuming from %s: round %d of %d", path, self.start_round, self.cfg.num_server_rounds)
 

@@ -26,6 +26,7 @@ from hashing.privacy import release
 from .global_model import GlobalModel
 from .ledger import Ledger
 from .link import Link, silo_of
+from .secagg import SecureAggregation
 
 
 def _arrays(m, key: str) -> dict:
@@ -38,39 +39,57 @@ def _note_silos(model: GlobalModel, replies) -> None:
         model.silos[s[P.SILO_NAME]] = s.get(P.SILO_IDS, "")
 
 
+def _gather(link: Link, secagg: SecureAggregation | None, node_ids: list[int], message_type: str, content: RecordDict,
+            what: str, server_round: int, require: str, key: str) -> tuple[list, list[dict], dict[str, Any]]:
+    """Send a statistics phase; (good replies, the silos' arrays to pool, what secure aggregation did). Under
+    secure aggregation the arrays are one: the sum of the silos that unmasked (the good replies still count for
+    the privacy ledger: a silo left out of the sum has spent its release all the same)."""
+    msgs = link.messages(node_ids, message_type, content)
+    label = f"r{server_round}-{what}"
+    if secagg is not None:
+        secagg.attach(content, node_ids, label, server_round)
+    ok = link.send(msgs, what, server_round, require=require)
+    if secagg is None:
+        return ok, [_arrays(m, key) for m in ok], {}
+    total = secagg.unmask(label, msgs, ok, server_round, what)
+    return ok, [total.part64], {"stats_secagg_silos": len(total.contributors), "stats_secagg_dropped": total.dropped,
+                                  "stats_secagg_bytes_up": total.bytes_up}
+
+
 class ActivationPooling:
     """Exact pooled BatchNorm statistics and global prototypes, before round 1 and after every round."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, secagg: SecureAggregation | None = None):
+        self.cfg, self.secagg = cfg, secagg
 
     def start(self, link: Link, model: GlobalModel, node_ids: list[int]) -> dict[str, Any]:
         return self.after_round(link, model, 0, node_ids)
 
     def after_round(self, link: Link, model: GlobalModel, server_round: int, node_ids: list[int]) -> dict[str, Any]:
         content = model.content(self.cfg, server_round)
-        ok = link.send(link.messages(node_ids, P.MSG_STATS, content), "stats", server_round, require="statistics")
-        pooled = pooling.pool([_arrays(m, P.STATS) for m in ok])
+        ok, stats, secure = _gather(link, self.secagg, node_ids, P.MSG_STATS, content, "stats", server_round,
+                                    "statistics", P.STATS)
+        pooled = pooling.pool(stats)
         mean, var = pooling.pooled_moments(pooled)
         model.update(lambda h: pooling.set_bn_stats(h, mean, var))
         if self.cfg.supervised and pooled["class_count"].size:
             model.prototypes = torch.from_numpy(pooling.global_prototypes(model.hasher, pooled))
         _note_silos(model, ok)
         up = sum(int(m.content[P.METRICS][P.BYTES_UP]) for m in ok)
-        return {"stats_silos": len(ok), "stats_bytes_up": up, "pooled_count": float(pooled["count"][0])}
+        return {"stats_silos": len(ok), "stats_bytes_up": up, "pooled_count": float(pooled["count"][0])} | secure
 
 
 class MomentsPooling:
     """The DP head: one release of feature moments before round 1; post-processing after every round."""
 
-    def __init__(self, cfg: Config, ledger: Ledger):
-        self.cfg, self.ledger = cfg, ledger
+    def __init__(self, cfg: Config, ledger: Ledger, secagg: SecureAggregation | None = None):
+        self.cfg, self.ledger, self.secagg = cfg, ledger, secagg
 
     def start(self, link: Link, model: GlobalModel, node_ids: list[int]) -> dict[str, Any]:
         cfg = self.cfg
         content = RecordDict({P.CONFIG: ConfigRecord(P.round_config(cfg.to_json(), 0))})
-        ok = link.send(link.messages(node_ids, P.MSG_MOMENTS, content), "moments", 0, require="moments release")
-        released = [_arrays(m, P.MOMENTS) for m in ok]
+        ok, released, secure = _gather(link, self.secagg, node_ids, P.MSG_MOMENTS, content, "moments", 0,
+                                       "moments release", P.MOMENTS)
         if cfg.dp == "sample":  # each silo noised its own release and says so
             self.ledger.record_replies(ok)
         else:  # client level: the sum of the silos' means, noised once for the whole federation
@@ -78,13 +97,15 @@ class MomentsPooling:
         mean, cov, _ = release.pooled_moments(released)
         model.update(lambda h: release.init_dp_head(h, mean, cov, seed=cfg.seed))
         _note_silos(model, ok)
-        return {"stats_silos": len(ok), "stats_bytes_up": sum(int(m.content[P.METRICS][P.BYTES_UP]) for m in ok)}
+        return {"stats_silos": len(ok), "stats_bytes_up": sum(int(m.content[P.METRICS][P.BYTES_UP]) for m in ok)} | secure
 
     def after_round(self, link: Link, model: GlobalModel, server_round: int, node_ids: list[int]) -> dict[str, Any]:
         model.update(dp_head.restandardize)
         return {"stats_silos": 0, "stats_bytes_up": 0}
 
 
-def pooling_for(cfg: Config, model: GlobalModel, ledger: Ledger) -> ActivationPooling | MomentsPooling:
-    """The statistics phase the global model's kind of hash function asks for."""
-    return MomentsPooling(cfg, ledger) if model.hasher.pooling == "moments" else ActivationPooling(cfg)
+def pooling_for(cfg: Config, model: GlobalModel, ledger: Ledger,
+                secagg: SecureAggregation | None = None) -> ActivationPooling | MomentsPooling:
+    """The statistics phase the global model's kind of hash function asks for (summed securely with ``secagg``)."""
+    return (MomentsPooling(cfg, ledger, secagg) if model.hasher.pooling == "moments"
+            else ActivationPooling(cfg, secagg))

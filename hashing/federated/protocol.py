@@ -13,6 +13,15 @@ A round, by message type (server -> every silo -> server):
 ``query.index``    down: ARRAYS, GLOBALS, CONFIG (with the model version and the privacy guarantee)
                    up:   METRICS (the final model's evaluation), SILO (with the index's path)
 
+Under secure aggregation (``secagg = true``; server/secagg.py, client/secagg.py) the train, statistics and
+moments messages also carry SECAGG (the sum's label, its silos' mask keys), and each reply carries MASKED
+and SECAGG (its layout) instead of ARRAYS, STATS or MOMENTS; before them, once per key set:
+
+``query.secagg_keys``    down: SECAGG (nonce, silos, threshold);  up: SECAGG (the silo's two public keys)
+``query.secagg_shares``  down: SECAGG (every keyed silo's public keys);  up: SECAGG (sealed shares of its mask key)
+``query.secagg_unmask``  down: SECAGG (label, dropped silos, the shares sealed for this silo)
+                         up:   SECAGG (the silo's self-mask seed, its shares of the dropped silos' keys)
+
 Search across silos (any time after the index phase; ``hashing.federated.search``):
 
 ``query.search``   down: QUERIES (packed query codes), CONFIG (:func:`search_config`: k, the codes' model version)
@@ -40,6 +49,10 @@ MSG_STATS = "query.stats"
 MSG_MOMENTS = "query.moments"
 MSG_INDEX = "query.index"
 MSG_SEARCH = "query.search"
+# secure aggregation (secagg = true; hashing.federated.secagg): key setup once, an unmasking after every sum
+MSG_SECAGG_KEYS = "query.secagg_keys"
+MSG_SECAGG_SHARES = "query.secagg_shares"
+MSG_SECAGG_UNMASK = "query.secagg_unmask"
 
 # The words of a site's refusal to work below its own privacy floor (node config require-dp / max-epsilon):
 # the server stops the run when a reply's error carries them, whatever min-train-nodes allows.
@@ -66,6 +79,8 @@ MOMENTS = "moments"   # released feature moments
 QUERIES = "queries"   # search: the packed query codes
 HITS = "hits"         # search: a silo's top-k (content ids, distances)
 SHARED = "shared"     # search: what a silo's node config lets it share beyond ids and distances
+SECAGG = "secagg"     # secure aggregation: the sum's label, its silos and their keys (down); the masked layout (up)
+MASKED = "masked"     # secure aggregation: a silo's masked vectors (Y32, Y64), in place of ARRAYS, STATS or MOMENTS
 
 PROTOTYPES = "prototypes"  # the global class prototypes, an entry of GLOBALS (never part of the hash function)
 
@@ -92,6 +107,17 @@ DP_SAMPLE_RATE = "dp-sample-rate"
 DP_STEPS = "dp-steps"
 DP_EPSILON_PLANNED = "dp-epsilon-planned"
 UNIT_WEIGHT = "dp-unit-weight"  # client-level DP: every reply weighs 1, so FedAvg averages the updates equally
+
+# SECAGG record keys (hashing.federated.secagg; server/secagg.py and client/secagg.py speak them)
+SA_NONCE, SA_IDS, SA_THRESHOLD = "nonce", "ids", "threshold"       # the run's key set
+SA_C_PK, SA_S_PK, SA_C_PKS, SA_S_PKS = "c-pk", "s-pk", "c-pks", "s-pks"  # public keys (one silo's; a table)
+SA_SEALED = "sealed"            # encrypted secret shares, one per keyed silo in SA_IDS order
+SA_LABEL, SA_RANGE = "label", "range"  # which sum; the bound on a weighted update's entries
+SA_SCALE = "scale"              # train: a silo weighs its update by num-examples / scale
+SA_DROPPED, SA_SEED, SA_SHARES = "dropped", "seed", "shares"  # unmasking
+SA_LAYOUT32, SA_LAYOUT64 = "layout32", "layout64"
+Y32, Y64 = "y32", "y64"
+SA_WEIGHT = "weight"            # the entry of the 64-bit vector a train reply's weight travels in
 
 # silo record keys
 SILO_NAME, SILO_IDS, SILO_DOMAIN, SILO_INDEX = "name", "ids", "domain", "index"
