@@ -5,6 +5,11 @@ both CroVCA modes.
 
     .venv/bin/python benchmarks/secagg_cost.py [--scenario demo] [--rounds 10] [--modes sup,unsup] [--out DIR]
 
+A third run per mode, ``plain-reversed``, is the plain one with the server summing the same replies in the
+reverse silo order (a change of the last float bits, nothing else; the server runs in this process, so the
+benchmark patches ``server.link.Link.send`` for that run only): how far the demo's per-silo figures move
+under a perturbation of that size, the yardstick for secagg's fixed point (~1e-8).
+
 For each run: the median seconds per round (federation.json's ``seconds``: train + unmask + statistics +
 unmask) over rounds 2.. (round 1 also pays the key setup, reported on its own), the bytes per round (the
 silos' replies and the global model sent to them; under secagg also the unmasking's messages and the key
@@ -29,16 +34,43 @@ from simulations.scenario import load_scenario  # noqa: E402
 
 def _summary(fed: dict) -> dict:
     rounds = fed["rounds"]
+    setup = max((int(r.get("secagg_setup_bytes", 0)) for r in rounds), default=0)  # cumulative in the records
     later = [float(r["seconds"]) for r in rounds[1:]] or [float(rounds[0]["seconds"])]
     n = len(rounds)
-    down = sum(int(r["bytes_down"]) + int(r.get("secagg_bytes_down", 0)) for r in rounds)
+    down = sum(int(r["bytes_down"]) + int(r.get("secagg_bytes_down", 0)) + int(r.get("stats_secagg_bytes_down", 0))
+               for r in rounds)
     up = sum(int(r["bytes_up"]) + int(r.get("stats_bytes_up", 0)) + int(r.get("secagg_bytes_up", 0))
-             for r in rounds)
+             + int(r.get("stats_secagg_bytes_up", 0)) for r in rounds) + setup
     last = rounds[-1]
     return {"median_round_s": statistics.median(later), "round1_s": float(rounds[0]["seconds"]),
             "bytes_per_round": (down + up) / n, "bytes_up_per_round": up / n, "bytes_down_per_round": down / n,
             "map": last.get("map", {}), "mean_map": last.get("mean_map"), "model_version": fed.get("model_version"),
             "dropped": sum(len(r.get("secagg_dropped", [])) for r in rounds)}
+
+
+def _reverse_for(out_dirs: list[str]) -> None:
+    """The ServerApp (this process) aggregates the runs in ``out_dirs`` in the reverse silo order."""
+    from server import link
+
+    send = link.Link.send
+    reversed_links: set[int] = set()
+
+    def patched(self, messages, what, server_round, **kw):
+        ok = send(self, messages, what, server_round, **kw)
+        return ok[::-1] if id(self) in reversed_links else ok
+
+    init = link.Link.__init__
+
+    def init_patched(self, grid, **kw):
+        init(self, grid, **kw)
+        try:
+            out = str(kw["kept"].__self__.out)
+        except AttributeError:
+            out = ""
+        if out in out_dirs:
+            reversed_links.add(id(self))
+
+    link.Link.send, link.Link.__init__ = patched, init_patched
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,18 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="sup,unsup")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = p.parse_args(argv)
-    from simulations.runner import run_federations
+    from hashing.silos import make_silos, source_dataset
+    from simulations.runner import run_federations, silo_features_for_references
 
     scn = load_scenario(args.scenario)
+    # the features as `fedhash simulate` extracts them (here, before the simulation): the plain runs are the
+    # scenario's own federated runs, figure for figure
+    silo_features_for_references(scn.cfg, make_silos(source_dataset(scn.cfg), scn.cfg), True)
     work = Path(tempfile.mkdtemp(prefix="fedhash-secagg-bench-"))
     cfgs, labels = [], []
     for mode in args.modes.split(","):
         base = scn.config_for(mode == "sup")
         if args.rounds:
             base = base.replace(num_server_rounds=args.rounds)
-        for secagg in (False, True):
-            cfgs.append(base.replace(secagg=secagg, out_dir=str(work / f"{mode}-{'secagg' if secagg else 'plain'}")))
-            labels.append(f"{mode}-{'secagg' if secagg else 'plain'}")
+        for kind in ("plain", "secagg", "plain-reversed"):
+            cfgs.append(base.replace(secagg=kind == "secagg", out_dir=str(work / f"{mode}-{kind}")))
+            labels.append(f"{mode}-{kind}")
+    _reverse_for([c.out_dir for c, lab in zip(cfgs, labels) if lab.endswith("reversed")])
     t0 = time.perf_counter()
     feds = run_federations(cfgs, scn.to_dict(), labels=labels, progress=True)
     wall = time.perf_counter() - t0
@@ -71,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
              "| run | median round (s) | round 1 (s) | bytes / round | mean mAP@1000 | ratio s | ratio bytes | "
              "largest per-silo mAP change |", "|---|---|---|---|---|---|---|---|"]
     for mode in args.modes.split(","):
-        a, b = runs[f"{mode}-plain"], runs[f"{mode}-secagg"]
-        diff = max((abs(b["map"][s] - a["map"][s]) for s in a["map"]), default=float("nan"))
-        for lab, r in ((f"{mode}-plain", a), (f"{mode}-secagg", b)):
-            sec = lab.endswith("secagg")
-            lines.append(f"| {lab} | {r['median_round_s']:.2f} | {r['round1_s']:.2f} | {r['bytes_per_round'] / 1e6:.2f} MB "
-                         f"| {r['mean_map']:.4f} | {r['median_round_s'] / a['median_round_s']:.2f}x | "
-                         f"{r['bytes_per_round'] / a['bytes_per_round']:.3f}x | {diff if sec else 0:.4f} |")
+        a = runs[f"{mode}-plain"]
+        for kind in ("plain", "secagg", "plain-reversed"):
+            r = runs[f"{mode}-{kind}"]
+            diff = max((abs(r["map"][s] - a["map"][s]) for s in a["map"]), default=float("nan"))
+            lines.append(f"| {mode}-{kind} | {r['median_round_s']:.2f} | {r['round1_s']:.2f} | "
+                         f"{r['bytes_per_round'] / 1e6:.2f} MB | {r['mean_map']:.4f} | "
+                         f"{r['median_round_s'] / a['median_round_s']:.2f}x | "
+                         f"{r['bytes_per_round'] / a['bytes_per_round']:.3f}x | {diff:.4f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out / "results"

@@ -160,7 +160,8 @@ class Federation:
             n_sum = sum(r.num_examples for m, r in zip(ok, reports) if int(m.metadata.src_node_id) in total.contributors)
             agg, _ = self.strategy.aggregate_train(server_round, [summed_reply(model.params, total, n_sum)])
             secure = {"secagg_silos": len(total.contributors), "secagg_dropped": total.dropped,
-                      "secagg_bytes_up": total.bytes_up, "secagg_bytes_down": total.bytes_down}
+                      "secagg_bytes_up": total.bytes_up, "secagg_bytes_down": total.bytes_down,
+                      "secagg_setups": self.secagg.setups, "secagg_setup_bytes": self.secagg.setup_bytes}
         else:
             agg, _ = self.strategy.aggregate_train(server_round, ok)
         if agg is None:

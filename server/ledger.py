@@ -1,7 +1,8 @@
 """The privacy ledger: every release each silo's data went into, and the guarantee that follows.
 
 Sample-level DP (``dp = "sample"``): each silo reports the mechanisms it ran on its data (the moments
-release, Opacus's record of its DP-SGD steps); its ε composes them in Opacus's RDP accountant.
+release, Opacus's record of its DP-SGD steps); its ε composes them in Opacus's PRV accountant, with
+RDP's ε beside it as a cross-check (``hashing.privacy.accountant``).
 Client-level DP (``dp = "client"``): the unit is one silo's whole update; the ledger holds one entry
 for the server's moments release and one per round (``server.privacy``).
 """
@@ -65,9 +66,11 @@ class Ledger:
             return {"unit": "none", "epsilon": math.inf}
         if cfg.dp == "sample":
             eps = {k: accountant.epsilon(v, cfg.dp_delta) for k, v in sorted(self.entries.items())}
+            rdp = {k: accountant.rdp_epsilon(v, cfg.dp_delta) for k, v in sorted(self.entries.items())}
             last = {k: v[-1] for k, v in self.entries.items() if len(v) > 1}
             return {"unit": "sample (one image)", "mechanism": accountant.MECHANISM, "accountant": accountant.ACCOUNTANT,
                     "delta": cfg.dp_delta, "epsilon": max(eps.values()) if eps else 0.0, "epsilon_per_silo": eps,
+                    "epsilon_rdp": max(rdp.values()) if rdp else 0.0,
                     "target_epsilon": cfg.dp_epsilon or None, "max_grad_norm": cfg.dp_clip,
                     "noise_multiplier": {k: v[0] for k, v in last.items()},
                     "sample_rate": {k: v[1] for k, v in last.items()},
@@ -79,6 +82,7 @@ class Ledger:
                 "mechanism": f"Flower {cfg.dp_clipping} clipping + Gaussian noise",
                 "accountant": privacy.ACCOUNTANT, "delta": cfg.dp_delta,
                 "epsilon": privacy.client_level_epsilon(hist, cfg.dp_delta, cfg.num_silos) if hist else 0.0,
+                "epsilon_rdp": accountant.rdp_epsilon([(z, 1.0, n) for z, _q, n in hist], cfg.dp_delta) if hist else 0.0,
                 "noise_multiplier": privacy.effective_noise(cfg, cfg.num_silos), "clipping_norm": cfg.dp_clip,
                 "clipping": cfg.dp_clipping, "silos": cfg.num_silos, "rounds": rounds_done,
                 "ledger": {FEDERATION: hist}}

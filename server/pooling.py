@@ -53,7 +53,7 @@ def _gather(link: Link, secagg: SecureAggregation | None, node_ids: list[int], m
         return ok, [_arrays(m, key) for m in ok], {}
     total = secagg.unmask(label, msgs, ok, server_round, what)
     return ok, [total.part64], {"stats_secagg_silos": len(total.contributors), "stats_secagg_dropped": total.dropped,
-                                  "stats_secagg_bytes_up": total.bytes_up}
+                                  "stats_secagg_bytes_up": total.bytes_up, "stats_secagg_bytes_down": total.bytes_down}
 
 
 class ActivationPooling:

@@ -6,7 +6,7 @@ update of every sampled silo is clipped to L2 norm ``dp-clip`` (on the server, o
 of std ``noise * clip / n`` is added to the mean (n = sampled silos). The neighbouring relation is
 "zero-out" (one silo's contribution replaced by nothing, the number of silos fixed and public), the
 usual one for DP-FedAvg: the mean's sensitivity is ``clip / n``, so a round is a Gaussian mechanism
-with noise multiplier ``noise``, and the rounds compose (RDP, Opacus's accountant, no sampling
+with noise multiplier ``noise``, and the rounds compose (PRV, Opacus's accountant; no sampling
 amplification; see :func:`client_level_epsilon`).
 
 **With few silos client-level DP is weak.** Each silo's whole update is one unit, so the noise
@@ -15,10 +15,11 @@ mean is ``noise * clip / 5`` while one silo moves the mean by up to ``clip / 5``
 about sqrt(rounds). What :func:`client_level_epsilon` gives for 10 rounds, 5 silos, δ = 1e-5
 (every silo in every round, no amplification):
 
-    noise 0.5: ε ≈ 48.8     noise 1: ε ≈ 19.1     noise 2: ε ≈ 8.08     noise 4: ε ≈ 3.62
+    noise 0.5: ε ≈ 46.2     noise 1: ε ≈ 17.9     noise 2: ε ≈ 7.52     noise 4: ε ≈ 3.35
 
-(Google's dp_accounting RdpAccountant gives the same; ten rounds are one Gaussian mechanism of
-noise/sqrt(10); ε = 1 needs noise ≈ 13). At noise 4 the noise std on every coordinate of the mean
+(Google's dp_accounting PLD accountant gives the same within 1 %; RDP, the cross-check, says 48.8, 19.1,
+8.08, 3.62; ten rounds are one Gaussian mechanism of noise/sqrt(10); ε = 8 needs noise ≈ 1.9, ε = 1
+noise ≈ 11.9). At noise 4 the noise std on every coordinate of the mean
 is 4 x clip / 5, four times the largest norm one silo's whole update can move the mean by, every
 round (the noise vector's norm is sqrt(#parameters) times larger still): training at
 single-digit ε with 5 silos costs much accuracy. Sample-level DP (one image,
@@ -48,7 +49,7 @@ from hashing.errors import ConfigError
 from hashing.federated.protocol import UNIT_WEIGHT
 from hashing.privacy.accountant import epsilon
 
-ACCOUNTANT = "RDP (Opacus RDPAccountant), Gaussian mechanism per round, no sampling amplification"
+ACCOUNTANT = "PRV (Opacus PRVAccountant; RDP cross-check), Gaussian mechanism per round, no sampling amplification"
 DP_STRATEGIES = ("fedavg", "fedprox")
 WRAPPERS = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
@@ -131,8 +132,8 @@ def client_level_epsilon(history: Sequence[Sequence[float]], delta: float, num_s
     """ε (at ``delta``) of the Gaussian releases in ``history``, the privacy unit one silo.
 
     ``history``: entries ``(noise_multiplier, sample_rate, steps)``, one per round (and one
-    ``(sigma_m, 1.0, 1)`` for a one-off Gaussian release such as the feature moments). RDP
-    composition with Opacus's ``RDPAccountant``.
+    ``(sigma_m, 1.0, 1)`` for a one-off Gaussian release such as the feature moments). Composed by
+    ``hashing.privacy.accountant.epsilon`` (the tighter of Opacus's PRV and RDP bounds).
 
     The sample rate of every entry is taken as 1.0 (no amplification by sampling), whatever the
     entry says: Flower samples a fixed number of silos chosen by the server, which is neither the

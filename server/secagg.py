@@ -51,7 +51,7 @@ class Sum:
     part64: dict[str, np.ndarray]
     contributors: list[int]
     dropped: list[int]
-    bytes_up: int = 0    # masked vectors + the unmasking replies
+    bytes_up: int = 0    # the unmasking replies (the masked vectors are the silos' own replies, counted there)
     bytes_down: int = 0  # the unmasking messages' sealed shares and key tables
 
 
@@ -72,8 +72,9 @@ class SecureAggregation:
         self.cfg, self.link, self.kept = cfg, link, kept
         self.keys: KeySet | None = None
         self.examples: dict[int, int] = {}  # node id -> num-examples it last reported (in the clear)
+        self.attached: dict[str, int] = {}  # sum label -> bytes its SECAGG records added to the phase's messages
         self.setups = 0
-        self.setup_bytes = 0
+        self.setup_bytes = 0  # the key setups' messages so far (public keys and sealed shares, both ways)
 
     # ------------------------------------------------------------------ key setup
 
@@ -117,7 +118,8 @@ class SecureAggregation:
                                 f"threshold {t} (secagg-threshold); {self.kept()}")
         self.keys = KeySet(nonce, share_ids, ids, t, c_pks, s_pks, sealed)
         self.setups += 1
-        self.setup_bytes += len(share_ids) * 2 * S.KEY_BYTES + sum(len(b) for s in sealed.values() for b in s)
+        self.setup_bytes += (record_bytes(content[P.SECAGG]) * len(share_ids) + len(node_ids) * 64
+                             + sum(len(b) for s in sealed.values() for b in s))
         log.info("secure aggregation: %d silos keyed, threshold %d", len(ids), t)
 
     # ------------------------------------------------------------------ one sum
@@ -130,10 +132,12 @@ class SecureAggregation:
         ids = sorted(int(i) for i in node_ids)
         known = [self.examples[i] for i in ids if i in self.examples]
         scale = float(sum(known)) if len(known) == len(ids) else float(max(known, default=1) * len(ids))
-        content[P.SECAGG] = ConfigRecord({
+        rec = ConfigRecord({
             P.SA_NONCE: k.nonce, P.SA_LABEL: label, P.SA_IDS: S.ids_bytes(ids),
             P.SA_S_PKS: S.keys_bytes([k.s_pks[i] for i in ids]), P.SA_RANGE: float(self.cfg.secagg_range),
             P.SA_SCALE: max(scale, 1.0)})
+        content[P.SECAGG] = rec
+        self.attached[label] = record_bytes(rec) * len(ids)  # what the phase's messages carry for it
 
     def note(self, replies: Sequence[Message]) -> None:
         """The silos' sizes from any phase's replies (num-examples travels in the clear), for the train
@@ -165,10 +169,8 @@ class SecureAggregation:
                                 f"silo must run the same head. {self.kept()}")
         u2 = sorted(masked)
         self._enough(u2, n, server_round, what, "sent their masked vectors")
-        up = sum(a.nbytes + b.nbytes for a, b in masked.values())
         # first unmasking: every silo that sent reveals its seed and its shares of those that did not
-        seeds, shares, down, got = self._ask(label, u2, [i for i in u1 if i not in masked], True, server_round, what)
-        up += got
+        seeds, shares, down, up = self._ask(label, u2, [i for i in u1 if i not in masked], True, server_round, what)
         u3 = sorted(seeds)
         self._enough(u3, n, server_round, what, "revealed their self-mask")
         late = [i for i in u2 if i not in seeds]  # sent, then dropped: left out; their keys' shares from u3
@@ -195,6 +197,8 @@ class SecureAggregation:
         q32 = S.unmask(y32, r32, label, seeds, secrets, k.s_pks, k.nonce)
         q64 = S.unmask(y64, r64, label, seeds, secrets, k.s_pks, k.nonce)
         (l32, l64), = layouts
+        down += self.attached.pop(label, 0)
+        up += sum(record_bytes(m.content[P.SECAGG]) for m in ok)  # the replies' layouts
         if dropped:
             log.warning("round %d %s: secure aggregation left out nodes %s (no reply or no unmasking); the sum holds "
                         "%d silos", server_round, what, dropped, len(u3))
@@ -213,23 +217,24 @@ class SecureAggregation:
         """One unmasking message to each silo of ``to``: (seeds, shares of each dropped silo, bytes down, up)."""
         k = self.keys
         pos = {j: p for p, j in enumerate(k.share_ids)}
-        config = ConfigRecord(P.round_config(self.cfg.to_json(), server_round))
+        # the run's config rides along only for the test switch inject-failures (a real site ignores it)
+        config = ConfigRecord(P.round_config(self.cfg.to_json(), server_round)) if self.cfg.inject_failures else None
         msgs, down = [], 0
         for j in to:
             sealed = [k.sealed[i][pos[j]] for i in dropped]
-            down += sum(len(b) for b in sealed)
             rec = ConfigRecord({P.SA_NONCE: k.nonce, P.SA_LABEL: label, P.SA_DROPPED: S.ids_bytes(dropped),
                                 P.SA_C_PKS: S.keys_bytes([k.c_pks[i] for i in dropped]), P.SA_SEED: bool(reveal)})
             if sealed:
                 rec[P.SA_SEALED] = sealed
-            msgs.append(Message(RecordDict({P.SECAGG: rec, P.CONFIG: config}), message_type=P.MSG_SECAGG_UNMASK,
-                                dst_node_id=int(j)))
+            down += record_bytes(rec)
+            content = RecordDict({P.SECAGG: rec} | ({P.CONFIG: config} if config is not None else {}))
+            msgs.append(Message(content, message_type=P.MSG_SECAGG_UNMASK, dst_node_id=int(j)))
         ok = self.link.send(msgs, f"{what}-unmask", server_round)
         seeds, shares, up = {}, {}, 0
         for m in ok:
             src, rec = int(m.metadata.src_node_id), m.content[P.SECAGG]
             seed, opened = bytes(rec[P.SA_SEED]), [bytes(b) for b in rec.get(P.SA_SHARES, [])]
-            up += len(seed) + sum(len(b) for b in opened)
+            up += record_bytes(rec)
             if reveal and len(seed) == S.KEY_BYTES:
                 seeds[src] = seed
             for i, share in zip(dropped, opened):
@@ -251,6 +256,15 @@ def summed_reply(params: Mapping[str, torch.Tensor], total: Sum, num_examples: i
         mean[k] = Array((g.astype(np.float64) + total.part32[k].reshape(g.shape) / w).astype(g.dtype))
     content = RecordDict({P.ARRAYS: ArrayRecord(mean), P.METRICS: MetricRecord({P.NUM_EXAMPLES: int(num_examples)})})
     return Message(content, message_type=P.MSG_TRAIN, dst_node_id=0)
+
+
+def record_bytes(rec) -> int:
+    """The payload of a ConfigRecord on the wire, near enough: its values' bytes (8 per number) and key names."""
+    n = 0
+    for key, v in rec.items():
+        vals = v if isinstance(v, list) else [v]
+        n += len(key) + sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in vals)
+    return n
 
 
 def _layout(text: str) -> list:

@@ -293,7 +293,8 @@ def format_privacy(priv: dict) -> str:
         return "privacy: none (no differential privacy)"
     lines = [f"privacy: {unit}; {priv.get('mechanism', '')}",
              f"  ε = {priv.get('epsilon', float('nan')):.3f} at δ = {priv.get('delta'):g} ({priv.get('accountant')}), "
-             f"after {priv.get('rounds')} rounds"]
+             f"after {priv.get('rounds')} rounds"
+             + (f"; RDP's ε {priv['epsilon_rdp']:.3f}" if "epsilon_rdp" in priv else "")]
     if "epsilon_per_silo" in priv:
         lines.append("  per silo: " + ", ".join(f"{k} ε={v:.3f}" for k, v in priv["epsilon_per_silo"].items()))
         for key in ("noise_multiplier", "moments_noise", "sample_rate", "steps"):

@@ -140,7 +140,7 @@ def _sweep(scn: Scenario, base: Config, silos, run_dir: Path, log_path: Path, ep
 
 
 NOTE = ("ε is per silo for sample-level DP (each silo's own accountant, the largest shown) and per federation for "
-        "client-level DP; Opacus's RDP accountant. Client-level DP with 5 silos protects a whole silo's update only "
+        "client-level DP; Opacus's PRV accountant (RDP as a cross-check). Client-level DP with 5 silos protects a whole silo's update only "
         "weakly: ε stays large unless the noise drowns the update. LSH and DP-ITQ spend the whole ε of each silo on "
         "one release (the feature mean; the mean and covariance).")
 

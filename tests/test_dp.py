@@ -170,9 +170,12 @@ def test_epsilon_agrees_with_dp_accounting(history):
     acc = pld.PLDAccountant()
     acc.compose(_dpacc_event(history))
     ref_pld = acc.get_epsilon(DELTA)
-    assert ours == pytest.approx(ref_rdp, rel=0.03)
-    assert ours >= ref_pld  # PLD is the tighter accountant; RDP must upper-bound it
-    assert ours <= 1.25 * ref_pld
+    # the reported ε is tight: within 1 % of Google's PLD accountant (an upper bound, up to PLD's own
+    # discretisation: no more than 0.1 % below it)
+    assert ref_pld * 0.999 <= ours <= ref_pld * 1.01
+    # the RDP cross-check agrees with Google's RDP accountant and is never the tighter
+    assert accountant.rdp_epsilon(history, DELTA) == pytest.approx(ref_rdp, rel=0.03)
+    assert accountant.rdp_epsilon(history, DELTA) >= ours
 
 
 def test_epsilon_edge_cases():

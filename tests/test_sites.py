@@ -208,6 +208,23 @@ def test_two_sites_on_loopback_with_tls_and_supernode_auth(tmp_path, flower_env,
     assert _dead(s["pids"])
 
 
+@pytest.mark.slow
+def test_secure_aggregation_between_real_sites(tmp_path, flower_env, digits):
+    """secagg = true across two SuperNodes (TLS, authentication, fedhash-supernode's warm process): each
+    site's keys live in its node state between messages, and the server aggregates only masked vectors."""
+    lb = _load("run_loopback")
+    s = lb.run_loopback(tmp_path / "fed", _two_sites(tmp_path, digits),
+                        "num-server-rounds=2 bits=16 size=32 views=2 batch-size=32 local-epochs=1 client-threads=1 "
+                        "secagg=true", app=REPO, timeout=480, intruder=False)
+    assert s["run_status"] == "finished:completed", s
+    fed = json.loads((Path(s["server_out_dir"]) / "federation.json").read_text())
+    assert [r["secagg_silos"] for r in fed["rounds"]] == [2, 2] and [r["stats_secagg_silos"] for r in fed["rounds"]] == [2, 2]
+    assert fed["rounds"][0]["secagg_setups"] == 1 and fed["failures"] == []
+    for name in ("site-a", "site-b"):
+        assert list(Path(s["sites"][name]["out_dir"]).rglob("catalogue.sqlite"))
+    assert s["alive_after_stop"] == [] and _dead(s["pids"])
+
+
 # ---------------------------------------------------------------- slow: sites that come and go
 
 COME_AND_GO = ("num-server-rounds=4 bits=16 size=32 views=2 batch-size=32 local-epochs=1 min-train-nodes=1 "
