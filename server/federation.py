@@ -143,7 +143,8 @@ class Federation:
         for content in contents:
             content[P.GLOBALS] = glob
             if self.secagg is not None:  # the silos reply with their masked weighted updates
-                self.secagg.attach(content, [m.metadata.dst_node_id for m in msgs], label, server_round)
+                keyed = self.secagg.attach(content, [m.metadata.dst_node_id for m in msgs], label, server_round)
+                msgs = [m for m in msgs if m.metadata.dst_node_id in keyed]
         ok = self.link.send(msgs, "train", server_round, require="training")
         silos = [silo_of(m)[P.SILO_NAME] for m in ok]
         reports = [P.read_train_metrics(m.content[P.METRICS]) for m in ok]

@@ -47,7 +47,8 @@ def _gather(link: Link, secagg: SecureAggregation | None, node_ids: list[int], m
     msgs = link.messages(node_ids, message_type, content)
     label = f"r{server_round}-{what}"
     if secagg is not None:
-        secagg.attach(content, node_ids, label, server_round)
+        keyed = secagg.attach(content, node_ids, label, server_round)
+        msgs = [m for m in msgs if m.metadata.dst_node_id in keyed]
     ok = link.send(msgs, what, server_round, require=require)
     if secagg is None:
         return ok, [_arrays(m, key) for m in ok], {}

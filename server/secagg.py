@@ -58,6 +58,7 @@ class Sum:
 @dataclass
 class KeySet:
     nonce: bytes
+    asked: list[int]                # the silos the setup asked
     share_ids: list[int]            # the silos that made keys, in share order (share k belongs to share_ids[k])
     ids: list[int]                  # the silos that also sealed their shares: those a sum may hold
     threshold: int
@@ -78,11 +79,15 @@ class SecureAggregation:
 
     # ------------------------------------------------------------------ key setup
 
-    def ready(self, node_ids: Sequence[int], server_round: int) -> None:
-        """Every silo in ``node_ids`` keyed and unburnt, or a new key setup over every connected silo."""
+    def ready(self, node_ids: Sequence[int], server_round: int, retry: bool = True) -> None:
+        """Every silo in ``node_ids`` keyed and unburnt, or a new key setup over every connected silo: when one
+        is burnt or new to the key set; one that missed the last setup is tried again only with ``retry``
+        (once a round, at its train phase), not at every phase."""
         k = self.keys
-        if k is not None and set(node_ids) <= set(k.ids) - k.burnt:
-            return
+        if k is not None:
+            want = set(map(int, node_ids))
+            if not (want & k.burnt or want - set(k.asked) or (retry and want - set(k.ids))):
+                return
         self.setup(sorted(set(self.link.node_ids()) | set(node_ids)), server_round)
 
     def setup(self, node_ids: list[int], server_round: int) -> None:
@@ -116,7 +121,7 @@ class SecureAggregation:
         if len(ids) < t:
             raise TrainingError(f"round {server_round}: only {len(ids)} silos sealed their key shares, fewer than the "
                                 f"threshold {t} (secagg-threshold); {self.kept()}")
-        self.keys = KeySet(nonce, share_ids, ids, t, c_pks, s_pks, sealed)
+        self.keys = KeySet(nonce, list(node_ids), share_ids, ids, t, c_pks, s_pks, sealed)
         self.setups += 1
         self.setup_bytes += (record_bytes(content[P.SECAGG]) * len(share_ids) + len(node_ids) * 64
                              + sum(len(b) for s in sealed.values() for b in s))
@@ -124,12 +129,16 @@ class SecureAggregation:
 
     # ------------------------------------------------------------------ one sum
 
-    def attach(self, content: RecordDict, node_ids: Sequence[int], label: str, server_round: int) -> None:
+    def attach(self, content: RecordDict, node_ids: Sequence[int], label: str, server_round: int) -> list[int]:
         """Ask the silos ``node_ids`` (the phase's messages, which share ``content``) to mask their replies
-        for the sum ``label``."""
-        self.ready(node_ids, server_round)
+        for the sum ``label``; returns those that can (a silo that did not answer the key setup cannot, and
+        its message must not go out)."""
+        self.ready(node_ids, server_round, retry=label.endswith("-train"))
         k = self.keys
-        ids = sorted(int(i) for i in node_ids)
+        ids = sorted(int(i) for i in node_ids if int(i) in set(k.ids) - k.burnt)
+        if len(ids) < len(node_ids):
+            log.warning("round %d %s: nodes %s hold no keys of the secure-aggregation key set and are left out",
+                        server_round, label, sorted(set(map(int, node_ids)) - set(ids)))
         known = [self.examples[i] for i in ids if i in self.examples]
         scale = float(sum(known)) if len(known) == len(ids) else float(max(known, default=1) * len(ids))
         rec = ConfigRecord({
@@ -138,6 +147,7 @@ class SecureAggregation:
             P.SA_SCALE: max(scale, 1.0)})
         content[P.SECAGG] = rec
         self.attached[label] = record_bytes(rec) * len(ids)  # what the phase's messages carry for it
+        return ids
 
     def note(self, replies: Sequence[Message]) -> None:
         """The silos' sizes from any phase's replies (num-examples travels in the clear), for the train

@@ -260,3 +260,21 @@ def test_a_site_that_requires_secagg_refuses_a_clear_aggregation():
     search = Message(RecordDict({P.CONFIG: ConfigRecord({"x": 1})}), message_type=P.MSG_INDEX, dst_node_id=7)
     secagg_mod(search, ctx, lambda m, c: ran.append(m))
     assert ran == [search]
+
+
+def test_a_silo_that_misses_the_key_setup_is_left_out_of_the_sums(cfg, tmp_path):
+    from client.client_app import app
+
+    def flaky(msg, context):  # the silo of node 103 never answers the key setup
+        if context.node_id == 103 and msg.metadata.message_type == P.MSG_SECAGG_KEYS:
+            raise RuntimeError("node 103 is down during the key setup")
+        return app(msg, context)
+
+    fed = Federation(Grid(NODES, app=flaky), cfg.replace(out_dir=str(tmp_path / "sec"), secagg=True))
+    ids = _start(fed)
+    assert fed.started["stats_secagg_silos"] == N - 1 and 103 not in fed.secagg.keys.ids
+    _, rec = fed.train_round(1, node_ids=ids)
+    assert rec["secagg_silos"] == N - 1 and rec["clients_sent"] == N - 1 and rec["clients_ok"] == N - 1
+    assert fed.secagg.setups == 2  # the train phase tried the missing silo again, once
+    fed.pooling.after_round(fed.link, fed.model, 1, ids)
+    assert fed.secagg.setups == 2  # the statistics phase did not
