@@ -6,7 +6,9 @@
   under their agreed key (the server routes what it cannot read).
 - :func:`secagg_mod`: on a train, statistics or moments message that carries SECAGG, check the keys
   *before any work*, run the handler, then replace its ARRAYS / STATS / MOMENTS by the masked vectors
-  (a train reply sends its weighted update ``w (x - g)``, ``w = num-examples / scale``, and ``w``).
+  (a train reply sends its weighted update ``w (x - g)``, ``w = num-examples / scale``, and ``w``). Under
+  ``dp = "client"`` (distributed DP) the silo first clips its update and adds its share of the noise, with
+  equal weights, and adds its share of the moments release's noise (``hashing.privacy.distributed``).
 - ``query.secagg_unmask``: reveal this silo's self-mask seed of one sum and open the shares of the
   silos that dropped out of it. A silo never reveals its seed for a sum it is listed as dropped from.
 
@@ -25,6 +27,7 @@ from hashing.config import UNMASK_FAILURE, Config, failures_of
 from hashing.errors import ConfigError
 from hashing.federated import protocol as P
 from hashing.federated import secagg as S
+from hashing.privacy import distributed as distributed_dp
 
 from . import site
 
@@ -184,16 +187,26 @@ class _Phase:
             raise S.SecAggError(f"secure aggregation: the reply holds no {name!r} record to mask")
         arrays = {k: got[k].numpy() for k in got}
         metrics = reply.content.metric_records.get(P.METRICS)
+        cfg = Config.from_json(P.read_round_config(msg.content[P.CONFIG]).fedconfig)
+        distributed = cfg.dp == "client"  # each silo clips and adds its share of the noise (hashing.privacy.distributed)
+        n = len(self.ids)
         if name == P.ARRAYS:  # the weighted update and its weight
             if not self.scale > 0 or metrics is None:
                 raise S.SecAggError("secure aggregation of a train reply needs the scale of its weights and the silo's "
                                     "num-examples")
-            w = float(metrics[P.NUM_EXAMPLES]) / self.scale
             sent = msg.content[P.ARRAYS]
-            v32, layout32 = S.flatten({k: w * (a.astype(np.float64) - sent[k].numpy().astype(np.float64))
-                                       for k, a in arrays.items()})
+            update = {k: a.astype(np.float64) - sent[k].numpy().astype(np.float64) for k, a in arrays.items()}
+            if distributed:  # equal weights: the server's scale is the number of silos in the sum
+                update = distributed_dp.clip_and_share(update, cfg.dp_clip, cfg.dp_noise, n, distributed_dp.secret_rng())
+                w = 1.0 / self.scale
+            else:
+                w = float(metrics[P.NUM_EXAMPLES]) / self.scale
+            v32, layout32 = S.flatten({k: w * u for k, u in update.items()})
             v64, layout64 = np.array([w]), [[P.SA_WEIGHT, [1]]]
         else:
+            if distributed and name == P.MOMENTS:  # the exact means, plus this silo's share of the release's noise
+                arrays = distributed_dp.moments_share(arrays, cfg.dp_moments_ratio * cfg.dp_noise, n,
+                                                      distributed_dp.secret_rng())
             v32, layout32 = np.zeros(0), []
             v64, layout64 = S.flatten(arrays)
         q32 = self.r32.encode(v32, f"the weighted update of {self.label}")

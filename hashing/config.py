@@ -221,10 +221,10 @@ class Config:
                 bad("secagg", f"is true with strategy = {self.strategy!r}, which needs every silo's own update; secure "
                               "aggregation gives the server only their sum: use fedavg, fedprox, fedavgm, fedadam, "
                               "fedyogi or fedadagrad, or secagg = false")
-            if self.dp == "client":
-                bad("secagg", "is true with dp = \"client\": Flower's client-level DP wrappers clip or count each "
-                              "silo's update on the server, which secure aggregation hides, and fedhash does not yet "
-                              "add the noise at the silos; use dp = \"sample\" or secagg = false")
+            if self.dp == "client" and self.dp_clipping != "client-fixed":
+                bad("secagg", f"is true with dp = \"client\" and dp-clipping = {self.dp_clipping!r}: under secure "
+                              "aggregation each silo clips its own update and adds its share of the noise (distributed "
+                              "DP), which needs a fixed norm the silo applies itself; set dp-clipping = \"client-fixed\"")
         if self.secagg_threshold < 0 or self.secagg_threshold == 1:
             bad("secagg_threshold", f"is {self.secagg_threshold}; give 0 (a majority) or at least 2 silos")
         if not 0 < self.secagg_range <= 1024:

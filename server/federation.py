@@ -99,7 +99,8 @@ class Federation:
                 evaluation, rec = self.train_round(r, evaluate_previous=due, node_ids=node_ids)
                 t1 = time.perf_counter()
                 rec |= self.pooling.after_round(self.link, self.model, r, node_ids)
-                rec |= self.ledger.after_round() | {"model_version": self.model.version()}
+                share = (rec["secagg_silos"], rec["clients_sent"]) if self.secagg is not None else (None, None)
+                rec |= self.ledger.after_round(*share) | {"model_version": self.model.version()}
                 t2 = time.perf_counter()
                 rec |= {"seconds": t2 - t0, "seconds_train": t1 - t0, "seconds_stats": t2 - t1}
                 if evaluation is not None and prev is not None:

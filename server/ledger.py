@@ -17,7 +17,7 @@ from flwr.app import Message
 from hashing.config import Config
 from hashing.errors import TrainingError
 from hashing.federated import protocol as P
-from hashing.privacy import accountant
+from hashing.privacy import accountant, distributed
 
 from . import privacy
 from .link import silo_of
@@ -42,20 +42,26 @@ class Ledger:
                                     "every silo must run the same fedhash")
             self.entries.setdefault(silo_of(m)[P.SILO_NAME], []).extend(got)
 
-    def record_server_release(self) -> float:
-        """Client-level DP: the server's one release of the silos' moments goes into the ledger; returns
-        its noise multiplier."""
+    def record_server_release(self, contributors: int | None = None, silos: int | None = None) -> float:
+        """Client-level DP: the one release of the silos' moments goes into the ledger; returns its noise
+        multiplier. Distributed (secure aggregation): the noise shares of ``contributors`` of ``silos``."""
         sigma = self.cfg.dp_moments_ratio * privacy.effective_noise(self.cfg, self.cfg.num_silos)
+        if contributors is not None:
+            sigma = distributed.effective_multiplier(sigma, contributors, silos)
         self.entries.setdefault(FEDERATION, []).append([sigma, 1.0, 1])
         return sigma
 
-    def after_round(self) -> dict[str, Any]:
-        """A round is over: client-level DP accounts its release; the round record gets ε so far."""
+    def after_round(self, contributors: int | None = None, silos: int | None = None) -> dict[str, Any]:
+        """A round is over: client-level DP accounts its release (distributed: the noise shares of
+        ``contributors`` of the ``silos`` the round's sum asked); the round record gets ε so far."""
         cfg = self.cfg
         if cfg.dp == "none":
             return {}
         if cfg.dp == "client":
-            self.entries.setdefault(FEDERATION, []).append([privacy.effective_noise(cfg, cfg.num_silos), 1.0, 1])
+            z = privacy.effective_noise(cfg, cfg.num_silos)
+            if contributors is not None:
+                z = distributed.effective_multiplier(z, contributors, silos)
+            self.entries.setdefault(FEDERATION, []).append([z, 1.0, 1])
         g = self.guarantee(0)
         return {"epsilon": g["epsilon"], "epsilon_per_silo": g.get("epsilon_per_silo", {})}
 
@@ -79,7 +85,9 @@ class Ledger:
                     "rounds": rounds_done, "ledger": self.entries}
         hist = self.entries.get(FEDERATION, [])
         return {"unit": "client (one silo's whole update)",
-                "mechanism": f"Flower {cfg.dp_clipping} clipping + Gaussian noise",
+                "mechanism": ("distributed: each silo clips its update to a fixed norm and adds its share of the "
+                              "Gaussian noise; secure aggregation" if cfg.secagg
+                              else f"Flower {cfg.dp_clipping} clipping + Gaussian noise"),
                 "accountant": privacy.ACCOUNTANT, "delta": cfg.dp_delta,
                 "epsilon": privacy.client_level_epsilon(hist, cfg.dp_delta, cfg.num_silos) if hist else 0.0,
                 "epsilon_rdp": accountant.rdp_epsilon([(z, 1.0, n) for z, _q, n in hist], cfg.dp_delta) if hist else 0.0,

@@ -93,6 +93,8 @@ class MomentsPooling:
                                        "moments release", P.MOMENTS)
         if cfg.dp == "sample":  # each silo noised its own release and says so
             self.ledger.record_replies(ok)
+        elif self.secagg is not None:  # client level, distributed: the silos' noise shares are in the sum
+            self.ledger.record_server_release(secure["stats_secagg_silos"], len(node_ids))
         else:  # client level: the sum of the silos' means, noised once for the whole federation
             released = [release.server_release(released, self.ledger.record_server_release(), cfg.seed)]
         mean, cov, _ = release.pooled_moments(released)

@@ -141,6 +141,8 @@ class SecureAggregation:
                         server_round, label, sorted(set(map(int, node_ids)) - set(ids)))
         known = [self.examples[i] for i in ids if i in self.examples]
         scale = float(sum(known)) if len(known) == len(ids) else float(max(known, default=1) * len(ids))
+        if self.cfg.dp == "client":  # distributed DP: equal weights, 1 / (silos in the sum) each
+            scale = float(len(ids))
         rec = ConfigRecord({
             P.SA_NONCE: k.nonce, P.SA_LABEL: label, P.SA_IDS: S.ids_bytes(ids),
             P.SA_S_PKS: S.keys_bytes([k.s_pks[i] for i in ids]), P.SA_RANGE: float(self.cfg.secagg_range),

@@ -194,9 +194,45 @@ def test_strategies_that_need_each_update_are_refused(strategy):
         Config.from_dict({"secagg": True, "strategy": strategy})
 
 
-def test_client_level_dp_under_secagg_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match="secagg.*dp = \"client\""):
+def test_client_level_dp_under_secagg_needs_the_silos_own_fixed_clipping():
+    with pytest.raises(ConfigError, match="secagg.*dp = \"client\".*set dp-clipping = \"client-fixed\""):
         Config.from_dict({"secagg": True, "dp": "client", "dp-noise": 1.0})
+    Config.from_dict({"secagg": True, "dp": "client", "dp-noise": 1.0, "dp-clipping": "client-fixed"})
+
+
+def test_distributed_dp_the_sum_carries_the_calibrated_noise(cfg, tmp_path):
+    """dp = "client" under secagg: each silo clips its update and adds its share of the noise; the aggregate
+    is the mean of the clipped updates (Flower's client-side clipping in the plain run, the reference) plus
+    Gaussian noise of std z C / m per entry, and the ledger accounts z per round."""
+    from server import privacy
+
+    dp = dict(dp="client", dp_noise=1.0, dp_clip=0.05, dp_clipping="client-fixed", supervised=False)
+    plain, pgrid = _fed(cfg, tmp_path, "plain", **dp)
+    sec, _ = _fed(cfg, tmp_path, "sec", secagg=True, **dp)
+    ids = _start(plain)
+    _start(sec)
+    assert sec.ledger.entries["federation"] == [[1.0 * sec.cfg.dp_moments_ratio, 1.0, 1]]  # the moments release
+    assert type(sec.strategy).__name__ == "EqualWeightFedAvg"  # no server-side noise
+    _same_start(sec, plain)
+    g = {k: v.double().numpy() for k, v in plain.model.params.items()}
+    plain.train_round(1, node_ids=ids)
+    _, rec = sec.train_round(1, node_ids=ids)
+    assert rec["secagg_silos"] == N
+    replies = _replies(pgrid, P.MSG_TRAIN)  # clipped by the silos (Flower's client-side fixed clipping)
+    resid = np.concatenate([
+        (sec.model.params[k].double().numpy() - g[k]
+         - np.mean([replies[n][P.ARRAYS][k].numpy().astype(np.float64) - g[k] for n in ids], axis=0)).ravel()
+        for k in g])
+    want = 1.0 * 0.05 / N
+    assert resid.std() == pytest.approx(want, rel=0.01)
+    assert abs(resid.mean()) < 5 * want / np.sqrt(resid.size)
+    assert stats.normaltest(resid[:100_000]).pvalue > 1e-3
+    # the ledger: one Gaussian mechanism of multiplier z for the round, all five shares in the sum
+    led = sec.ledger.after_round(N, N)
+    assert sec.ledger.entries["federation"][-1] == [1.0, 1.0, 1]
+    assert led["epsilon"] == pytest.approx(privacy.client_level_epsilon(sec.ledger.entries["federation"], 1e-5, N))
+    assert sec.ledger.after_round(3, N) and sec.ledger.entries["federation"][-1][0] == pytest.approx(np.sqrt(3 / 5))
+    assert "distributed" in sec.ledger.guarantee(1)["mechanism"]
 
 
 def test_the_protocol_pieces_against_their_definitions():
