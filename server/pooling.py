@@ -53,8 +53,9 @@ def _gather(link: Link, secagg: SecureAggregation | None, node_ids: list[int], m
     if secagg is None:
         return ok, [_arrays(m, key) for m in ok], {}
     total = secagg.unmask(label, msgs, ok, server_round, what)
-    return ok, [total.part64], {"stats_secagg_silos": len(total.contributors), "stats_secagg_dropped": total.dropped,
-                                  "stats_secagg_bytes_up": total.bytes_up, "stats_secagg_bytes_down": total.bytes_down}
+    return ok, [total.part64], {"stats_secagg_silos": len(total.contributors), "stats_secagg_asked": total.asked,
+                                "stats_secagg_dropped": total.dropped, "stats_secagg_bytes_up": total.bytes_up,
+                                "stats_secagg_bytes_down": total.bytes_down}
 
 
 class ActivationPooling:
@@ -94,7 +95,7 @@ class MomentsPooling:
         if cfg.dp == "sample":  # each silo noised its own release and says so
             self.ledger.record_replies(ok)
         elif self.secagg is not None:  # client level, distributed: the silos' noise shares are in the sum
-            self.ledger.record_server_release(secure["stats_secagg_silos"], len(node_ids))
+            self.ledger.record_server_release(secure["stats_secagg_silos"], secure["stats_secagg_asked"])
         else:  # client level: the sum of the silos' means, noised once for the whole federation
             released = [release.server_release(released, self.ledger.record_server_release(), cfg.seed)]
         mean, cov, _ = release.pooled_moments(released)

@@ -51,6 +51,7 @@ class Sum:
     part64: dict[str, np.ndarray]
     contributors: list[int]
     dropped: list[int]
+    asked: int = 0       # the silos the sum's phase went to (the noise shares of distributed DP assume them)
     bytes_up: int = 0    # the unmasking replies (the masked vectors are the silos' own replies, counted there)
     bytes_down: int = 0  # the unmasking messages' sealed shares and key tables
 
@@ -215,7 +216,7 @@ class SecureAggregation:
             log.warning("round %d %s: secure aggregation left out nodes %s (no reply or no unmasking); the sum holds "
                         "%d silos", server_round, what, dropped, len(u3))
         return Sum(dict(S.unflatten(r32.decode(q32), _layout(l32))), dict(S.unflatten(r64.decode(q64), _layout(l64))),
-                   u3, dropped, bytes_up=up, bytes_down=down)
+                   u3, dropped, asked=n, bytes_up=up, bytes_down=down)
 
     def _enough(self, ids: Sequence[int], n: int, server_round: int, what: str, did: str) -> None:
         t = self.keys.threshold
