@@ -224,7 +224,8 @@ def test_distributed_dp_the_sum_carries_the_calibrated_noise(cfg, tmp_path):
          - np.mean([replies[n][P.ARRAYS][k].numpy().astype(np.float64) - g[k] for n in ids], axis=0)).ravel()
         for k in g])
     want = 1.0 * 0.05 / N
-    assert resid.std() == pytest.approx(want, rel=0.01)
+    # the DP head trains only its rotation (4,096 entries): a sample std's relative error is about 1/sqrt(2n)
+    assert resid.size == 16 * 256 and resid.std() == pytest.approx(want, rel=5 / np.sqrt(2 * resid.size))
     assert abs(resid.mean()) < 5 * want / np.sqrt(resid.size)
     assert stats.normaltest(resid[:100_000]).pvalue > 1e-3
     # the ledger: one Gaussian mechanism of multiplier z for the round, all five shares in the sum
