@@ -78,11 +78,6 @@ def wrap_strategy(strategy: fl.Strategy, cfg: Config, num_sampled_clients: int) 
     inner strategy must average the replies with equal weights (see the module docstring)."""
     if cfg.dp != "client":
         return strategy
-    if cfg.secagg:  # distributed DP: the silos clip and noise their own updates (hashing.privacy.distributed)
-        if getattr(strategy, "weighted_by_key", None) != UNIT_WEIGHT:
-            raise ConfigError(f"client-level DP needs a strategy that averages with equal weights, not "
-                              f"{type(strategy).__name__}; build it with server.strategies.make_strategy")
-        return strategy
     if cfg.strategy not in DP_STRATEGIES:
         raise ConfigError(f"config: 'dp' is \"client\" with strategy = {cfg.strategy!r}; Flower's client-level DP "
                           f"noise is calibrated to a plain mean of the updates: use one of {', '.join(DP_STRATEGIES)}")
@@ -91,6 +86,8 @@ def wrap_strategy(strategy: fl.Strategy, cfg: Config, num_sampled_clients: int) 
     if getattr(strategy, "weighted_by_key", None) != UNIT_WEIGHT:
         raise ConfigError(f"client-level DP needs a strategy that averages with equal weights, not "
                           f"{type(strategy).__name__}; build it with server.strategies.make_strategy")
+    if cfg.secagg:  # distributed DP: the silos clip and noise their own updates (hashing.privacy.distributed)
+        return strategy
     cls = WRAPPERS[cfg.dp_clipping]
     if cfg.dp_clipping.endswith("fixed"):
         return cls(strategy, cfg.dp_noise, cfg.dp_clip, num_sampled_clients)

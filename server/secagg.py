@@ -215,7 +215,8 @@ class SecureAggregation:
         if dropped:
             log.warning("round %d %s: secure aggregation left out nodes %s (no reply or no unmasking); the sum holds "
                         "%d silos", server_round, what, dropped, len(u3))
-        return Sum(dict(S.unflatten(r32.decode(q32), _layout(l32))), dict(S.unflatten(r64.decode(q64), _layout(l64))),
+        return Sum(dict(S.unflatten(r32.decode(q32), json.loads(l32))),
+                   dict(S.unflatten(r64.decode(q64), json.loads(l64))),
                    u3, dropped, asked=n, bytes_up=up, bytes_down=down)
 
     def _enough(self, ids: Sequence[int], n: int, server_round: int, what: str, did: str) -> None:
@@ -278,7 +279,3 @@ def record_bytes(rec) -> int:
         vals = v if isinstance(v, list) else [v]
         n += len(key) + sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in vals)
     return n
-
-
-def _layout(text: str) -> list:
-    return json.loads(text)
