@@ -84,6 +84,8 @@ class Config:
     dp_moments_ratio: float = 1.0   # sample: noise multiplier of the one feature-moments release / DP-SGD's
     dp_max_noise: float = 20.0      # sample: a target ε that needs more DP-SGD noise than this is refused
     dp_dims: int = 256              # sample: principal axes the DP head projects on (its rotation is bits x dp-dims)
+    dp_axes: int = 8                # DP head and DP-ITQ: principal axes kept as they are; the rest of the basis is random
+                                    # directions of their complement (>= dp-dims: plain PCA); BENCHMARKS, "noise-helps"
     dp_clipping: str = "server-fixed"  # client: which Flower wrapper clips the updates
     # ------------------------------------------------------------ secure aggregation (README, "Secure aggregation")
     secagg: bool = False            # the server learns only the sums: updates, statistics, moments (masked, SecAgg)
@@ -161,7 +163,7 @@ class Config:
                     "classes_per_silo", "n_query", "n_train", "lora_r", "dp_dims"):
             if getattr(self, key) < 1:
                 bad(key, f"is {getattr(self, key)}; it must be at least 1")
-        for key in ("n_images", "min_size", "seed", "krum_malicious", "client_threads", "keep_checkpoints"):
+        for key in ("n_images", "min_size", "seed", "krum_malicious", "client_threads", "keep_checkpoints", "dp_axes"):
             if getattr(self, key) < 0:
                 bad(key, f"is {getattr(self, key)}; it must be at least 0")
         if self.views < 2 and not self.supervised:

@@ -245,10 +245,11 @@ _SWEEP_STYLES = {"DP-CroVCA": "o-", "DP-ITQ": "s--", "LSH": "^:"}
 
 
 def plot_privacy_utility(curves: Mapping[str, Series], path, *, no_dp: float | None = None,
-                         client_level: Series | None = None, ticks: Sequence[float] = (), bits: int = 64,
+                         dp_head_noiseless: float | None = None, client_level: Series | None = None, ticks: Sequence[float] = (), bits: int = 64,
                          delta: float = 1e-5, title: str = "Privacy–utility on the demo's silos") -> None:
     """mAP against ε (log scale) per method; the no-DP mAP and 0.85 of it as horizontal lines; the
-    client-level DP points (ε per silo-update) beside them."""
+    client-level DP points (ε per silo-update) beside them; ``dp_head_noiseless``, the DP head trained
+    almost without noise, as a dotted line (where the DP-CroVCA curve tends)."""
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for method, (x, y) in curves.items():
@@ -257,6 +258,8 @@ def plot_privacy_utility(curves: Mapping[str, Series], path, *, no_dp: float | N
     if no_dp is not None:
         ax.axhline(no_dp, color="k", lw=1, label="CroVCA, no DP")
         ax.axhline(0.85 * no_dp, color="k", lw=0.8, ls="--", label="0.85 × no DP")
+    if dp_head_noiseless is not None:
+        ax.axhline(dp_head_noiseless, color="tab:blue", lw=1, ls=":", label="DP-CroVCA's head, no noise")
     if client_level is not None and len(client_level[0]):
         ax.plot(*client_level, "d-.", color="tab:red", label="client-level DP (ε per silo-update)")
     ax.set_xscale("log")

@@ -12,6 +12,7 @@ post-processing: the bits' scales from the released covariance and the new rotat
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ from .global_model import GlobalModel
 from .ledger import Ledger
 from .link import Link, silo_of
 from .secagg import SecureAggregation
+
+log = logging.getLogger("fedhash.server")
 
 
 def _arrays(m, key: str) -> dict:
@@ -99,9 +102,13 @@ class MomentsPooling:
         else:  # client level: the sum of the silos' means, noised once for the whole federation
             released = [release.server_release(released, self.ledger.record_server_release(), cfg.seed)]
         mean, cov, _ = release.pooled_moments(released)
-        model.update(lambda h: release.init_dp_head(h, mean, cov, seed=cfg.seed))
+        model.update(lambda h: release.init_dp_head(h, mean, cov, seed=cfg.seed, axes=cfg.dp_axes))
+        replaced = release.tail_replaced(cov, cfg.dp_dims, cfg.dp_axes)
+        log.info("DP head's basis: %s", f"the top {cfg.dp_axes} principal axes and random directions of the rest "
+                 "(dp-axes)" if replaced else "PCA of the released moments (their noise has mixed its tail)")
         _note_silos(model, ok)
-        return {"stats_silos": len(ok), "stats_bytes_up": sum(int(m.content[P.METRICS][P.BYTES_UP]) for m in ok)} | secure
+        return ({"stats_silos": len(ok), "stats_bytes_up": sum(int(m.content[P.METRICS][P.BYTES_UP]) for m in ok),
+                 "dp_basis_tail_replaced": replaced} | secure)
 
     def after_round(self, link: Link, model: GlobalModel, server_round: int, node_ids: list[int]) -> dict[str, Any]:
         model.update(dp_head.restandardize)

@@ -68,10 +68,13 @@ def parse_noises(text: str) -> list[float]:
     return out
 
 
-def _baseline_rows(data: list[site.SiloData], bits: int, eps: float, delta: float, seed: int) -> list[dict[str, Any]]:
+def _baseline_rows(data: list[site.SiloData], bits: int, eps: float, delta: float, seed: int,
+                   axes: int) -> list[dict[str, Any]]:
     feats = [np.asarray(d.clean[d.silo.splits.train]) for d in data]
     rows = []
-    for name, fit in (("LSH", baselines.dp_lsh_baseline), ("DP-ITQ", baselines.dp_itq_baseline)):
+    fits = (("LSH", baselines.dp_lsh_baseline),
+            ("DP-ITQ", lambda *a: baselines.dp_itq_baseline(*a, axes=axes)))
+    for name, fit in fits:
         t0 = time.perf_counter()
         model, sigma = fit(feats, bits, eps, delta, seed)
         scores = [res for _, res in score_encoder(model, data)]
@@ -104,6 +107,12 @@ def _sweep(scn: Scenario, base: Config, silos, run_dir: Path, log_path: Path, ep
         if math.isinf(eps):
             c = Config.from_dict({"dp": "none", "lr": nodp_lr}, source="privacy-sweep", base=base)
             points.append({"method": "CroVCA (published)", "unit": "none", "target": eps})
+            cfgs.append(c)
+            labels.append("no DP")
+            # the DP-CroVCA curve's own end: the DP head and its training, almost without noise
+            c = Config.from_dict({"dp": "sample", "dp-epsilon": 0.0, "dp-noise": NOISELESS}, source="privacy-sweep",
+                                 base=base)
+            points.append({"method": NOISELESS_METHOD, "unit": "sample", "target": eps})
         else:
             c = Config.from_dict({"dp": "sample", "dp-epsilon": eps, "dp-noise": 0.0}, source="privacy-sweep", base=base)
             points.append({"method": "DP-CroVCA", "unit": "sample", "target": eps})
@@ -128,7 +137,7 @@ def _sweep(scn: Scenario, base: Config, silos, run_dir: Path, log_path: Path, ep
                           "seconds": float(st.get("seconds_rounds", 0.0)), "folder": Path(c.out_dir).name,
                           "privacy": priv})
     for eps in epsilons:
-        rows.extend(_baseline_rows(data, base.bits, eps, base.dp_delta, base.seed))
+        rows.extend(_baseline_rows(data, base.bits, eps, base.dp_delta, base.seed, base.dp_axes))
     summary = {"scenario": scn.to_dict(), "bits": base.bits, "delta": base.dp_delta, "rows": rows,
                "silos": [d.name for d in data], "seconds": time.perf_counter() - t0}
     atomic.write_json(run_dir / "sweep.json", summary)
@@ -139,10 +148,14 @@ def _sweep(scn: Scenario, base: Config, silos, run_dir: Path, log_path: Path, ep
     return run_dir, summary
 
 
+NOISELESS = 0.01  # the noise multiplier of DP-CroVCA's "no noise" point (DP-SGD and the moments release)
+NOISELESS_METHOD = f"DP-CroVCA, noise {NOISELESS:g}"
+
 NOTE = ("ε is per silo for sample-level DP (each silo's own accountant, the largest shown) and per federation for "
         "client-level DP; Opacus's PRV accountant (RDP as a cross-check). Client-level DP with 5 silos protects a whole silo's update only "
         "weakly: ε stays large unless the noise drowns the update. LSH and DP-ITQ spend the whole ε of each silo on "
-        "one release (the feature mean; the mean and covariance).")
+        "one release (the feature mean; the mean and covariance). " f"{NOISELESS_METHOD}: the DP head trained as "
+        "under DP but at noise multiplier " f"{NOISELESS:g} (its ε is no protection): the DP-CroVCA curve's end.")
 
 
 def _fmt_eps(v) -> str:
@@ -169,7 +182,8 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, bits: int, delta: float =
         pts = sorted((r["target"], r["map"]) for r in rows if r["method"] == method and math.isfinite(r["target"]))
         curves[method] = (tuple(p[0] for p in pts), tuple(p[1] for p in pts))
     no_dp = next((r["map"] for r in rows if r["unit"] == "none" and r["method"].startswith("CroVCA")), None)
+    noiseless = next((r["map"] for r in rows if r["method"] == NOISELESS_METHOD), None)
     cl = sorted((r["epsilon"], r["map"]) for r in rows if r["unit"] == "client" and math.isfinite(r["epsilon"]))
     ticks = sorted({r["target"] for r in rows if r["unit"] != "client" and math.isfinite(r["target"])})
-    plots.plot_privacy_utility(curves, path, no_dp=no_dp, client_level=(tuple(c[0] for c in cl), tuple(c[1] for c in cl)),
+    plots.plot_privacy_utility(curves, path, no_dp=no_dp, dp_head_noiseless=noiseless, client_level=(tuple(c[0] for c in cl), tuple(c[1] for c in cl)),
                                ticks=ticks, bits=bits, delta=delta)

@@ -335,6 +335,58 @@ def test_init_dp_head_from_exact_moments():
     assert float(head.norm.running_mean.abs().max()) == 0.0
 
 
+def test_principal_basis_keeps_the_top_axes_and_fills_the_rest_with_random_directions_of_their_complement():
+    x = _low_rank(3000, seed=4)
+    mean, cov = _moments(x)
+    w, v = np.linalg.eigh(cov)
+    w, v = w[::-1], v[:, ::-1]
+    for axes in (0, 3, 8):
+        basis, bcov = release.principal_basis(cov, DIMS, axes, seed=2)
+        assert basis.shape == (D, DIMS)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(DIMS), atol=1e-10)  # orthonormal
+        # the kept axes are the top principal axes (up to sign), the rest are orthogonal to them
+        np.testing.assert_allclose(np.abs(np.sum(basis[:, :axes] * v[:, :axes], 0)), 1.0, atol=1e-8)
+        assert float(np.abs(v[:, :axes].T @ basis[:, axes:]).max(initial=0.0)) < 1e-10
+        np.testing.assert_allclose(bcov, basis.T @ cov @ basis, atol=1e-10)  # the released covariance in it
+        # the rest is not PCA's next axes: it reaches below the first DIMS components
+        assert float(np.linalg.norm(v[:, DIMS:].T @ basis[:, axes:])) > 0.5
+        np.testing.assert_array_equal(basis, release.principal_basis(cov, DIMS, axes, seed=2)[0])  # seeded
+        assert not np.allclose(basis[:, axes:], release.principal_basis(cov, DIMS, axes, seed=3)[0][:, axes:])
+    # axes >= dims is plain PCA with its diagonal covariance
+    basis, bcov = release.principal_basis(cov, DIMS, DIMS, seed=2)
+    np.testing.assert_allclose(np.abs(np.sum(basis * v[:, :DIMS], 0)), 1.0, atol=1e-8)
+    np.testing.assert_allclose(bcov, np.diag(w[:DIMS].clip(0)), atol=1e-12)
+    # a release noisy enough to have mixed PCA's tail keeps plain PCA of what it released; a slightly noised
+    # one still has PCA's tail and gets it replaced
+    assert release.spectral_edge(w) == 0.0 and release.tail_replaced(cov, DIMS, 4)
+    for std, replaced in ((1e-5, True), (0.05, False)):
+        e = std * np.random.default_rng(0).standard_normal(cov.shape)
+        noisy = cov + (e + e.T) / np.sqrt(2)
+        edge = release.spectral_edge(np.linalg.eigvalsh(noisy))
+        if not replaced:  # noise above the covariance's smallest eigenvalues: the semicircle's edge, 2σ√d
+            assert abs(edge - 2 * std * np.sqrt(D)) < 0.15 * 2 * std * np.sqrt(D)
+        assert release.tail_replaced(noisy, DIMS, 4) is replaced
+        basis, bcov = release.principal_basis(noisy, DIMS, 4, seed=0)
+        assert float(np.linalg.eigvalsh(bcov).min()) > -1e-12  # the released covariance's PSD part
+        vn = np.linalg.eigh(noisy)[1][:, ::-1]
+        assert np.allclose(np.abs(np.sum(basis * vn[:, :DIMS], 0)), 1.0, atol=1e-8) is not replaced
+
+
+def test_init_dp_head_with_kept_axes_starts_balanced_and_standardised():
+    x = _low_rank(3000, seed=4)
+    mean, cov = _moments(x)
+    head = dphead.DPHashCoder(D, BITS, DIMS)
+    release.init_dp_head(head, mean, cov, seed=0, axes=4)
+    basis = head.net[0].basis.double().numpy()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(DIMS), atol=1e-5)
+    head.eval()
+    with torch.no_grad():
+        z = head(torch.as_tensor(x, dtype=torch.float32)).double()
+    codes = (z > 0).double()
+    assert float(1.0 - (2.0 * codes.mean(0) - 1.0).abs().mean()) > 0.8
+    assert float((z.var(0, unbiased=False) - 1.0).abs().max()) < 0.2  # the full basis covariance standardises it
+
+
 # --------------------------------------------------------------------------- 8. DP-SGD with Opacus
 
 

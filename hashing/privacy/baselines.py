@@ -28,15 +28,16 @@ class LinearCodes:
 
 
 def dp_itq_baseline(silo_features: Sequence[np.ndarray], bits: int, target_epsilon: float, delta: float,
-                    seed: int = 0) -> tuple[LinearCodes, float]:
+                    seed: int = 0, axes: int | None = None) -> tuple[LinearCodes, float]:
     """DP-ITQ: every silo releases its feature moments once through the Gaussian mechanism with the whole
     budget ε (each silo's own guarantee), the sums are pooled, and PCA plus ITQ is fitted on samples
-    drawn from them (post-processing). Returns the hash and the noise multiplier used."""
+    drawn from them (post-processing; ``axes``: kept principal axes, ``release.principal_basis``). Returns the
+    hash and the noise multiplier used."""
     sigma = gaussian_noise_for(target_epsilon, delta)
     rng = np.random.default_rng([seed, 11])
     released = [release_moments(x, sigma, rng) for x in silo_features]
     mean, cov, _ = pooled_moments(released)
-    basis, _, rot = dp_itq(mean, cov, bits, bits, seed)
+    basis, _, rot = dp_itq(mean, cov, bits, bits, seed, axes)
     return LinearCodes(mean, basis @ rot.T), sigma
 
 

@@ -112,35 +112,83 @@ def pooled_moments(released: Iterable[Mapping[str, np.ndarray]]) -> tuple[np.nda
     return mean, (cov + cov.T) / 2, int(n)
 
 
-def dp_itq(mean: np.ndarray, cov: np.ndarray, bits: int, dims: int, seed: int = 0,
+def spectral_edge(w: np.ndarray) -> float:
+    """The release noise's spectral edge, read from a released covariance's eigenvalues ``w``: the noise is
+    a symmetric Gaussian matrix, whose spectrum reaches as far below 0 as above, and an exact covariance has
+    no negative eigenvalue, so the most negative one is the edge (0 for exact moments)."""
+    return max(0.0, -float(np.min(w)))
+
+
+def tail_replaced(cov: np.ndarray, dims: int, axes: int) -> bool:
+    """Whether :func:`principal_basis` replaces PCA's tail for this released covariance: its first tail
+    eigenvalue (the ``axes+1``-th) lies above twice the release noise's spectral edge, so the noise has
+    left that tail as PCA's."""
+    w = np.sort(np.linalg.eigvalsh(cov))[::-1]
+    return bool(axes < min(dims, len(w)) and w[axes] > 2.0 * spectral_edge(w))
+
+
+def principal_basis(cov: np.ndarray, dims: int, axes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(basis d x dims, its released covariance dims x dims): PCA's top ``dims`` axes of ``cov``, or, where
+    the release left PCA's tail as it is (:func:`tail_replaced`), the top ``axes`` principal axes completed
+    by ``dims - axes`` random orthonormal directions of their complement (``axes >= dims``: plain PCA).
+
+    Why (BENCHMARKS.md, "The noise-helps mystery"; ``benchmarks/dp_itq_noise.py``): past the first few
+    components, which hold the differences between the broad categories, PCA picks the directions of the
+    largest *within*-category variance, the worst for retrieval (their Fisher ratio is below a random
+    direction's). Noise on the covariance mixes those components: PCA of a covariance plus symmetric
+    Gaussian noise keeps a component of eigenvalue θ with squared overlap 1 - (edge / 2θ)² (spiked Wigner)
+    and dissolves the weaker ones into random-looking directions of the rest. That was why a noisier release
+    gave a better head. Where the tail is still PCA's (its first eigenvalue above twice the edge: overlap
+    above 0.94), it is replaced by random directions on purpose; where the noise has mixed it, PCA of the
+    release is kept, since its mixtures keep some of the components' signal. The random directions depend
+    on the release only through the kept axes (post-processing) and on ``seed``."""
+    w, v = np.linalg.eigh(cov)
+    order = np.argsort(w)[::-1]
+    w, v = w[order], v[:, order]
+    replace = axes < dims and w[axes] > 2.0 * spectral_edge(w)
+    w = np.clip(w, 0.0, None)
+    if not replace:
+        return np.ascontiguousarray(v[:, :dims]), np.diag(w[:dims])
+    rest = v[:, axes:] @ np.random.default_rng([int(seed), 17]).standard_normal((v.shape[1] - axes, dims - axes))
+    basis = np.linalg.qr(np.concatenate([v[:, :axes], rest], axis=1))[0]
+    root = np.sqrt(w)[:, None] * (v.T @ basis)  # the released covariance's PSD part in the basis: root.T @ root
+    return np.ascontiguousarray(basis), root.T @ root
+
+
+def dp_itq(mean: np.ndarray, cov: np.ndarray, bits: int, dims: int, seed: int = 0, axes: int | None = None,
            samples: int = 20000, iterations: int = 50) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PCA plus ITQ from released moments: (basis d x dims, its covariance dims x dims, rotation bits x bits).
 
-    The rotation is ITQ's (FAISS ``ITQMatrix``) fitted on ``samples`` Gaussian draws with the released
-    variances of the top ``bits`` components: post-processing of the release, no private data."""
+    The basis is :func:`principal_basis` (``axes`` kept principal axes, the rest random directions; None:
+    plain PCA). The rotation is ITQ's (FAISS ``ITQMatrix``) fitted on ``samples`` Gaussian draws with the
+    released covariance of the basis's first ``bits`` columns: post-processing of the release, no private
+    data."""
     import faiss
 
     from ..baselines import faiss_threads
 
-    w, v = np.linalg.eigh(cov)
-    order = np.argsort(w)[::-1]
-    w, v = np.clip(w[order], 0.0, None), v[:, order]
-    basis = np.ascontiguousarray(v[:, :dims])
-    basis_cov = np.diag(w[:dims])
+    basis, basis_cov = principal_basis(cov, dims, dims if axes is None else int(axes), seed)
     rng = np.random.default_rng(seed)
-    y = (rng.standard_normal((samples, bits)) * np.sqrt(np.maximum(w[:bits], 1e-12))).astype(np.float32)
+    z = rng.standard_normal((samples, bits))
+    if not np.count_nonzero(basis_cov - np.diag(np.diag(basis_cov))):  # PCA: the draws it has always used
+        y = z * np.sqrt(np.maximum(np.diag(basis_cov)[:bits], 1e-12))
+    else:
+        lam, u = np.linalg.eigh(basis_cov[:bits, :bits])
+        y = (z * np.sqrt(np.maximum(lam, 1e-12))) @ u.T
     with faiss_threads():
         itq = faiss.ITQMatrix(bits)
         itq.max_iter = iterations
         itq.seed = int(seed)
-        itq.train(y)
+        itq.train(np.ascontiguousarray(y, np.float32))
     rot = faiss.vector_to_array(itq.A).reshape(bits, bits).astype(np.float64)
     return basis, basis_cov, rot
 
 
-def init_dp_head(head: DPHashCoder, mean: np.ndarray, cov: np.ndarray, seed: int = 0) -> None:
-    """Set the DP head's frozen buffers and start its rotation at DP-ITQ's, from released moments."""
-    basis, basis_cov, rot = dp_itq(mean, cov, head.bits, head.hidden, seed)
+def init_dp_head(head: DPHashCoder, mean: np.ndarray, cov: np.ndarray, seed: int = 0,
+                 axes: int | None = None) -> None:
+    """Set the DP head's frozen buffers and start its rotation at DP-ITQ's, from released moments
+    (``axes``: kept principal axes, :func:`principal_basis`; None: plain PCA)."""
+    basis, basis_cov, rot = dp_itq(mean, cov, head.bits, head.hidden, seed, axes)
     proj = head.net[0]
     with torch.no_grad():
         proj.center.copy_(torch.as_tensor(mean, dtype=proj.center.dtype))

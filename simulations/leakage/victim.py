@@ -101,7 +101,7 @@ def start_statistics(lb: Lab) -> None:
             from server.ledger import Ledger  # the server's own release and its record
             released = [release.server_release(released, Ledger(cfg).record_server_release(), cfg.seed)]
         mean, cov, _ = release.pooled_moments(released)
-        release.init_dp_head(model, mean, cov, seed=cfg.seed)
+        release.init_dp_head(model, mean, cov, seed=cfg.seed, axes=cfg.dp_axes)
         return
     pooled = _pooled(lb)
     mean, var = pooling.pooled_moments(pooled)
