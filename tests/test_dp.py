@@ -493,3 +493,19 @@ def test_fedconfig_refuses_invalid_dp_settings(changes, words):
     for w in words:
         assert w in str(e.value)
     FedConfig().replace(dp="sample", dp_epsilon=8.0, supervised=False)  # the valid one passes
+
+
+def test_privacy_sweep_table_and_figure_carry_the_dp_heads_noiseless_end(tmp_path):
+    from simulations import sweep
+
+    rows = [{"method": "CroVCA (published)", "unit": "none", "target": float("inf"), "epsilon": float("inf"),
+             "noise": None, "map": 0.6687, "bit_balance": 0.75, "seconds": 1.0},
+            {"method": sweep.NOISELESS_METHOD, "unit": "sample", "target": float("inf"), "epsilon": 4.98e5,
+             "noise": {"silo-0": sweep.NOISELESS}, "map": 0.6765, "bit_balance": 0.71, "seconds": 1.0}]
+    rows += [{"method": "DP-CroVCA", "unit": "sample", "target": e, "epsilon": e, "noise": {"silo-0": z},
+              "map": m, "bit_balance": 0.7, "seconds": 1.0} for e, z, m in ((8.0, 1.19, 0.6694), (1.0, 6.27, 0.604))]
+    table = sweep.format_sweep(rows)
+    assert f"| DP-CroVCA, noise {sweep.NOISELESS:g} | sample | ∞ | 4.98e+05 | 0.01 | 0.6765 |" in table
+    path = tmp_path / "privacy_utility.png"
+    sweep.plot_sweep(rows, path, 64)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
