@@ -84,8 +84,9 @@ class Config:
     dp_moments_ratio: float = 1.0   # sample: noise multiplier of the one feature-moments release / DP-SGD's
     dp_max_noise: float = 20.0      # sample: a target ε that needs more DP-SGD noise than this is refused
     dp_dims: int = 256              # sample: principal axes the DP head projects on (its rotation is bits x dp-dims)
-    dp_axes: int = 8                # DP head and DP-ITQ: principal axes kept as they are; the rest of the basis is random
-                                    # directions of their complement (>= dp-dims: plain PCA); BENCHMARKS, "noise-helps"
+    dp_axes: int = 8                # DP head and DP-ITQ: where the release left PCA's tail as it is, keep this many principal
+                                    # axes, the rest random directions of their complement (>= dp-dims: plain PCA);
+                                    # BENCHMARKS.md, "The noise-helps mystery"
     dp_clipping: str = "server-fixed"  # client: which Flower wrapper clips the updates
     # ------------------------------------------------------------ secure aggregation (README, "Secure aggregation")
     secagg: bool = False            # the server learns only the sums: updates, statistics, moments (masked, SecAgg)

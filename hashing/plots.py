@@ -245,7 +245,8 @@ _SWEEP_STYLES = {"DP-CroVCA": "o-", "DP-ITQ": "s--", "LSH": "^:"}
 
 
 def plot_privacy_utility(curves: Mapping[str, Series], path, *, no_dp: float | None = None,
-                         dp_head_noiseless: float | None = None, client_level: Series | None = None, ticks: Sequence[float] = (), bits: int = 64,
+                         dp_head_noiseless: float | None = None, client_level: Series | None = None,
+                         ticks: Sequence[float] = (), bits: int = 64,
                          delta: float = 1e-5, title: str = "Privacy–utility on the demo's silos") -> None:
     """mAP against ε (log scale) per method; the no-DP mAP and 0.85 of it as horizontal lines; the
     client-level DP points (ε per silo-update) beside them; ``dp_head_noiseless``, the DP head trained

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("privacy-sweep", help="the privacy-utility curve: sample-level DP at each ε, client-level DP, "
                                              "LSH and DP-ITQ beside them; table and plot")
     v.add_argument("--scenario", default="dp-demo", help="a scenario .toml or the name of one (default dp-demo)")
-    v.add_argument("--epsilons", default="inf,8,4,1", help="target ε per silo, comma-separated; inf = no DP, and the DP head at noise 0.01")
+    v.add_argument("--epsilons", default="inf,8,4,1", help="target ε per silo, comma-separated; inf = no DP, and the DP head at "
+                   "noise 0.01")
     v.add_argument("--client-noise", default="0.5,1,2", help="client-level DP noise multipliers ('' for none)")
     v.add_argument("--client-clip", type=options.positive_float, default=0.05, help="client-level DP: update norm bound")
     v.add_argument("--nodp-lr", type=options.positive_float, default=1e-3, help="learning rate of the ε = inf run (the demo's)")

@@ -185,5 +185,6 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, bits: int, delta: float =
     noiseless = next((r["map"] for r in rows if r["method"] == NOISELESS_METHOD), None)
     cl = sorted((r["epsilon"], r["map"]) for r in rows if r["unit"] == "client" and math.isfinite(r["epsilon"]))
     ticks = sorted({r["target"] for r in rows if r["unit"] != "client" and math.isfinite(r["target"])})
-    plots.plot_privacy_utility(curves, path, no_dp=no_dp, dp_head_noiseless=noiseless, client_level=(tuple(c[0] for c in cl), tuple(c[1] for c in cl)),
+    plots.plot_privacy_utility(curves, path, no_dp=no_dp, dp_head_noiseless=noiseless,
+                               client_level=(tuple(c[0] for c in cl), tuple(c[1] for c in cl)),
                                ticks=ticks, bits=bits, delta=delta)
