@@ -40,6 +40,13 @@ SCENARIO = {
 
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
 def _marked(tag: str) -> list[int]:
     """Every live process whose environment carries FEDHASH_TEST_TAG=tag (fedhash, Ray's daemons and workers)."""
     out = []
@@ -120,17 +127,20 @@ class Fedhash:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             self.proc.wait(30)
-        deadline = time.monotonic() + 15
+        # Ray's daemons and workers exit on their own after ray.shutdown(), some seconds after fedhash did
+        # (once, 15 s were not enough on a CI run with nothing else on the machine)
+        deadline = time.monotonic() + 40
         while _marked(self.tag) and time.monotonic() < deadline:
             time.sleep(0.3)
         left = _marked(self.tag)
+        names = [_cmdline(pid) for pid in left]
         if left:  # by their ids: the group this test created, then each straggler of it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes of the fedhash run were left behind: {left}"
+        assert not left, f"processes of the fedhash run were left behind: {list(zip(left, names))}"
 
 
 @contextlib.contextmanager
