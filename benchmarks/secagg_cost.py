@@ -5,10 +5,11 @@ both CroVCA modes.
 
     .venv/bin/python benchmarks/secagg_cost.py [--scenario demo] [--rounds 10] [--modes sup,unsup] [--out DIR]
 
-A third run per mode, ``plain-reversed``, is the plain one with the server summing the same replies in the
-reverse silo order (a change of the last float bits, nothing else; the server runs in this process, so the
-benchmark patches ``server.link.Link.send`` for that run only): how far the demo's per-silo figures move
-under a perturbation of that size, the yardstick for secagg's fixed point (~1e-8).
+A third run per mode, ``plain-reversed``, is the plain one with the server receiving the same replies in the
+reverse silo order (the server runs in this process, so the benchmark patches ``server.link.Link.send`` for
+that run only). A plain run sums in secure aggregation's fixed point (``server.secagg.plain_sum``), so all
+three runs of a mode must end on the same model; before that, a float sum's reversed order moved the
+demo's unsupervised per-silo figures by up to 0.0124, the yardstick then for secagg's fixed point (~1e-8).
 
 For each run: the median seconds per round (federation.json's ``seconds``: train + unmask + statistics +
 unmask) over rounds 2.. (round 1 also pays the key setup, reported on its own), the bytes per round (the
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, one simulation of {len(cfgs)} runs, "
              f"{wall:.0f} s", "",
              "| run | median round (s) | round 1 (s) | bytes / round | mean mAP@1000 | ratio s | ratio bytes | "
-             "largest per-silo mAP change |", "|---|---|---|---|---|---|---|---|"]
+             "largest per-silo mAP change | model |", "|---|---|---|---|---|---|---|---|---|"]
     for mode in args.modes.split(","):
         a = runs[f"{mode}-plain"]
         for kind in ("plain", "secagg", "plain-reversed"):
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {mode}-{kind} | {r['median_round_s']:.2f} | {r['round1_s']:.2f} | "
                          f"{r['bytes_per_round'] / 1e6:.2f} MB | {r['mean_map']:.4f} | "
                          f"{r['median_round_s'] / a['median_round_s']:.2f}x | "
-                         f"{r['bytes_per_round'] / a['bytes_per_round']:.3f}x | {diff:.4f} |")
+                         f"{r['bytes_per_round'] / a['bytes_per_round']:.3f}x | {diff:.4f} | {r['model_version']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out / "results"

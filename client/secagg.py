@@ -194,14 +194,16 @@ class _Phase:
             if not self.scale > 0 or metrics is None:
                 raise S.SecAggError("secure aggregation of a train reply needs the scale of its weights and the silo's "
                                     "num-examples")
-            sent = msg.content[P.ARRAYS]
-            update = {k: a.astype(np.float64) - sent[k].numpy().astype(np.float64) for k, a in arrays.items()}
+            sent = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()}
             if distributed:  # equal weights: the server's scale is the number of silos in the sum
-                update = distributed_dp.clip_and_share(update, cfg.dp_clip, cfg.dp_noise, n, distributed_dp.secret_rng())
+                update = distributed_dp.clip_and_share(S.weighted_update(arrays, sent, 1.0), cfg.dp_clip, cfg.dp_noise,
+                                                       n, distributed_dp.secret_rng())
                 w = 1.0 / self.scale
-            else:
+                update = {k: w * u for k, u in update.items()}
+            else:  # the same numbers a plain run's server sums (server.secagg.plain_sum)
                 w = float(metrics[P.NUM_EXAMPLES]) / self.scale
-            v32, layout32 = S.flatten({k: w * u for k, u in update.items()})
+                update = S.weighted_update(arrays, sent, w)
+            v32, layout32 = S.flatten(update)
             v64, layout64 = np.array([w]), [[P.SA_WEIGHT, [1]]]
         else:
             if distributed and name == P.MOMENTS:  # the exact means, plus this silo's share of the release's noise

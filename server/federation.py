@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 
 from hashing import atomic
 from hashing.backbones import backbone_identity
-from hashing.config import Config
+from hashing.config import SECAGG_REFUSED, Config
 from hashing.errors import TrainingError
 from hashing.federated import protocol as P
 from hashing.model import write_record
@@ -38,7 +38,7 @@ from .indexing import build_indexes
 from .ledger import Ledger
 from .link import Link, silo_of
 from .pooling import pooling_for
-from .secagg import SecureAggregation, summed_reply
+from .secagg import SecureAggregation, plain_sum, summed_reply
 from .strategies import make_strategy, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedhash.server")
@@ -159,11 +159,16 @@ class Federation:
         secure = {}
         if self.secagg is not None:  # the strategy aggregates the one sum the server learns
             total = self.secagg.unmask(label, msgs, ok, server_round, "train")
-            n_sum = sum(r.num_examples for m, r in zip(ok, reports) if int(m.metadata.src_node_id) in total.contributors)
-            agg, _ = self.strategy.aggregate_train(server_round, [summed_reply(model.params, total, n_sum)])
             secure = {"secagg_silos": len(total.contributors), "secagg_dropped": total.dropped,
                       "secagg_bytes_up": total.bytes_up, "secagg_bytes_down": total.bytes_down,
                       "secagg_setups": self.secagg.setups, "secagg_setup_bytes": self.secagg.setup_bytes}
+        elif cfg.strategy not in SECAGG_REFUSED and cfg.dp != "client":  # the same sum, of replies in the clear
+            total = plain_sum(cfg, len(msgs), ok, P.ARRAYS, server_round, "train", model.params)
+        else:  # a robust rule, or Flower's client-level DP wrapper: each reply of its own
+            total = None
+        if total is not None:
+            n_sum = sum(r.num_examples for m, r in zip(ok, reports) if int(m.metadata.src_node_id) in total.contributors)
+            agg, _ = self.strategy.aggregate_train(server_round, [summed_reply(model.params, total, n_sum)])
         else:
             agg, _ = self.strategy.aggregate_train(server_round, ok)
         if agg is None:

@@ -27,13 +27,9 @@ from hashing.privacy import release
 from .global_model import GlobalModel
 from .ledger import Ledger
 from .link import Link, silo_of
-from .secagg import SecureAggregation
+from .secagg import SecureAggregation, plain_sum
 
 log = logging.getLogger("fedhash.server")
-
-
-def _arrays(m, key: str) -> dict:
-    return {k: v.numpy() for k, v in m.content[key].to_torch_state_dict().items()}
 
 
 def _note_silos(model: GlobalModel, replies) -> None:
@@ -42,19 +38,21 @@ def _note_silos(model: GlobalModel, replies) -> None:
         model.silos[s[P.SILO_NAME]] = s.get(P.SILO_IDS, "")
 
 
-def _gather(link: Link, secagg: SecureAggregation | None, node_ids: list[int], message_type: str, content: RecordDict,
-            what: str, server_round: int, require: str, key: str) -> tuple[list, list[dict], dict[str, Any]]:
-    """Send a statistics phase; (good replies, the silos' arrays to pool, what secure aggregation did). Under
-    secure aggregation the arrays are one: the sum of the silos that unmasked (the good replies still count for
-    the privacy ledger: a silo left out of the sum has spent its release all the same)."""
+def _gather(cfg: Config, link: Link, secagg: SecureAggregation | None, node_ids: list[int], message_type: str,
+            content: RecordDict, what: str, server_round: int, require: str,
+            key: str) -> tuple[list, list[dict], dict[str, Any]]:
+    """Send a statistics phase; (good replies, [the sum of their arrays], what secure aggregation did). The sum
+    is fixed point either way (``server.secagg.plain_sum`` in the clear), so plain and secure runs pool the same
+    numbers. Under secure aggregation it holds the silos that unmasked (the good replies still count for the
+    privacy ledger: a silo left out of the sum has spent its release all the same)."""
     msgs = link.messages(node_ids, message_type, content)
     label = f"r{server_round}-{what}"
     if secagg is not None:
         keyed = secagg.attach(content, node_ids, label, server_round)
         msgs = [m for m in msgs if m.metadata.dst_node_id in keyed]
     ok = link.send(msgs, what, server_round, require=require)
-    if secagg is None:
-        return ok, [_arrays(m, key) for m in ok], {}
+    if secagg is None:  # the same sum as secure aggregation's, of replies in the clear
+        return ok, [plain_sum(cfg, len(msgs), ok, key, server_round, what).part64], {}
     total = secagg.unmask(label, msgs, ok, server_round, what)
     return ok, [total.part64], {"stats_secagg_silos": len(total.contributors), "stats_secagg_asked": total.asked,
                                 "stats_secagg_dropped": total.dropped, "stats_secagg_bytes_up": total.bytes_up,
@@ -72,7 +70,7 @@ class ActivationPooling:
 
     def after_round(self, link: Link, model: GlobalModel, server_round: int, node_ids: list[int]) -> dict[str, Any]:
         content = model.content(self.cfg, server_round)
-        ok, stats, secure = _gather(link, self.secagg, node_ids, P.MSG_STATS, content, "stats", server_round,
+        ok, stats, secure = _gather(self.cfg, link, self.secagg, node_ids, P.MSG_STATS, content, "stats", server_round,
                                     "statistics", P.STATS)
         pooled = pooling.pool(stats)
         mean, var = pooling.pooled_moments(pooled)
@@ -93,7 +91,7 @@ class MomentsPooling:
     def start(self, link: Link, model: GlobalModel, node_ids: list[int]) -> dict[str, Any]:
         cfg = self.cfg
         content = RecordDict({P.CONFIG: ConfigRecord(P.round_config(cfg.to_json(), 0))})
-        ok, released, secure = _gather(link, self.secagg, node_ids, P.MSG_MOMENTS, content, "moments", 0,
+        ok, released, secure = _gather(self.cfg, link, self.secagg, node_ids, P.MSG_MOMENTS, content, "moments", 0,
                                        "moments release", P.MOMENTS)
         if cfg.dp == "sample":  # each silo noised its own release and says so
             self.ledger.record_replies(ok)

@@ -257,6 +257,41 @@ class SecureAggregation:
 
 
 
+def plain_sum(cfg: Config, sent: int, replies: Sequence[Message], key: str, server_round: int, what: str,
+              params: Mapping[str, torch.Tensor] | None = None) -> Sum:
+    """What :meth:`SecureAggregation.unmask` gives, from replies that came in the clear: the same fixed point
+    in the same rings (``sent`` silos; the train phase's weights ``num-examples / their total``), summed as
+    integers. A plain run's model therefore equals a secure one's bit for bit, and no order of the replies
+    can change it (a float sum's last bits depend on the order). ``params``: the global model the train
+    phase sent (its replies' arrays ``key`` then give the weighted updates); without it the replies' arrays
+    are statistics."""
+    if not replies:
+        raise TrainingError(f"round {server_round} {what}: no silo replied; at least one must answer")
+    arrays = [{k: a.numpy() for k, a in m.content[key].items()} for m in replies]
+    if params is None:
+        vec32, l32 = [np.zeros(0)] * len(arrays), [[]] * len(arrays)
+        vec64, l64 = zip(*[S.flatten(a) for a in arrays])
+    else:
+        g = {k: p.detach().cpu().numpy() for k, p in params.items()}
+        nums = [int(m.content[P.METRICS][P.NUM_EXAMPLES]) for m in replies]
+        scale = max(float(sum(nums)), 1.0)
+        vec32, l32 = zip(*[S.flatten(S.weighted_update(a, g, num / scale)) for a, num in zip(arrays, nums)])
+        vec64, l64 = [np.array([num / scale]) for num in nums], [[[P.SA_WEIGHT, [1]]]] * len(nums)
+    layouts = {(S.layout_text(a), S.layout_text(b)) for a, b in zip(l32, l64)}
+    if len(layouts) > 1:
+        raise TrainingError(f"round {server_round} {what}: the silos replied with arrays of different layouts; every "
+                            "silo must run the same head")
+    try:
+        r32 = S.plain_ring(32, cfg.secagg_range, sent, vec32)
+        r64 = S.plain_ring(64, S.RANGE64, sent, vec64)
+        q32, q64 = S.fixed_point_sum(vec32, r32, f"{what}'s update"), S.fixed_point_sum(vec64, r64, f"{what}'s sums")
+    except S.SecAggError as e:
+        raise TrainingError(f"round {server_round} {what}: {e}") from None
+    (l32, l64), = layouts
+    return Sum(dict(S.unflatten(q32, json.loads(l32))), dict(S.unflatten(q64, json.loads(l64))),
+               sorted(int(m.metadata.src_node_id) for m in replies), [], asked=sent)
+
+
 def summed_reply(params: Mapping[str, torch.Tensor], total: Sum, num_examples: int) -> Message:
     """The one reply a strategy aggregates under secure aggregation: the weighted mean of the contributors'
     parameters, ``g + sum(w_i (x_i - g)) / sum(w_i)``, weighing ``num_examples`` (their total)."""

@@ -131,6 +131,40 @@ def layout_text(layout: Sequence) -> str:
     return json.dumps(layout, separators=(",", ":"))
 
 
+def weighted_update(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray],
+                    weight: float) -> "OrderedDict[str, np.ndarray]":
+    """A train reply's weighted update ``w (x - g)`` in float64, array by array in the reply's order: what a
+    silo masks under secure aggregation and what the server sums in the clear (:func:`fixed_point_sum`), the
+    same numbers both ways."""
+    return OrderedDict((k, weight * (np.asarray(a, np.float64) - np.asarray(sent[k], np.float64)))
+                       for k, a in arrays.items())
+
+
+def fixed_point_sum(vectors: Sequence[np.ndarray], ring: Ring, what: str = "a value") -> np.ndarray:
+    """The sum of real vectors as secure aggregation computes it: each one fixed point in ``ring``, their
+    sum in the ring (exact integer addition: the same whatever the order), decoded. The server of a plain
+    run sums the silos' replies this way, so that plain and secure aggregation give the same model bit
+    for bit and no reply order can change it."""
+    return ring.decode(ring_sum([ring.encode(v, what) for v in vectors], ring))
+
+
+def plain_ring(bits: int, bound: float, n: int, vectors: Sequence[np.ndarray]) -> Ring:
+    """The ring a plain run sums ``vectors`` (of ``n`` silos) in: secure aggregation's own (``bits``,
+    ``bound``) whenever its range holds every entry, as it must under secure aggregation; a wider range,
+    a power of two, where an entry lies outside it (a plain run refuses no update for its size), and the
+    64-bit ring where the 32-bit one could not hold it."""
+    worst = max((float(np.max(np.abs(v))) for v in vectors if np.size(v)), default=0.0)
+    if not math.isfinite(worst):
+        raise SecAggError("a silo's reply holds NaN or infinity; it cannot be summed (its training diverged: "
+                          "lower lr, or drop the silo)")
+    if worst > bound:
+        bound = 2.0 ** math.ceil(math.log2(worst))
+    try:
+        return Ring.for_sum(bits, bound, n)
+    except SecAggError:
+        return Ring.for_sum(64, bound, n)
+
+
 # --------------------------------------------------------------------------- keys, seeds and masks
 
 

@@ -90,12 +90,13 @@ def silo_release(cfg: Config, x: np.ndarray, silo_fingerprint: str,
 
 def server_release(means: list[Mapping[str, np.ndarray]], noise_multiplier: float,
                    seed: int) -> dict[str, np.ndarray]:
-    """Client-level DP: the sum of the silos' means, noised once for the whole federation (one silo's
-    means move the sums by at most the sensitivity)."""
+    """Client-level DP: the sum of the silos' means (count 1 each; ``means`` may hold them one by one or
+    already summed), noised once for the whole federation (one silo's means move the sums by at most the
+    sensitivity)."""
     rng = np.random.default_rng([seed, 7])
     s1, s2 = add_noise(sum(r["sum"] for r in means), sum(r["outer"] for r in means),
                        noise_multiplier * MOMENT_SENSITIVITY, rng, matrix_first=True)
-    return {"count": np.array([float(len(means))]), "sum": s1, "outer": s2}
+    return {"count": np.array([float(sum(float(r["count"][0]) for r in means))]), "sum": s1, "outer": s2}
 
 
 def pooled_moments(released: Iterable[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, int]:
