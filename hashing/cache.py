@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDHASH_CACHE", Path.home() / ".cache" / "fedhash" / "features"))
+    """``$FEDHASH_CACHE``, else ``~/.cache/fedhash/features``; an empty or blank variable counts as unset (it
+    would otherwise mean the current folder, and fill it with cache files)."""
+    return Path(os.environ.get("FEDHASH_CACHE", "").strip() or Path.home() / ".cache" / "fedhash" / "features")
 
 
 def cache_root(cache_dir: str | os.PathLike | None) -> Path:

@@ -87,3 +87,14 @@ def test_interrupted_extraction_leaves_no_cache(backbone, digits, tmp_path, monk
         F.cached_features(backbone, "tf_efficientnet_lite0", subset(digits, np.arange(8)), np.arange(8), size=32,
                           cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_fedhash_cache_variable_means_the_default_folder_not_the_current_one(value, monkeypatch, tmp_path):
+    from hashing.cache import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FEDHASH_CACHE", value)
+    assert default_cache_dir() == tmp_path / ".cache" / "fedhash" / "features"
+    monkeypatch.setenv("FEDHASH_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
