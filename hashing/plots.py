@@ -163,9 +163,12 @@ def plot_map_rounds(mean: Series, per_silo: Mapping[str, Series], references: Ma
         return False
     fig = _figure(7.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    for name, (sx, sy) in per_silo.items():
+    many = len(per_silo) > 10  # a legend entry per silo stops being readable: one grey line each, one entry
+    for i, (name, (sx, sy)) in enumerate(per_silo.items()):
         if len(sx):
-            ax.plot(sx, sy, linewidth=0.8, alpha=0.6, label=name)
+            style = (dict(color="0.6", linewidth=0.5, alpha=0.5, label=None if i else f"each silo ({len(per_silo)})")
+                     if many else dict(linewidth=0.8, alpha=0.6, label=name))
+            ax.plot(sx, sy, **style)
     if len(x):
         ax.plot(x, y, "o-", color="k", linewidth=2.0, markersize=4, label="federated, mean")
     for m, v in references.items():
@@ -197,6 +200,30 @@ def plot_map_silos(groups: Sequence[str], values: Mapping[str, Sequence[float | 
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def plot_map_distribution(values: Mapping[str, Sequence[float]], path,
+                          title: str = "final mAP@1000 over the silos") -> bool:
+    """Each method's per-silo figures as a box (median, quartiles, 1.5 IQR whiskers) with every silo a dot
+    over it: readable for hundreds of silos, where one bar per silo is not."""
+    values = {m: np.asarray(v, float) for m, v in values.items() if len(v)}
+    if not values:
+        return False
+    fig = _figure(7.0, max(2.5, 0.45 * len(values) + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(values)[::-1]  # the first method on top
+    ax.boxplot([values[m] for m in names], orientation="horizontal", widths=0.6, showfliers=False)
+    rng = np.random.default_rng(0)  # the dots' vertical jitter only
+    for i, m in enumerate(names, start=1):
+        v = values[m]
+        ax.scatter(v, i + rng.uniform(-0.18, 0.18, v.size), s=6, alpha=0.5, color="C0", zorder=3)
+        ax.plot([v.mean()], [i], marker="D", color="k", markersize=4, zorder=4)
+    ax.set_yticks(range(1, len(names) + 1), [f"{m} ({values[m].size})" for m in names], fontsize=8)
+    ax.set_xlabel("mAP@1000 (a dot per silo; diamond: the mean)")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
     _save(fig, path)
     return True
 

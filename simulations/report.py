@@ -38,6 +38,8 @@ from hashing.errors import FedhashError
 log = logging.getLogger("fedhash")
 
 K = 1000  # mAP@K of the final table
+WIDE = 10  # above this many silos the tables show statistics over silos, not a column per silo (all in the CSV)
+SPREAD = ("mean", "median", "worst decile", "worst", "best")
 ROUND_COLUMNS = ("round", "mean_map", "train_loss", "bit_balance", "seconds", "bytes_down", "bytes_up",
                  "clients_ok", "clients_failed")
 REFERENCE_ORDER = ("local-only", "centralized", "itq")
@@ -193,36 +195,62 @@ def ratio_lines(final: Mapping[str, Any], reference: str = "centralized") -> lis
 # --------------------------------------------------------------------------- the final table
 
 
+def spread(row: Mapping[str, Any], names: Sequence[str]) -> dict[str, float | None]:
+    """A row's statistics over its silos: the row's mean (:func:`method_mean`), the median, the worst decile
+    (the mean of the worst tenth of the silos, at least one), the worst and the best silo; None without values."""
+    per = row.get("per_silo") or {}
+    vals = np.sort([v for v in (_num(per.get(n)) for n in names) if v is not None])
+    if not vals.size:
+        return dict.fromkeys(SPREAD) | {"mean": method_mean(row)}
+    tenth = max(1, math.ceil(vals.size / 10))
+    return {"mean": method_mean(row), "median": float(np.median(vals)), "worst decile": float(vals[:tenth].mean()),
+            "worst": float(vals[0]), "best": float(vals[-1])}
+
+
+def spread_sentence(n: int, csv_name: str = "final.csv") -> str:
+    return (f"{n} silos: statistics over them (worst decile: the mean of the worst tenth); "
+            f"every silo's figure: {csv_name}")
+
+
 def format_table(final: Mapping[str, Any], silos: Sequence[Any] | None = None, *, markdown: bool = False,
-                 with_ratios: bool = True) -> str:
+                 with_ratios: bool = True, per_silo: bool | None = None, csv_name: str = "final.csv") -> str:
     """The final table: one row per method, a column per silo, the mean, and bit balance/seconds when present.
 
     mAP@1000 to 4 decimals; ``-`` where a method has no value. ``silos`` is the summary's silo list (dicts) or a
-    list of names; silos that only the results name are appended. Below the table, unless ``with_ratios`` is
-    false, one line "federated / centralized = 0.97x" per federated row. ``markdown=True`` gives the
-    Markdown form written to table.md; otherwise an aligned plain-text table for a terminal.
+    list of names; silos that only the results name are appended. With more than :data:`WIDE` silos (or
+    ``per_silo=False``) the silo columns give way to statistics over the silos (:func:`spread`), so that the
+    table fits a terminal at any scale; :func:`final_csv` keeps every silo's figure. Below the table, unless
+    ``with_ratios`` is false, one line "federated / centralized = 0.97x" per federated row. ``markdown=True``
+    gives the Markdown form written to table.md; otherwise an aligned plain-text table for a terminal.
     """
     final = final or {}
     methods = method_order(final)
     names = _silo_names(silos, final)
+    wide = len(names) > WIDE if per_silo is None else not per_silo
     has_bb = any(_num(_row(final, m).get("bit_balance")) is not None for m in methods)
     has_s = any(_num(_row(final, m).get("seconds")) is not None for m in methods)
-    header = ["method", *names, "mean"] + (["bit balance"] if has_bb else []) + (["seconds"] if has_s else [])
+    header = (["method", "silos", *SPREAD] if wide else ["method", *names, "mean"]) + \
+        (["bit balance"] if has_bb else []) + (["seconds"] if has_s else [])
     rows = []
     for m in methods:
         r = _row(final, m)
         per = r.get("per_silo") or {}
-        cells = [m, *(_f4(per.get(n)) for n in names), _f4(method_mean(r))]
+        if wide:
+            st = spread(r, names)
+            cells = [m, str(sum(_num(per.get(n)) is not None for n in names)), *(_f4(st[k]) for k in SPREAD)]
+        else:
+            cells = [m, *(_f4(per.get(n)) for n in names), _f4(method_mean(r))]
         if has_bb:
             cells.append(_f4(r.get("bit_balance")))
         if has_s:
             cells.append(_secs(r.get("seconds")))
         rows.append(cells)
     rl = ratio_lines(final) if with_ratios else []
+    said = [spread_sentence(len(names), csv_name)] if wide and rows else []
     if markdown:
         text = _md_table(header, [[_cell(c) for c in r] for r in rows]) if rows else "_no final results_"
-        if rl:
-            text += "\n\n" + "\n".join(f"- {line}" for line in rl)
+        if said or rl:
+            text += "\n\n" + "\n".join(f"- {line}" for line in said + rl)
         return text + "\n"
     if not rows:
         return "no final results\n"
@@ -230,9 +258,25 @@ def format_table(final: Mapping[str, Any], silos: Sequence[Any] | None = None, *
     fmt = lambda cells: "  ".join(  # noqa: E731
         (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines = [fmt(header), "-" * len(fmt(header)), *(fmt(r) for r in rows)]
-    if rl:
-        lines += ["", *rl]
+    if said or rl:
+        lines += ["", *said, *rl]
     return "\n".join(lines) + "\n"
+
+
+def final_csv(final: Mapping[str, Any], silos: Sequence[Any] | None = None) -> str:
+    """Every method's figure for every silo, whatever the number of silos: a row per method, a column per
+    silo, then mean, bit balance and seconds (``final.csv`` and ``cross_silo.csv`` of a run folder)."""
+    final = final or {}
+    names = _silo_names(silos, final)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", *names, "mean", "bit_balance", "seconds"])
+    for m in method_order(final):
+        r = _row(final, m)
+        per = r.get("per_silo") or {}
+        vals = [_num(per.get(n)) for n in names] + [method_mean(r), _num(r.get("bit_balance")), _num(r.get("seconds"))]
+        w.writerow([m, *("" if v is None else repr(v) for v in vals)])
+    return buf.getvalue()
 
 
 OWN_SILO_SENTENCE = "Each silo is scored on its own query and database split; the mean is over silos."
@@ -271,7 +315,7 @@ def tables_md(summary: Mapping[str, Any], run_id: str) -> str:
     cross = summary.get("cross_silo") or {}
     if cross:
         text += (f"\n# mAP@{K} across silos (each silo's queries against every silo's database)\n\n"
-                 f"{CROSS_SILO_SENTENCE}\n\n" + format_table(cross, silos, markdown=True))
+                 f"{CROSS_SILO_SENTENCE}\n\n" + format_table(cross, silos, markdown=True, csv_name="cross_silo.csv"))
         notes = cross_silo_notes(cross)
         text += ("\n" + "\n".join(notes) + "\n") if notes else ""
     return text
@@ -345,6 +389,10 @@ def _plot_map_silos(final: Mapping[str, Any], silos: Sequence[Any] | None, path:
     names = _silo_names(silos, final)
     if not methods or not names:
         return False
+    if len(names) > WIDE:  # bars for a hundred silos are unreadable: each method's distribution over the silos
+        per = {m: [v for n in names if (v := _num((_row(final, m).get("per_silo") or {}).get(n))) is not None]
+               for m in methods}
+        return plots.plot_map_distribution({m: v for m, v in per.items() if v}, path)
     values = {m: [_num((_row(final, m).get("per_silo") or {}).get(n)) for n in names] + [method_mean(_row(final, m))]
               for m in methods}
     return plots.plot_map_silos(names + ["mean"], values, path)
@@ -433,7 +481,8 @@ def render_report(summary: Mapping[str, Any], plots: Mapping[str, str] | None = 
     cross = summary.get("cross_silo") or {}
     if cross:
         out += [f"## Results across silos: mAP@{K} per querying silo", "", CROSS_SILO_SENTENCE, "",
-                format_table(cross, silos, markdown=True).rstrip(), "", *cross_silo_notes(cross), ""]
+                format_table(cross, silos, markdown=True, csv_name="cross_silo.csv").rstrip(), "",
+                *cross_silo_notes(cross), ""]
 
     figs = [k for k in ("map_rounds", "map_silos", "bit_balance", "loss", "comm") if k in plots]
     if figs:
@@ -461,7 +510,8 @@ def render_report(summary: Mapping[str, Any], plots: Mapping[str, str] | None = 
     note = summary.get("references_note")
     if note:
         out += ["", str(note).strip()]
-    out += ["", "The whole summary: `summary.json`; the table alone: `table.md`.", ""]
+    out += ["", "The whole summary: `summary.json`; the table alone: `table.md`; every silo's figure: `final.csv`"
+            + (", `cross_silo.csv`" if cross else "") + ".", ""]
     return "\n".join(out)
 
 
@@ -471,7 +521,8 @@ def render_report(summary: Mapping[str, Any], plots: Mapping[str, str] | None = 
 def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> dict[str, Path]:
     """Write a federated run's folder (atomically, file by file) and return {key: path} of what was written.
 
-    Keys: ``summary`` (summary.json), ``rounds_csv``, ``rounds_json``, ``table`` (table.md), ``report``
+    Keys: ``summary`` (summary.json), ``rounds_csv``, ``rounds_json``, ``table`` (table.md), ``final_csv``
+    (final.csv: every silo's figure; ``cross_silo_csv`` too when the run has a cross-silo table), ``report``
     (report.md), and the plots that had data: ``map_rounds``, ``map_silos``, ``bit_balance``, ``loss``, ``comm``.
     The data files come first, so a failing plot (logged, then left out of report.md) loses no numbers.
     """
@@ -491,6 +542,9 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> dict
     write("rounds_json", "rounds.json", atomic.write_json, rounds)
     write("rounds_csv", "rounds.csv", atomic.write_text, rounds_csv(rounds, silos))
     write("table", "table.md", atomic.write_text, tables_md(summary, run_dir.name))
+    write("final_csv", "final.csv", atomic.write_text, final_csv(final, silos))
+    if summary.get("cross_silo"):
+        write("cross_silo_csv", "cross_silo.csv", atomic.write_text, final_csv(summary["cross_silo"], silos))
 
     jobs = {
         "map_rounds": lambda p: _plot_map_rounds(rounds, final, silos, p),

@@ -267,7 +267,7 @@ def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     if summary.get("cross_silo"):
         print("mAP@1000 across silos (each silo's queries against every silo's database; federated rows through "
               "the fan-out):")
-        print(format_table(summary["cross_silo"], summary["silos"]))
+        print(format_table(summary["cross_silo"], summary["silos"], csv_name="cross_silo.csv"))
         for line in cross_silo_notes(summary["cross_silo"]):
             print(line[2:])
     for sub, art in summary.get("artifacts", {}).items():

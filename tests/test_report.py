@@ -5,10 +5,11 @@ import copy
 import csv
 import re
 
+import numpy as np
 import pytest
 
 from hashing.errors import FedhashError
-from simulations.report import format_table, load_summary, ratio_lines, write_report
+from simulations.report import WIDE, format_table, load_summary, ratio_lines, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SILOS = ["silo-0", "silo-1", "silo-2"]
@@ -65,9 +66,10 @@ def written(tmp_path_factory):
 
 def test_every_file_written(written):
     run, _, paths = written
-    for name in ("rounds.csv", "rounds.json", "summary.json", "table.md", "report.md", *(f"{p}.png" for p in PLOTS)):
+    for name in ("rounds.csv", "rounds.json", "summary.json", "table.md", "final.csv", "report.md",
+                 *(f"{p}.png" for p in PLOTS)):
         assert (run / name).is_file(), name
-    assert set(paths) == {"summary", "rounds_csv", "rounds_json", "table", "report", *PLOTS}
+    assert set(paths) == {"summary", "rounds_csv", "rounds_json", "table", "final_csv", "report", *PLOTS}
     assert all(p.parent == run and p.is_file() for p in paths.values())
     for k in PLOTS:
         assert _is_png(paths[k]), k
@@ -189,3 +191,57 @@ def test_each_federated_mode_is_compared_with_centralized_of_the_same_mode():
     lines = ratio_lines(final)
     assert "federated / centralized = 0.98x" in lines
     assert "federated (unsupervised) / centralized (unsupervised) = 0.93x" in lines
+
+
+def _many_silos(n: int) -> dict:
+    """A summary of n silos with known per-silo figures (own-silo and cross-silo), for the readable-at-scale
+    tests."""
+    names = [f"silo-{i}" for i in range(n)]
+    rng = np.random.default_rng(3)
+    rows = {m: {"per_silo": {s: round(float(v), 4) for s, v in zip(names, rng.uniform(lo, lo + 0.4, n))}}
+            for m, lo in (("federated", 0.5), ("local-only", 0.3), ("centralized", 0.55))}
+    for r in rows.values():
+        r["mean"] = float(np.mean(list(r["per_silo"].values())))
+    rounds = [{"round": k, "map": {s: 0.4 + 0.05 * k for s in names}, "mean_map": 0.4 + 0.05 * k, "train_loss": 0.5,
+               "seconds": 1.0, "bytes_down": 10, "bytes_up": 10} for k in (1, 2, 3)]
+    return {"run_id": "many", "bits": 64, "silos": [{"id": i, "name": s, "n_train": 100} for i, s in enumerate(names)],
+            "rounds": rounds, "final": rows, "cross_silo": copy.deepcopy(rows)}
+
+
+def test_with_many_silos_the_table_shows_statistics_over_them_and_fits_a_terminal():
+    s = _many_silos(50)
+    text = format_table(s["final"], s["silos"])
+    assert max(len(line) for line in text.splitlines()) <= 120
+    header, _, fed = text.splitlines()[:3]
+    assert header.split()[:3] == ["method", "silos", "mean"] and "median" in header and "silo-7" not in text
+    v = np.sort(list(s["final"]["federated"]["per_silo"].values()))
+    want = [50, v.mean(), np.median(v), v[:5].mean(), v[0], v[-1]]  # worst decile: the worst 5 of 50
+    got = [float(x) for x in fed.split()[1:]]
+    assert got[0] == 50 and got[1:] == pytest.approx(want[1:], abs=5e-5)
+    assert "50 silos" in text and "final.csv" in text
+    assert "federated / centralized" in text
+    # WIDE silos keep their columns; one more gives way to the statistics, and per_silo= chooses either way
+    few = _many_silos(WIDE)
+    assert "silo-9" in format_table(few["final"], few["silos"])
+    assert "median" in format_table(few["final"], few["silos"], per_silo=False)
+    assert "silo-10" not in format_table(_many_silos(WIDE + 1)["final"], _many_silos(WIDE + 1)["silos"])
+    assert "silo-49" in format_table(s["final"], s["silos"], per_silo=True)
+
+
+def test_with_many_silos_the_run_folder_keeps_every_figure_in_csv_and_plots_the_distribution(tmp_path):
+    s = _many_silos(200)
+    paths = write_report(tmp_path, s)
+    for key, table in (("final_csv", "final"), ("cross_silo_csv", "cross_silo")):
+        with open(paths[key], newline="") as f:
+            rows = {r["method"]: r for r in csv.DictReader(f)}
+        assert set(rows) == set(s[table])
+        for m, row in s[table].items():
+            assert {k: float(rows[m][k]) for k in row["per_silo"]} == row["per_silo"]
+            assert float(rows[m]["mean"]) == pytest.approx(row["mean"])
+    assert _is_png(paths["map_silos"]) and _is_png(paths["map_rounds"])
+    report = (tmp_path / "report.md").read_text()
+    results = report.split("## Results: mAP@1000 per silo")[1].split("## ")[0]
+    assert "| median |" in results and "silo-150" not in results and "200 silos" in results
+    assert "silo-150" in report.split("## Silos")[1]  # the silos' own table still lists every silo
+    table = (tmp_path / "table.md").read_text()
+    assert "cross_silo.csv" in table and "final.csv" in table
