@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -115,6 +116,7 @@ class Config:
     # ------------------------------------------------------------ Flower's simulation engine (fedhash simulate only)
     feed_interval: float = 0.01     # seconds between passes of the engine's message feeder (0 = Flower's own 0.1 s loop)
     pull_interval: float = 0.01     # seconds between the server's polls for replies (0 = Flower's own 0.1 s)
+    ray_address: str = ""           # a running Ray cluster to put the simulated silos on ("host:port" or "auto"; "" = start one)
 
     # ---------------------------------------------------------------- reading and writing
 
@@ -193,6 +195,10 @@ class Config:
         for key in ("feed_interval", "pull_interval"):
             if getattr(self, key) > 1:
                 bad(key, f"is {getattr(self, key)}; give seconds in [0, 1] (0: Flower's own)")
+        addr = self.ray_address.strip()
+        if addr and addr != "auto" and not (addr.startswith("ray://") or re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", addr)):
+            bad("ray_address", f"is {self.ray_address!r}; give a running cluster's host:port (ray start --head prints "
+                               "it), \"auto\" for the cluster this machine belongs to, or \"\" to start Ray here")
         for key in ("dp_epsilon", "dp_noise", "dp_max_noise"):
             if not getattr(self, key) >= 0:
                 bad(key, f"is {getattr(self, key)}; it must be >= 0")

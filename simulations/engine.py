@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import logging
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -186,24 +187,76 @@ def _terminate_kills_busy_actors() -> None:
     cls.terminate = terminate
 
 
-def start_ray(num_cpus: int) -> None:
-    """Start Ray (local, no dashboard, no runtime environment) unless it runs already. The workers import
-    fedhash from its installation (``pip install -e .``, as ``make setup`` does), not from a path that
-    Flower's runtime environment would set. What they print is forwarded to this process's stdout and
-    stderr (``simulations.console.quiet_flower`` sends it to the run's log.txt).
+cluster: dict[str, Any] = {}  # what the last start_ray ran on: address ("" = started here), nodes, cpus
+
+
+def start_ray(num_cpus: int, address: str = "") -> dict[str, Any]:
+    """Start Ray (local, no dashboard, no runtime environment) unless it runs already, or with ``address``
+    (config ``ray-address``) connect to a running cluster instead (``ray start --head`` on one machine,
+    ``ray start --address=HEAD:PORT`` on the others). The workers import fedhash from its installation
+    (``pip install -e .``, as ``make setup`` does), not from a path that Flower's runtime environment would
+    set: every node of a cluster runs the same fedhash and reads the same feature cache folder. What they
+    print is forwarded to this process's stdout and stderr (``simulations.console.quiet_flower`` sends it to
+    the run's log.txt). Flower's engine sizes its actor pool from every node's CPUs. Returns (and keeps in
+    :data:`cluster`) the address, the number of nodes and their CPUs.
 
     A signal (SIGINT, SIGTERM) from now until ``stop_ray`` stops the simulation cleanly (``_on_signal``);
-    Ray's own SIGTERM handlers, which end the process at once, are replaced."""
+    Ray's own SIGTERM handlers, which end the process at once, are replaced. ``stop_ray`` disconnects from a
+    cluster and leaves it running: whoever started it stops it."""
     import ray
+
+    from hashing.errors import ConfigError
 
     _stop.clear()
     _why.clear()
     _server.clear()
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     _terminate_kills_busy_actors()
+    address = (address or "").strip()
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, logging_level=logging.ERROR)
+        if address:
+            _reachable(address)
+            try:
+                ray.init(address=address, logging_level=logging.ERROR)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise ConfigError(f"config: ray-address = {address!r}: no Ray cluster answers there ({why}); "
+                                  "start one with `ray start --head`, or set ray-address = \"\" to run Ray here") from e
+        else:
+            ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, logging_level=logging.ERROR)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+    cluster.clear()
+    cluster.update(address=address, nodes=len(nodes), cpus=int(sum(n["Resources"].get("CPU", 0) for n in nodes)))
     _install_handlers(before)
+    return dict(cluster)
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to a cluster's ``host:port`` (Ray itself retries an absent head for minutes);
+    "auto" and Ray Client's ``ray://`` addresses are left to Ray."""
+    from hashing.errors import ConfigError
+
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"config: ray-address = {address!r}: no Ray cluster answers there ({e.strerror or e}); "
+                          "start one with `ray start --head`, or set ray-address = \"\" to run Ray here") from None
+
+
+def probe_cluster(address: str) -> dict[str, Any]:
+    """Connect to the Ray cluster at ``address`` and disconnect: a wrong ``ray-address`` fails in seconds,
+    before any feature is extracted. Returns :data:`cluster`."""
+    import ray
+
+    if ray.is_initialized():
+        return dict(cluster)
+    try:
+        return start_ray(1, address)
+    finally:
+        stop_ray()
 
 
 def stop_ray() -> None:

@@ -119,7 +119,7 @@ def search_simulation(run: str | os.PathLike, codes: np.ndarray, k: int, model_v
     result: dict[str, Any] = {}
     with console.quiet_flower(Path(sub) / "search-log.txt", verbose):
         try:
-            engine.start_ray(max(1, os.cpu_count() or 1))
+            engine.start_ray(max(1, os.cpu_count() or 1), cfg.ray_address)
             engine.fast_feeder(cfg.feed_interval)
             run_simulation(make_server_app(cfg, job=job, result=result, on_grid=engine.tune_grid), client_app,
                            num_supernodes=cfg.num_silos,

@@ -448,6 +448,14 @@ def _artifact_lines(artifacts: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _ray_fact(ray: Any) -> str | None:
+    """Where the simulated silos ran: Ray started by the run, or the cluster it attached to (ray-address)."""
+    if not isinstance(ray, Mapping) or not ray.get("nodes"):
+        return None
+    where = f"the Ray cluster at {ray['address']}" if ray.get("address") else "Ray started by the run"
+    return f"simulated silos on {where} ({ray['nodes']} node{'s' if ray['nodes'] != 1 else ''}, {ray.get('cpus')} CPUs)"
+
+
 def render_report(summary: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
     """report.md's text. ``plots`` maps a plot key (map_rounds, map_silos, ...) to its file name in the run folder."""
     plots = plots or {}
@@ -461,7 +469,8 @@ def render_report(summary: Mapping[str, Any], plots: Mapping[str, str] | None = 
              ("supervised" if summary["supervised"] else "unsupervised") if "supervised" in summary else None,
              f"strategy {summary['strategy']}" if summary.get("strategy") else None,
              f"{len(silos)} silos" if silos else None,
-             f"{len(rounds)} rounds" if rounds else None]
+             f"{len(rounds)} rounds" if rounds else None,
+             _ray_fact(summary.get("ray"))]
     facts = [f for f in facts if f]
     if facts:
         out += [", ".join(facts) + ".", ""]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from client import site
 from hashing import atomic, plots
+from hashing.cache import default_cache_dir
 from hashing.config import Config
 from hashing.errors import TrainingError
 from hashing.silos import label_histogram, make_silos, source_dataset
@@ -58,6 +59,10 @@ def run_federations(cfgs: list[Config], scenario: dict[str, Any], *, labels: lis
     from server.server_app import make_server_app
 
     cfgs = [c if c.client_threads else dataclasses.replace(c, client_threads=1) for c in cfgs]
+    if cfgs[0].ray_address:  # a cluster's workers run where `ray start` put them: absolute folders, one cache
+        cfgs = [dataclasses.replace(c, out_dir=str(Path(c.out_dir).resolve()),
+                                    cache_dir=str(Path(c.cache_dir).resolve() if c.cache_dir else default_cache_dir()))
+                for c in cfgs]
     cpus = max(1, os.cpu_count() or 1)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     try:
@@ -75,7 +80,7 @@ def run_federations(cfgs: list[Config], scenario: dict[str, Any], *, labels: lis
                 bar.refresh()
 
             try:
-                engine.start_ray(cpus)
+                engine.start_ray(cpus, cfgs[0].ray_address)
                 engine.fast_feeder(cfgs[0].feed_interval)
                 run_simulation(make_server_app(cfgs, scenario=scenario, on_round=on_round, on_grid=engine.tune_grid,
                                                after_run=after_run),
@@ -138,6 +143,8 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
 
     if resume:  # a resume that does not continue this run is refused before anything is written
         resume_checks.check_resume_run(Path(resume), scn.to_dict(), federation_configs(Path(resume)))
+    if cfg.ray_address:  # a cluster that does not answer fails before any work
+        engine.probe_cluster(cfg.ray_address)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     silos = make_silos(source_dataset(cfg), cfg)  # bad silos fail before a run folder exists
@@ -227,7 +234,7 @@ def simulate(scn: Scenario, *, runs_dir: str | Path = "runs", resume: str | Path
                        "label_hist": hist[i].tolist(), "domain": s.domain, "content_fingerprint": s.content_fingerprint()}
                       for i, s in enumerate(silos)],
             "rounds": rounds_by_mode[head], "rounds_by_mode": rounds_by_mode, "final": final,
-            "cross_silo": cross, "timings": timings,
+            "cross_silo": cross, "timings": timings, "ray": dict(engine.cluster),
             "artifacts": artifacts, "partition_plot": "partition.png", "log": "log.txt",
             "references_note": (f"Rows without a suffix are {head} CroVCA; '(unsupervised)'/'(supervised)' rows are "
                                 "the other mode on the same silos. Every row trains for the same number of epochs "

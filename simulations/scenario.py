@@ -32,7 +32,8 @@ MODE_PREFIXES = {"supervised-": True, "unsupervised-": False}  # per-mode knobs:
 # what both modes must share: the silos, their features and the run's folders
 SHARED_KEYS = ("data", "n_images", "partitioner", "num_silos", "alpha", "classes_per_silo", "quantity_power",
                "domains", "min_size", "query_frac", "seed", "mode", "backbone", "weights", "size", "views",
-               "strict", "supervised", "out_dir", "cache_dir", "resume", "feed_interval", "pull_interval")
+               "strict", "supervised", "out_dir", "cache_dir", "resume", "feed_interval", "pull_interval",
+               "ray_address")
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
 
