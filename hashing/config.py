@@ -96,7 +96,8 @@ class Config:
     # ------------------------------------------------------------ server
     strategy: str = "fedavg"
     num_server_rounds: int = 10
-    fraction_train: float = 1.0
+    fraction_train: float = 1.0     # the silos that train each round (a seeded sample by silo name; at least min-train-nodes)
+    fraction_evaluate: float = 1.0  # the silos that score the global model each round (a seeded sample; the final scores are all)
     min_train_nodes: int = 2
     round_timeout: float = 600.0
     proximal_mu: float = 0.01
@@ -173,8 +174,9 @@ class Config:
             bad("views", "must be at least 2 for unsupervised CroVCA (two views per image)")
         if not 1 <= self.views <= MAX_VIEWS:
             bad("views", f"is {self.views}; cache from 1 to {MAX_VIEWS} augmented views per image (default 4)")
-        if not 0.0 < self.fraction_train <= 1.0:
-            bad("fraction_train", f"is {self.fraction_train}; use a fraction in (0, 1]")
+        for key in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                bad(key, f"is {getattr(self, key)}; use a fraction in (0, 1]")
         if self.min_train_nodes < 1:
             bad("min_train_nodes", "must be at least 1")
         if not self.alpha > 0 or not math.isfinite(self.alpha):

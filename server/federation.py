@@ -15,13 +15,15 @@ written as ``model.pt`` (``hashing.model``'s one format) beside the checkpoints.
 from __future__ import annotations
 
 import logging
+import math
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from hashing import atomic
@@ -114,7 +116,8 @@ class Federation:
             indexes, scores = build_indexes(self.link, self.model, cfg, self.link.node_ids(),
                                             self.ledger.public(len(self.history)))
             if self.history:
-                self.history[-1] |= _scores(scores) | {"seconds_index": time.perf_counter() - t_idx}
+                self.history[-1] |= _scores(scores) | {"evaluated": len(scores), "evaluated_of": len(scores),
+                                                       "seconds_index": time.perf_counter() - t_idx}
                 self._save(self.history[-1]["round"])  # the last checkpoint, now with its evaluation
             write_record(self.out / "model.pt", self._model_record())
         except (Interrupted, KeyboardInterrupt) as e:
@@ -134,10 +137,27 @@ class Federation:
                     node_ids: list[int] | None = None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """Round ``server_round``'s training; with ``evaluate_previous``, also the evaluation of the
         global model the silos received (round ``server_round - 1``'s), from the same replies plus
-        an ``evaluate`` message to the nodes in ``node_ids`` the strategy did not sample."""
+        an ``evaluate`` message to the nodes in ``node_ids`` that did not train. The silos that train are
+        ``fraction-train`` of ``node_ids`` (at least ``min-train-nodes``), those that score the model
+        ``fraction-evaluate`` of them: seeded samples by silo name (:func:`sample_silos`)."""
         cfg, model = self.cfg, self.model
+        connected = list(node_ids) if node_ids else self.link.node_ids()
+        names = {n: self.link.last.get(str(n), {}).get("silo") for n in connected}
+        chosen = sample_silos(names, max(int(len(connected) * cfg.fraction_train), cfg.min_train_nodes), cfg.seed,
+                              server_round, "train")
+        scored = set(sample_silos(names, math.ceil(len(connected) * cfg.fraction_evaluate), cfg.seed, server_round,
+                                  "evaluate")) if evaluate_previous else set()
         config = ConfigRecord(P.round_config(cfg.to_json(), server_round, evaluate=evaluate_previous))
-        msgs = list(self.strategy.configure_train(server_round, ArrayRecord(model.params), config, self.link.grid))
+        # fewer silos than min-train-nodes: the real grid, whose sampling waits for more to connect, as Flower's does
+        shown = _Shown(self.link.grid, chosen) if len(connected) >= cfg.min_train_nodes else self.link.grid
+        msgs = list(self.strategy.configure_train(server_round, ArrayRecord(model.params), config, shown))
+        if evaluate_previous and not scored >= {m.metadata.dst_node_id for m in msgs}:
+            # the silos outside the evaluation sample train without scoring the model first
+            quiet = RecordDict(dict(msgs[0].content.items()))
+            quiet[P.CONFIG] = ConfigRecord(P.round_config(cfg.to_json(), server_round, evaluate=False))
+            msgs = [m if m.metadata.dst_node_id in scored else
+                    Message(content=quiet, message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
+                    for m in msgs]
         glob = ArrayRecord(model.globals())
         label = f"r{server_round}-train"
         contents = {id(m.content): m.content for m in msgs}.values()  # Flower's strategies share one among them
@@ -151,10 +171,11 @@ class Federation:
         reports = [P.read_train_metrics(m.content[P.METRICS]) for m in ok]
         evaluation = None
         if evaluate_previous:  # model.params is still the model the silos evaluated
-            scores = {s: r.evaluation for s, r in zip(silos, reports)}
+            scores = {s: r.evaluation for s, r in zip(silos, reports) if r.evaluation is not None}
             sampled = {m.metadata.dst_node_id for m in msgs}
-            rest = [n for n in (node_ids or []) if n not in sampled]
+            rest = [n for n in connected if n not in sampled and n in scored]
             evaluation = _scores(scores | (self._evaluate(server_round - 1, rest) if rest else {}))
+            evaluation |= {"evaluated": len(evaluation["map"]), "evaluated_of": len(connected)}
         self.ledger.record_replies(ok)
         secure = {}
         if self.secagg is not None:  # the strategy aggregates the one sum the server learns
@@ -177,7 +198,8 @@ class Federation:
         model.set_params(agg.to_torch_state_dict())
         n = np.array([r.num_examples for r in reports], dtype=float)
         return evaluation, {
-            "round": server_round, "clients_sent": len(msgs), "clients_ok": len(ok), "clients_failed": len(msgs) - len(ok),
+            "round": server_round, "clients_connected": len(connected), "clients_sent": len(msgs),
+            "clients_ok": len(ok), "clients_failed": len(msgs) - len(ok),
             "train_loss": float(np.average([r.loss for r in reports], weights=n)),
             "train_bit_balance": float(np.average([r.bit_balance for r in reports], weights=n)),
             "client_seconds_max": float(max(r.seconds for r in reports)),
@@ -261,6 +283,30 @@ class Federation:
     @property
     def failures(self) -> list[dict]:
         return self.link.failures
+
+
+class _Shown:
+    """The grid as the strategy sees it for one round's training: only the silos fedhash sampled."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]):
+        self._grid, self._ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def sample_silos(names: Mapping[int, str | None], k: int, seed: int, server_round: int, what: str) -> list[int]:
+    """``k`` of the nodes ``names`` (node id -> silo name, None where no reply named it yet), drawn from the run's
+    seed, the round and ``what`` by silo name, not by node id (ids change from run to run), so that the same
+    scenario samples the same silos; all of them when ``k`` reaches their number. In silo-name order."""
+    order = sorted(names, key=lambda n: (names[n] is None, names[n] or "", n))
+    if k >= len(order):
+        return order
+    rng = np.random.default_rng([int(seed), int(server_round), zlib.crc32(what.encode())])
+    return [order[i] for i in sorted(rng.choice(len(order), size=max(1, int(k)), replace=False))]
 
 
 def _scores(scores: Mapping[str, tuple[float, float]]) -> dict[str, Any]:

@@ -50,9 +50,12 @@ def make_strategy(cfg: Config) -> fl.Strategy:
     Under client-level DP, FedAvg and FedProx average with equal weights (:class:`_EqualWeights`).
 
     Flower's evaluate path is not used (fedhash runs its own per-silo evaluation),
-    so ``fraction_evaluate`` is 0 for all of them.
+    so ``fraction_evaluate`` is 0 for all of them. Nor is Flower's sampling (``random.sample`` of the
+    node ids, unseeded, and the ids differ from run to run): the strategy trains every node it is shown,
+    and the federation shows it ``fraction-train`` of the silos, drawn from the run's seed by silo name
+    (``server.federation.sample_silos``), so that a scenario with sampling reproduces.
     """
-    common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
+    common: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=0.0,
                                   min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=0,
                                   min_available_nodes=cfg.min_train_nodes)
     name = cfg.strategy

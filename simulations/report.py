@@ -422,18 +422,34 @@ def _silos_section(silos: Sequence[Any]) -> list[str]:
     return [_md_table(["silo", "train", "query", "database", "domain", "labels"], rows)]
 
 
+def _sampled(r: Mapping[str, Any], part: str, whole: str) -> bool:
+    a, b = _num(r.get(part)), _num(r.get(whole))
+    return a is not None and b is not None and a < b
+
+
 def _rounds_section(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The rounds' table; where silos were sampled (fraction-train, fraction-evaluate), how many of how many."""
     rows = []
+    evaluated = any(_sampled(r, "evaluated", "evaluated_of") for r in rounds)
     for i, r in enumerate(rounds):
         mm = _mean_map_series([r])[1]
         ok, failed = r.get("clients_ok"), r.get("clients_failed")
         clients = "-" if ok is None and failed is None else f"{ok if ok is not None else '-'} ok" + (
             f", {failed} failed" if failed else "")
-        rows.append([_cell(r.get("round", i + 1)), _f4(mm[0] if len(mm) else None), _f4(r.get("train_loss")),
-                     _f4(r.get("bit_balance")), _secs(r.get("seconds")),
-                     f"{_bytes(r.get('bytes_down'))} / {_bytes(r.get('bytes_up'))}", clients])
-    return [_md_table(["round", "mean mAP", "train loss", "bit balance", "seconds", "bytes down / up", "clients"],
-                      rows)]
+        if _sampled(r, "clients_sent", "clients_connected"):
+            clients = f"{r['clients_sent']} of {r['clients_connected']} sampled: {clients}"
+        row = [_cell(r.get("round", i + 1)), _f4(mm[0] if len(mm) else None)]
+        if evaluated:
+            row.append(f"{r['evaluated']} of {r['evaluated_of']}" if r.get("evaluated_of") else "-")
+        rows.append(row + [_f4(r.get("train_loss")), _f4(r.get("bit_balance")), _secs(r.get("seconds")),
+                           f"{_bytes(r.get('bytes_down'))} / {_bytes(r.get('bytes_up'))}", clients])
+    header = ["round", "mean mAP"] + (["silos scored"] if evaluated else []) + \
+        ["train loss", "bit balance", "seconds", "bytes down / up", "clients"]
+    out = [_md_table(header, rows)]
+    if evaluated:
+        out += ["", "The mean mAP of a round is over the silos that scored it (a seeded sample, `fraction-evaluate`); "
+                "the final table scores every silo."]
+    return out
 
 
 def _artifact_lines(artifacts: Mapping[str, Any]) -> list[str]:
