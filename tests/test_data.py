@@ -45,6 +45,28 @@ def test_corrupt_idx_is_one_line_error(tmp_path):
         read_idx(tmp_path / "x-idx3-ubyte")
 
 
+def test_an_idx_file_is_read_once_per_process_until_it_changes(tmp_path):
+    import os
+    import struct
+
+    def write(path, values):
+        path.write_bytes(struct.pack(">HBBI", 0, 8, 1, len(values)) + bytes(values))
+
+    f = tmp_path / "y-idx1-ubyte"
+    write(f, [1, 2, 3])
+    a = read_idx(f)
+    assert a.tolist() == [1, 2, 3] and read_idx(f) is a  # the second read is the memo's
+    with pytest.raises(ValueError):
+        a[0] = 9  # read-only: no caller can change what the next one gets
+    write(f, [4, 5, 6, 7])
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert read_idx(f).tolist() == [4, 5, 6, 7]  # a changed file is read again
+    # every loader copies what it keeps: a data set's arrays are its own, writable as before
+    ds = load_dataset("fashion-mnist")
+    assert ds.images.flags.writeable and load_dataset("fashion-mnist").images is not ds.images
+
+
 def test_digits(digits):
     assert len(digits) == 1797 and digits.images.max() == 255 and digits.images.dtype == np.uint8
 
