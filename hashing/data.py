@@ -146,8 +146,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         st = os.stat(path)
         key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     except OSError as e:
-        raise DataError(f"cannot read IDX file {path}: {e}; re-install it (apt-get install --reinstall "
-                        "dataset-fashion-mnist)") from e
+        raise _unreadable_idx(path, e) from e
     hit = _IDX_READ.get(key)
     if hit is None:
         hit = _read_idx(path)
@@ -168,9 +167,14 @@ def _read_idx(path: str | os.PathLike) -> np.ndarray:
             raise ValueError("not an unsigned-byte IDX file")
         shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
         arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        return arr.reshape(shape).copy()
+        return arr.reshape(shape)  # read-only, over the bytes read: read_idx keeps it as it is
     except (OSError, ValueError, struct.error, EOFError) as e:
-        raise DataError(f"cannot read IDX file {path}: {e}; re-install it (apt-get install --reinstall dataset-fashion-mnist)") from e
+        raise _unreadable_idx(path, e) from e
+
+
+def _unreadable_idx(path: str | os.PathLike, e: Exception) -> DataError:
+    return DataError(f"cannot read IDX file {path}: {e}; re-install it (apt-get install --reinstall "
+                     "dataset-fashion-mnist)")
 
 
 def load_idx_folder(folder: str | os.PathLike, name: str | None = None) -> ImageSet:

@@ -177,9 +177,7 @@ class SecureAggregation:
                                     f"silos must run the same fedhash. {self.kept()}")
             masked[int(m.metadata.src_node_id)] = (rec[P.Y32].numpy(), rec[P.Y64].numpy())
             layouts.add((str(sa[P.SA_LAYOUT32]), str(sa[P.SA_LAYOUT64])))
-        if len(layouts) > 1:
-            raise TrainingError(f"round {server_round} {what}: the silos masked vectors of different layouts; every "
-                                f"silo must run the same head. {self.kept()}")
+        l32, l64 = _one_layout(layouts, f"round {server_round} {what}: the silos masked vectors", f" {self.kept()}")
         u2 = sorted(masked)
         self._enough(u2, n, server_round, what, "sent their masked vectors")
         # first unmasking: every silo that sent reveals its seed and its shares of those that did not
@@ -209,14 +207,12 @@ class SecureAggregation:
         y64 = S.ring_sum([masked[j][1] for j in u3], r64)
         q32 = S.unmask(y32, r32, label, seeds, secrets, k.s_pks, k.nonce)
         q64 = S.unmask(y64, r64, label, seeds, secrets, k.s_pks, k.nonce)
-        (l32, l64), = layouts
         down += self.attached.pop(label, 0)
         up += sum(record_bytes(m.content[P.SECAGG]) for m in ok)  # the replies' layouts
         if dropped:
             log.warning("round %d %s: secure aggregation left out nodes %s (no reply or no unmasking); the sum holds "
                         "%d silos", server_round, what, dropped, len(u3))
-        return Sum(dict(S.unflatten(r32.decode(q32), json.loads(l32))),
-                   dict(S.unflatten(r64.decode(q64), json.loads(l64))),
+        return Sum(dict(S.unflatten(r32.decode(q32), l32)), dict(S.unflatten(r64.decode(q64), l64)),
                    u3, dropped, asked=n, bytes_up=up, bytes_down=down)
 
     def _enough(self, ids: Sequence[int], n: int, server_round: int, what: str, did: str) -> None:
@@ -257,6 +253,14 @@ class SecureAggregation:
 
 
 
+def _one_layout(layouts: set[tuple[str, str]], who: str, more: str = "") -> tuple[list, list]:
+    """The one (32-bit, 64-bit) layout every reply of a sum has, parsed; ``who`` begins the error when they differ."""
+    if len(layouts) > 1:
+        raise TrainingError(f"{who} of different layouts; every silo must run the same head.{more}")
+    (l32, l64), = layouts
+    return json.loads(l32), json.loads(l64)
+
+
 def plain_sum(cfg: Config, sent: int, replies: Sequence[Message], key: str, server_round: int, what: str,
               params: Mapping[str, torch.Tensor] | None = None) -> Sum:
     """What :meth:`SecureAggregation.unmask` gives, from replies that came in the clear: the same fixed point
@@ -277,18 +281,15 @@ def plain_sum(cfg: Config, sent: int, replies: Sequence[Message], key: str, serv
         scale = max(float(sum(nums)), 1.0)
         vec32, l32 = zip(*[S.flatten(S.weighted_update(a, g, num / scale)) for a, num in zip(arrays, nums)])
         vec64, l64 = [np.array([num / scale]) for num in nums], [[[P.SA_WEIGHT, [1]]]] * len(nums)
-    layouts = {(S.layout_text(a), S.layout_text(b)) for a, b in zip(l32, l64)}
-    if len(layouts) > 1:
-        raise TrainingError(f"round {server_round} {what}: the silos replied with arrays of different layouts; every "
-                            "silo must run the same head")
+    l32, l64 = _one_layout({(S.layout_text(a), S.layout_text(b)) for a, b in zip(l32, l64)},
+                           f"round {server_round} {what}: the silos replied with arrays")
     try:
         r32 = S.plain_ring(32, cfg.secagg_range, sent, vec32)
         r64 = S.plain_ring(64, S.RANGE64, sent, vec64)
         q32, q64 = S.fixed_point_sum(vec32, r32, f"{what}'s update"), S.fixed_point_sum(vec64, r64, f"{what}'s sums")
     except S.SecAggError as e:
         raise TrainingError(f"round {server_round} {what}: {e}") from None
-    (l32, l64), = layouts
-    return Sum(dict(S.unflatten(q32, json.loads(l32))), dict(S.unflatten(q64, json.loads(l64))),
+    return Sum(dict(S.unflatten(q32, l32)), dict(S.unflatten(q64, l64)),
                sorted(int(m.metadata.src_node_id) for m in replies), [], asked=sent)
 
 

@@ -25,11 +25,13 @@ loops can each be switched off with a config key set to 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import signal
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from hashing.config import Config
@@ -205,8 +207,6 @@ def start_ray(num_cpus: int, address: str = "") -> dict[str, Any]:
     cluster and leaves it running: whoever started it stops it."""
     import ray
 
-    from hashing.errors import ConfigError
-
     _stop.clear()
     _why.clear()
     _server.clear()
@@ -219,9 +219,7 @@ def start_ray(num_cpus: int, address: str = "") -> dict[str, Any]:
             try:
                 ray.init(address=address, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                raise ConfigError(f"config: ray-address = {address!r}: no Ray cluster answers there ({why}); "
-                                  "start one with `ray start --head`, or set ray-address = \"\" to run Ray here") from e
+                raise _no_cluster(address, (str(e).strip().splitlines() or [type(e).__name__])[0][:160]) from e
         else:
             ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, logging_level=logging.ERROR)
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
@@ -231,19 +229,35 @@ def start_ray(num_cpus: int, address: str = "") -> dict[str, Any]:
     return dict(cluster)
 
 
+def _no_cluster(address: str, why: str) -> Exception:
+    from hashing.errors import ConfigError
+
+    return ConfigError(f"config: ray-address = {address!r}: no Ray cluster answers there ({why}); start one with "
+                       "`ray start --head`, or set ray-address = \"\" to run Ray here")
+
+
 def _reachable(address: str, timeout: float = 5.0) -> None:
     """A TCP connection to a cluster's ``host:port`` (Ray itself retries an absent head for minutes);
     "auto" and Ray Client's ``ray://`` addresses are left to Ray."""
-    from hashing.errors import ConfigError
-
     if address == "auto" or address.startswith("ray://"):
         return
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
-        raise ConfigError(f"config: ray-address = {address!r}: no Ray cluster answers there ({e.strerror or e}); "
-                          "start one with `ray start --head`, or set ray-address = \"\" to run Ray here") from None
+        raise _no_cluster(address, str(e.strerror or e)) from None
+
+
+def for_cluster(cfg: Config) -> Config:
+    """``cfg`` as the simulated silos of a Ray cluster need it (``ray-address`` set): a cluster's workers run
+    where ``ray start`` put them, so the run's folders are absolute and the feature cache is one named folder
+    (``cache-dir``, else this machine's default); ``cfg`` itself without a cluster."""
+    if not cfg.ray_address:
+        return cfg
+    from hashing.cache import default_cache_dir
+
+    return dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir).resolve()),
+                               cache_dir=str(Path(cfg.cache_dir).resolve() if cfg.cache_dir else default_cache_dir()))
 
 
 def probe_cluster(address: str) -> dict[str, Any]:

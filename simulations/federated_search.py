@@ -104,6 +104,7 @@ def search_simulation(run: str | os.PathLike, codes: np.ndarray, k: int, model_v
     cfg, sub = run_config(run, mode)
     if settings:
         cfg = Config.from_dict(settings, source="search settings", base=cfg)
+    cfg = engine.for_cluster(cfg)
     codes, k, model_version = P.check_search(codes, k, model_version)
     req = P.SearchRequest(codes, k, model_version, cfg.to_json())
 

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from client import site
 from hashing import atomic, plots
-from hashing.cache import default_cache_dir
 from hashing.config import Config
 from hashing.errors import TrainingError
 from hashing.silos import label_histogram, make_silos, source_dataset
@@ -59,10 +58,7 @@ def run_federations(cfgs: list[Config], scenario: dict[str, Any], *, labels: lis
     from server.server_app import make_server_app
 
     cfgs = [c if c.client_threads else dataclasses.replace(c, client_threads=1) for c in cfgs]
-    if cfgs[0].ray_address:  # a cluster's workers run where `ray start` put them: absolute folders, one cache
-        cfgs = [dataclasses.replace(c, out_dir=str(Path(c.out_dir).resolve()),
-                                    cache_dir=str(Path(c.cache_dir).resolve() if c.cache_dir else default_cache_dir()))
-                for c in cfgs]
+    cfgs = [engine.for_cluster(c) for c in cfgs]
     cpus = max(1, os.cpu_count() or 1)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     try:
